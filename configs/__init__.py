@@ -1,0 +1,1 @@
+"""Packaged Hydra configs (mapped from the top-level configs/ folder)."""

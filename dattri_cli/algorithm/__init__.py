@@ -1,0 +1,1 @@
+"""Attributors, one module per family, as in the API reference."""

@@ -1,0 +1,188 @@
+"""Base classes shared by the attributors.
+
+An inner-product attributor scores a (train, test) pair as
+``<transform_train_rep(g_train), transform_test_rep(g_test)>`` and averages over
+checkpoints. This base computes and transforms the test side once per checkpoint
+(one batched transform for all test samples), then streams the training set in
+batches, so memory is bounded by the batch sizes and the test-side matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from dattri_cli.algorithm.utils import (
+    batch_size_of,
+    check_finite,
+    check_not_shuffled,
+    num_samples,
+    to_device,
+)
+from dattri_cli.progress import track
+from dattri_cli.task import AttributionTask
+
+
+class BaseAttributor(ABC):
+    """The interface every attributor offers: ``cache`` then ``attribute``."""
+
+    @abstractmethod
+    def __init__(self, **kwargs: object) -> None:
+        """Store the task and hyperparameters; do no heavy work here."""
+
+    @abstractmethod
+    def cache(self, full_train_dataloader: DataLoader) -> None:
+        """Precompute what depends on the full training set."""
+
+    @abstractmethod
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Return scores of shape ``(num_train_samples, num_test_samples)``."""
+
+
+def stream_train_scores(
+    train_dataloader: DataLoader,
+    train_rep_func: Callable[[Tuple[Tensor, ...]], Tensor],
+    test_rep: Tensor,
+    out: Tensor,
+    weight: float = 1.0,
+    description: str = "scoring train batches",
+) -> None:
+    """Add ``weight * train_rep_func(batch) @ test_rep.T`` into the rows of ``out``.
+
+    Rows follow the loader's order; ``out`` has one row per training sample.
+    """
+    row = 0
+    for batch in track(train_dataloader, description):
+        train_rep = train_rep_func(batch)
+        block = train_rep @ test_rep.T
+        if weight != 1.0:
+            block = block * weight
+        out[row : row + block.shape[0]] += block.to(out.dtype)
+        row += block.shape[0]
+
+
+class BaseInnerProductAttributor(BaseAttributor):
+    """Scores as inner products of (transformed) train and test representations."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: Optional[str] = "cpu",
+    ) -> None:
+        """Attribute ``task`` using the parameters named in ``layer_name`` (all if None)."""
+        if not isinstance(task, AttributionTask):
+            msg = f"task must be an AttributionTask, got {type(task).__name__}"
+            raise TypeError(msg)
+        self.task = task
+        self.layer_name = layer_name
+        self.device = device or "cpu"
+        self.full_train_dataloader: Optional[DataLoader] = None
+
+    # -- representations ----------------------------------------------------------
+    def _params(self, ckpt_idx: int) -> Tensor:
+        params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
+        return params.to(self.device)
+
+    def generate_test_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
+        """Per-sample gradients of the target function, ``(batch_size, num_params)``.
+
+        ``data`` tensors have shape ``(1, batch_size, ...)`` as in the reference API.
+        """
+        batch = tuple(t.squeeze(0) for t in data)
+        grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
+        return grad_func(self._params(ckpt_idx), batch)
+
+    def generate_train_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
+        """Per-sample gradients of the loss function, ``(batch_size, num_params)``.
+
+        ``data`` tensors have shape ``(1, batch_size, ...)`` as in the reference API.
+        """
+        batch = tuple(t.squeeze(0) for t in data)
+        grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+        return grad_func(self._params(ckpt_idx), batch)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:  # noqa: ARG002
+        """Transform test representations (identity here; e.g. inverse Hessian in IF)."""
+        return test_rep
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:  # noqa: ARG002
+        """Transform train representations (identity here; e.g. a projection)."""
+        return train_rep
+
+    # -- workflow -------------------------------------------------------------------
+    def cache(self, full_train_dataloader: DataLoader) -> None:
+        """Remember the full training set; subclasses precompute from it."""
+        check_not_shuffled(full_train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = full_train_dataloader
+
+    def _ensure_cached(self, train_dataloader: DataLoader) -> None:
+        if self.full_train_dataloader is None:
+            warnings.warn(
+                "cache() was not called: treating train_dataloader as the full training set",
+                stacklevel=3,
+            )
+            self.cache(train_dataloader)
+
+    def _test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
+        """Transformed test representations for all test samples of one checkpoint."""
+        reps = [
+            self.generate_test_rep(ckpt_idx, tuple(t.unsqueeze(0) for t in to_device(b, self.device))).detach()
+            for b in track(test_dataloader, "test gradients")
+        ]
+        test_rep = torch.cat(reps)
+        check_finite(test_rep, "test gradients", hint="check the test data and the checkpoint")
+        transformed = self.transform_test_rep(ckpt_idx, test_rep).detach()
+        check_finite(transformed, "test-side transform", hint="increase `regularization`")
+        return transformed
+
+    def _train_rep(self, ckpt_idx: int, batch: Tuple[Tensor, ...]) -> Tensor:
+        data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
+        rep = self.generate_train_rep(ckpt_idx, data).detach()
+        return self.transform_train_rep(ckpt_idx, rep).detach()
+
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(num_train, num_test)`` averaged over the task's checkpoints."""
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        check_not_shuffled(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        num_ckpts = len(self.task.get_checkpoints())
+        scores = torch.zeros(num_samples(train_dataloader), num_samples(test_dataloader), device=self.device)
+        for ckpt_idx in range(num_ckpts):
+            test_rep = self._test_matrix(ckpt_idx, test_dataloader)
+            stream_train_scores(
+                train_dataloader,
+                lambda batch, k=ckpt_idx: self._train_rep(k, batch),
+                test_rep,
+                scores,
+            )
+        scores /= num_ckpts
+        check_finite(scores, "scores", hint="increase `regularization`")
+        return scores
+
+    def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence ``score(i, i)`` of every training sample, shape ``(num_train,)``.
+
+        Computed batch by batch without forming the train x train matrix.
+        """
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        self._ensure_cached(train_dataloader)
+        num_ckpts = len(self.task.get_checkpoints())
+        out = torch.zeros(num_samples(train_dataloader), device=self.device)
+        for ckpt_idx in range(num_ckpts):
+            row = 0
+            for batch in track(train_dataloader, "self-influence"):
+                data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
+                train_rep = self._train_rep(ckpt_idx, batch)
+                test_rep = self.transform_test_rep(ckpt_idx, self.generate_test_rep(ckpt_idx, data).detach())
+                n = batch_size_of(batch)
+                out[row : row + n] += (train_rep * test_rep).sum(dim=1)
+                row += n
+        out /= num_ckpts
+        check_finite(out, "self-influence scores", hint="increase `regularization`")
+        return out

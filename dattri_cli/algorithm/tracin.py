@@ -1,0 +1,94 @@
+"""TracIn, Grad-Dot and Grad-Cos: weighted sums of gradient inner products.
+
+``score(i, j) = sum_k w_k <g_k(train_i), g_k(test_j)>`` over checkpoints ``k``
+(cosine similarity instead of the inner product when ``normalized_grad``).
+Grad-Dot / Grad-Cos are the one-checkpoint, unit-weight special cases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.nn.functional import normalize
+from torch.utils.data import DataLoader
+
+from dattri_cli.algorithm.base import BaseAttributor, stream_train_scores
+from dattri_cli.algorithm.utils import (
+    check_finite,
+    check_not_shuffled,
+    num_samples,
+    to_device,
+)
+from dattri_cli.errors import ConfigError
+from dattri_cli.progress import track
+from dattri_cli.task import AttributionTask
+
+
+class TracInAttributor(BaseAttributor):
+    """TracIn over the task's checkpoints, weighted by ``weight_list``."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        weight_list: Union[Tensor, Sequence[float]],
+        normalized_grad: bool,
+        projector_kwargs: Optional[Dict[str, Any]] = None,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: str = "cpu",
+    ) -> None:
+        """Weights are learning rates for TracIn, ones for Grad-Dot / Grad-Cos."""
+        self.task = task
+        self.weight_list = torch.as_tensor(weight_list, dtype=torch.float64).flatten()
+        self.normalized_grad = normalized_grad
+        self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
+        self.layer_name = layer_name
+        self.device = device or "cpu"
+
+    def cache(self) -> None:
+        """Nothing to precompute: gradients are streamed in ``attribute``."""
+
+    def _project(self, ckpt_idx: int, grads: Tensor) -> Tensor:
+        if self.projector_kwargs is None:
+            return grads
+        from dattri_cli.func.projection import project  # noqa: PLC0415 - optional stage
+
+        return project(grads, ckpt_idx=ckpt_idx, **self.projector_kwargs)
+
+    def _rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
+        params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
+        params = params.to(self.device)
+        if target:
+            grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
+        else:
+            grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+        rep = self._project(ckpt_idx, grad_func(params, to_device(batch, self.device)).detach())
+        return normalize(rep, dim=1) if self.normalized_grad else rep
+
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(num_train, num_test)``: the weighted sum over checkpoints."""
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        check_not_shuffled(test_dataloader, "test_dataloader")
+        num_ckpts = len(self.task.get_checkpoints())
+        if num_ckpts != len(self.weight_list):
+            msg = (
+                f"weight_list has {len(self.weight_list)} entries but the task has "
+                f"{num_ckpts} checkpoints; give one weight per checkpoint"
+            )
+            raise ConfigError(msg)
+        scores = torch.zeros(num_samples(train_dataloader), num_samples(test_dataloader), device=self.device)
+        for ckpt_idx in range(num_ckpts):
+            test_rep = torch.cat(
+                [self._rep(ckpt_idx, b, target=True) for b in track(test_dataloader, "test gradients")]
+            )
+            check_finite(test_rep, "test gradients", hint="check the test data and the checkpoint")
+            stream_train_scores(
+                train_dataloader,
+                lambda batch, k=ckpt_idx: self._rep(k, batch, target=False),
+                test_rep,
+                scores,
+                weight=float(self.weight_list[ckpt_idx]),
+            )
+        check_finite(scores, "scores", hint="check the data and the checkpoints")
+        return scores
