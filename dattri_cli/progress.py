@@ -81,4 +81,6 @@ def track(iterable: Iterable[T], description: str, total: Optional[int] = None) 
             last = now
             of = f"/{total}" if total else ""
             log.info("%s: %d%s done, %.0fs elapsed", description, done, of, now - start)
-    log.info("%s: %d done in %.1fs", description, done, time.monotonic() - start)
+    elapsed = time.monotonic() - start
+    if elapsed >= 1.0:
+        log.info("%s: %d done in %.1fs", description, done, elapsed)

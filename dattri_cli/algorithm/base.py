@@ -152,9 +152,12 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_not_shuffled(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
         num_ckpts = len(self.task.get_checkpoints())
-        scores = torch.zeros(num_samples(train_dataloader), num_samples(test_dataloader), device=self.device)
+        scores = None
         for ckpt_idx in range(num_ckpts):
             test_rep = self._test_matrix(ckpt_idx, test_dataloader)
+            if scores is None:  # the representations' dtype, never a hard-coded one
+                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
             stream_train_scores(
                 train_dataloader,
                 lambda batch, k=ckpt_idx: self._train_rep(k, batch),
@@ -173,7 +176,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_not_shuffled(train_dataloader, "train_dataloader")
         self._ensure_cached(train_dataloader)
         num_ckpts = len(self.task.get_checkpoints())
-        out = torch.zeros(num_samples(train_dataloader), device=self.device)
+        out = torch.zeros(num_samples(train_dataloader), dtype=self._params(0).dtype, device=self.device)
         for ckpt_idx in range(num_ckpts):
             row = 0
             for batch in track(train_dataloader, "self-influence"):

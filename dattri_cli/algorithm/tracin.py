@@ -77,12 +77,15 @@ class TracInAttributor(BaseAttributor):
                 f"{num_ckpts} checkpoints; give one weight per checkpoint"
             )
             raise ConfigError(msg)
-        scores = torch.zeros(num_samples(train_dataloader), num_samples(test_dataloader), device=self.device)
+        scores = None
         for ckpt_idx in range(num_ckpts):
             test_rep = torch.cat(
                 [self._rep(ckpt_idx, b, target=True) for b in track(test_dataloader, "test gradients")]
             )
             check_finite(test_rep, "test gradients", hint="check the test data and the checkpoint")
+            if scores is None:  # the representations' dtype, never a hard-coded one
+                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
             stream_train_scores(
                 train_dataloader,
                 lambda batch, k=ckpt_idx: self._rep(k, batch, target=False),

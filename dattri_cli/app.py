@@ -1,0 +1,40 @@
+"""The Hydra application behind ``dattri run``: compose the config, call the pipeline.
+
+Thin on purpose: the work lives in :func:`dattri_cli.pipeline.run`, which tests
+call directly. User errors become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dattri_cli.errors import DattriError
+
+log = logging.getLogger("dattri_cli")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://dattri_cli.configs", config_name="run")
+def main(cfg: DictConfig) -> None:
+    """Run one attribution job with the composed config."""
+    from dattri_cli import pipeline, summary  # noqa: PLC0415 - keep `--help` fast
+
+    hydra_cfg = HydraConfig.get()
+    choices = {k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+    try:
+        result = pipeline.run(cfg, output_dir=Path(hydra_cfg.runtime.output_dir), choices=choices)
+    except DattriError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no score file was written", file=sys.stderr)
+        sys.exit(130)
+    summary.print_summary(result)

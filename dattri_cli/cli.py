@@ -1,0 +1,61 @@
+"""``dattri <command>``: a small dispatcher. ``run`` hands everything after it to Hydra.
+
+Imports are lazy so ``dattri --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+USAGE = """usage: dattri <command> [args]
+
+Training-data attribution for PyTorch models: which training samples helped or
+hurt each test prediction. Results are (n_train, n_test) score tensors in safetensors.
+
+commands:
+  run     compose a config and write a score file (Hydra: overrides, -m sweeps, --cfg job, --info)
+  list    show the available attributors, datasets and models with their options
+
+examples:
+  dattri run                                         # digits + logistic regression + Grad-Dot
+  dattri run attributor=if_explicit model=lr out=/tmp/scores.safetensors
+  dattri run -m attributor=grad_dot,grad_cos,if_explicit
+  dattri run attributor=grad_dot --cfg job           # print the composed config
+  dattri run --help                                  # every config group and option
+"""
+
+
+def _run(args: List[str]) -> None:
+    from dattri_cli import app  # noqa: PLC0415
+
+    # @hydra.main reads sys.argv[1:] itself: hand it only what follows `run`
+    sys.argv = [sys.argv[0], *args]
+    app.main()
+
+
+def _list(args: List[str]) -> None:
+    from dattri_cli import catalog  # noqa: PLC0415
+
+    catalog.print_catalog(as_json="--json" in args)
+
+
+COMMANDS = {"run": _run, "list": _list}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``dattri`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return
+    if args[0] in {"-V", "--version"}:
+        from dattri_cli import __version__  # noqa: PLC0415
+
+        print(f"dattri-cli {__version__}")
+        return
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    command(args[1:])

@@ -1,0 +1,163 @@
+"""Deterministic training of checkpoints, cached on disk by what determines them.
+
+A checkpoint depends only on the data split, the model config, the training
+settings and the seed; those are hashed into a cache key so a second run with the
+same inputs reuses the files, and any change trains afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch import Tensor, nn
+
+from dattri_cli.data import Split
+from dattri_cli.progress import track
+
+
+@dataclass
+class TrainSettings:
+    """How checkpoints are produced (mirrors ``configs/train/*.yaml``)."""
+
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 64
+    weight_decay: float = 1e-3
+    num_models: int = 1
+    save_every: int = 0  # epochs between kept intermediate checkpoints; 0 keeps only the final one
+
+
+@dataclass
+class Checkpoint:
+    """One saved checkpoint: its file, which model it belongs to, and the learning rate then."""
+
+    path: Path
+    model_index: int
+    epoch: int
+    lr: float
+
+
+def l2_penalty(params: Dict[str, Tensor], weight_decay: float) -> Tensor:
+    """``weight_decay / 2 * ||params||^2``: the regulariser the built-in models train with."""
+    return 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
+
+
+def make_loss_funcs(model: nn.Module, weight_decay: float) -> tuple[Callable, Callable]:
+    """Training loss (cross-entropy + L2, batch mean) and test target (cross-entropy).
+
+    The L2 term is the one the optimiser minimised, so the Hessian of the mean
+    training loss is the curvature the model was actually trained on.
+    """
+
+    def loss_func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
+        x, y = batch
+        logits = torch.func.functional_call(model, params, (x,))
+        return nn.functional.cross_entropy(logits, y) + l2_penalty(params, weight_decay)
+
+    def target_func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
+        x, y = batch
+        logits = torch.func.functional_call(model, params, (x,))
+        return nn.functional.cross_entropy(logits, y)
+
+    return loss_func, target_func
+
+
+def correct_probability(model: nn.Module) -> Callable:
+    """``p(correct label)`` of a batch-of-one sample, for TRAK's ``1 - p`` weights."""
+
+    def func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
+        x, y = batch
+        logits = torch.func.functional_call(model, params, (x,))
+        return torch.exp(-nn.functional.cross_entropy(logits, y))
+
+    return func
+
+
+def cache_key(parts: Dict[str, Any]) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _atomic_save(state: Dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_one(model: nn.Module, split: Split, settings: TrainSettings, seed: int) -> List[tuple[int, Dict[str, Tensor]]]:
+    """Minibatch SGD from ``seed``; returns ``(epoch, state_dict)`` for each kept checkpoint."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+    n = split.x_train.shape[0]
+    kept = []
+    model.train()
+    for epoch in track(range(1, settings.epochs + 1), f"training model (seed {seed})"):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+            loss.backward()
+            optimizer.step()
+        last = epoch == settings.epochs
+        if last or (settings.save_every and epoch % settings.save_every == 0):
+            kept.append((epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    model.eval()
+    return kept
+
+
+def trained_checkpoints(
+    build_model: Callable[[], nn.Module],
+    split: Split,
+    settings: TrainSettings,
+    seed: int,
+    cache_dir: Path,
+    key_parts: Dict[str, Any],
+) -> List[Checkpoint]:
+    """Checkpoints for ``num_models`` models (seeds ``seed, seed+1, ...``), trained or reused."""
+    key = cache_key({**key_parts, "data": split.fingerprint(), "train": settings.__dict__, "seed": seed})
+    folder = Path(cache_dir).expanduser() / "checkpoints" / key
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        checkpoints = [Checkpoint(folder / c["file"], c["model_index"], c["epoch"], c["lr"]) for c in manifest]
+        if all(c.path.is_file() for c in checkpoints):
+            return checkpoints
+    checkpoints = []
+    for model_index in range(settings.num_models):
+        model = build_model()
+        for epoch, state in train_one(model, split, settings, seed + model_index):
+            path = folder / f"model{model_index}_epoch{epoch:04d}.safetensors"
+            _atomic_save(state, path)
+            checkpoints.append(Checkpoint(path, model_index, epoch, settings.lr))
+    manifest = [
+        {"file": c.path.name, "model_index": c.model_index, "epoch": c.epoch, "lr": c.lr} for c in checkpoints
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)
+    return checkpoints

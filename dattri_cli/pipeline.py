@@ -1,0 +1,213 @@
+"""``run(cfg)``: build -> cache -> attribute -> save. No Hydra globals here.
+
+The Hydra app composes the config and calls :func:`run`; tests call it with a
+config composed through the Compose API. Everything the score file depends on is
+recorded in its metadata, and a hash of it identifies results that belong together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig
+
+import dattri_cli
+from dattri_cli import builders, progress
+from dattri_cli.data import Split
+from dattri_cli.errors import ConfigError
+from dattri_cli.io import check_writable, save_scores, sidecar_path, write_sidecar
+from dattri_cli.models.train import (
+    Checkpoint,
+    TrainSettings,
+    correct_probability,
+    make_loss_funcs,
+    trained_checkpoints,
+)
+from dattri_cli.task import AttributionTask, load_state_dict_file
+
+log = logging.getLogger("dattri_cli")
+
+# keys of the run config that change how a run looks, never what it computes
+NON_RESULT_KEYS = ("out", "progress", "overwrite", "cache_dir")
+CHECKPOINT_CHOICES = ("final", "trajectory")
+WEIGHT_CHOICES = ("ones", "learning_rates")
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the score file, its shape and the time per stage."""
+
+    path: Path
+    scores: torch.Tensor
+    metadata: Dict[str, Any]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """SHA-256 of the result-determining part of the resolved config."""
+    relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_split(cfg: Mapping[str, Any]) -> Split:
+    """The dataset split the config names."""
+    split = builders.build(cfg["dataset"], "dataset")
+    if not isinstance(split, Split):
+        msg = f"dataset._target_ must return a dattri_cli.data.Split, got {type(split).__name__}"
+        raise ConfigError(msg)
+    return split
+
+
+def model_factory(cfg: Mapping[str, Any], split: Split, device: str) -> Any:
+    """A zero-argument function building the configured model on ``device``."""
+    runtime = {"in_features": split.num_features, "num_classes": split.num_classes}
+
+    def build_model() -> torch.nn.Module:
+        model = builders.build(cfg["model"], "model", runtime)
+        if not isinstance(model, torch.nn.Module):
+            msg = f"model._target_ must build a torch.nn.Module, got {type(model).__name__}"
+            raise ConfigError(msg)
+        return model.to(device)
+
+    return build_model
+
+
+def _user_checkpoints(spec: Any, lr: float) -> List[Checkpoint]:
+    paths = spec if isinstance(spec, list) else [spec]
+    out = []
+    for i, p in enumerate(paths):
+        path = Path(str(p)).expanduser()
+        load_state_dict_file(path)  # fail now, with a clear message, if unreadable
+        out.append(Checkpoint(path, i, 0, lr))
+    return out
+
+
+def select_checkpoints(checkpoints: List[Checkpoint], mode: str) -> List[Checkpoint]:
+    """``final``: the last checkpoint of every model; ``trajectory``: all of them."""
+    if mode not in CHECKPOINT_CHOICES:
+        msg = f"attributor.runner.checkpoints must be one of {CHECKPOINT_CHOICES}, got {mode!r}"
+        raise ConfigError(msg)
+    if mode == "trajectory":
+        return checkpoints
+    last: Dict[int, Checkpoint] = {}
+    for c in checkpoints:
+        if c.model_index not in last or c.epoch > last[c.model_index].epoch:
+            last[c.model_index] = c
+    return [last[i] for i in sorted(last)]
+
+
+def checkpoint_weights(checkpoints: List[Checkpoint], mode: str) -> torch.Tensor:
+    """TracIn weights: learning rates along the run, or ones (Grad-Dot / Grad-Cos)."""
+    if mode not in WEIGHT_CHOICES:
+        msg = f"attributor.runner.weights must be one of {WEIGHT_CHOICES}, got {mode!r}"
+        raise ConfigError(msg)
+    if mode == "ones":
+        return torch.ones(len(checkpoints))
+    return torch.tensor([c.lr for c in checkpoints])
+
+
+def call_attributor(attributor: Any, train_loader: Any, test_loader: Any, timings: Dict[str, float]) -> torch.Tensor:
+    """Run ``cache`` and ``attribute`` whatever their signature in the reference API."""
+    start = time.perf_counter()
+    if inspect.signature(attributor.cache).parameters:
+        attributor.cache(train_loader)
+    else:
+        attributor.cache()
+    timings["cache_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    first = next(iter(inspect.signature(attributor.attribute).parameters))
+    if first == "test_dataloader":  # TRAK: the training set was cached
+        scores = attributor.attribute(test_loader)
+    else:
+        scores = attributor.attribute(train_loader, test_loader)
+    timings["attribute_s"] = time.perf_counter() - start
+    return scores
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
+    """Compose the task from ``cfg``, attribute, and write the score file."""
+    resolved = builders.to_dict(cfg)
+    progress.set_mode(resolved.get("progress", "off"))
+    out = Path(resolved["out"]).expanduser() if resolved.get("out") else Path(output_dir or ".") / "scores.safetensors"
+    check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
+    device = str(resolved.get("device", "cpu"))
+    seed = int(resolved.get("seed", 0))
+    timings: Dict[str, float] = {}
+
+    start = time.perf_counter()
+    split = build_split(resolved)
+    build_model = model_factory(resolved, split, device)
+    model = build_model()
+    settings = TrainSettings(**resolved["train"])
+    attributor_cfg, runner = builders.split_runner(resolved["attributor"])
+    timings["data_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if resolved.get("checkpoint"):
+        all_ckpts = _user_checkpoints(resolved["checkpoint"], settings.lr)
+    else:
+        key_parts = {"dataset": resolved["dataset"], "model": resolved["model"]}
+        all_ckpts = trained_checkpoints(build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts)
+    checkpoints = select_checkpoints(all_ckpts, runner.get("checkpoints", "final"))
+    timings["checkpoints_s"] = time.perf_counter() - start
+
+    loss_func, target_func = make_loss_funcs(model, settings.weight_decay)
+    task = AttributionTask(loss_func, model, [str(c.path) for c in checkpoints], target_func=target_func)
+    task.get_param(0)  # load the first checkpoint now: a mismatch fails before any heavy work
+    runtime = {
+        "task": task,
+        "device": device,
+        "weight_list": checkpoint_weights(checkpoints, runner.get("weights", "ones")),
+        "correct_probability_func": correct_probability(model),
+        "final_linear_layer_name": getattr(model, "final_layer", None),
+    }
+    attributor = builders.build(attributor_cfg, "attributor", runtime)
+    loader_cfg = resolved["loader"]
+    train_loader, test_loader = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
+
+    torch.manual_seed(seed)
+    scores = call_attributor(attributor, train_loader, test_loader, timings)
+    scores = scores.detach().to("cpu", torch.float32)
+
+    metadata = {
+        "attributor": {"target": attributor_cfg["_target_"], "kwargs": {k: v for k, v in attributor_cfg.items() if not k.startswith("_")}, "runner": runner},
+        "choices": choices or {},
+        "config": {k: v for k, v in resolved.items() if k not in NON_RESULT_KEYS},
+        "config_hash": config_hash(resolved),
+        "seed": seed,
+        "versions": {"dattri_cli": dattri_cli.__version__, "torch": torch.__version__},
+        "checkpoints": [{"file": c.path.name, "sha256": _file_sha256(c.path), "model_index": c.model_index, "epoch": c.epoch} for c in checkpoints],
+        "diagnostics": _jsonable(getattr(attributor, "diagnostics", {})),
+    }
+    save_scores(out, scores, split.train_indices, split.test_indices, metadata)
+    timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_sidecar(sidecar_path(out), {
+        "scores": str(out),
+        "timings": timings,
+        "host": platform.node(),
+        "finished_unix": time.time(),
+        "config_hash": metadata["config_hash"],
+    })
+    return RunResult(out, scores, metadata, timings)
