@@ -69,7 +69,10 @@ def default_checkpoint_load_func(model: nn.Module, checkpoint: Checkpoint) -> nn
         if unexpected:
             parts.append(f"unexpected keys {unexpected}")
         if wrong_shape:
-            parts.append(f"keys with a different shape {wrong_shape}")
+            shapes = ", ".join(
+                f"{k} {tuple(state[k].shape)} vs model {tuple(model.state_dict()[k].shape)}" for k in wrong_shape
+            )
+            parts.append(f"keys with a different shape: {shapes}")
         msg = "checkpoint does not fit the model: " + "; ".join(parts) + " (is `model` the architecture the checkpoint was saved from?)"
         raise CheckpointError(msg)
     model.load_state_dict(state, strict=True)

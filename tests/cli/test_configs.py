@@ -1,0 +1,64 @@
+"""Every option of every config group composes, and every _target_ binds to its signature."""
+
+from __future__ import annotations
+
+import inspect
+from importlib import resources
+
+import pytest
+
+from dattri_cli import builders
+from dattri_cli.catalog import GROUPS
+from tests.conftest import compose_run
+
+RUNTIME_FILLED = {"task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name", "in_features", "num_classes"}
+
+
+def options(group: str) -> list[str]:
+    root = resources.files("dattri_cli.configs").joinpath(group)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+ALL = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def test_every_group_has_options():
+    assert all(options(g) for g in GROUPS)
+    assert "grad_dot" in options("attributor") and "if_explicit" in options("attributor")
+
+
+@pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
+def test_option_composes_and_binds(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("dataset", "file"):
+        overrides.append("dataset.path=/some/data.npz")
+    if (group, option) == ("model", "custom"):
+        overrides.append("model._target_=dattri_cli.models.MLP")
+    cfg = compose_run(overrides)
+    node = builders.to_dict(cfg)[group]
+    if group == "train":
+        from dattri_cli.models.train import TrainSettings
+
+        TrainSettings(**node)  # every key is a training setting
+        return
+    node, runner = builders.split_runner(node)
+    params = builders.check_kwargs(node, group)
+    target = builders.resolve_target(node, group)
+    given = {k for k in node if not k.startswith("_")}
+    required = {
+        n for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    assert required <= given | RUNTIME_FILLED, f"{target} needs {required - given - RUNTIME_FILLED}"
+    if group == "attributor":
+        assert node.get("_partial_") is True
+        assert set(runner) <= {"checkpoints", "weights"}
+
+
+def test_unknown_choice_is_refused_with_choices_listed():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as info:
+        compose_run(["attributor=does_not_exist"])
+    assert "grad_dot" in str(info.value)
