@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -129,6 +129,7 @@ class RPSAttributor(BaseAttributor):
         self.full_train_dataloader: Optional[DataLoader] = None
         self.finetuned_theta: List[Tensor] = []
         self.num_full_train = 0
+        self.diagnostics: Dict[str, Any] = {}
 
     # -- features ------------------------------------------------------------------------------
     def _final_layer(self) -> nn.Module:
@@ -171,6 +172,7 @@ class RPSAttributor(BaseAttributor):
         """Fine-tune the final layer of every checkpoint on the full training set."""
         check_not_shuffled(full_train_dataloader, "full_train_dataloader")
         self.finetuned_theta = []
+        residuals = []
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             io = self._layer_io(ckpt_idx, full_train_dataloader)
             init = self._final_layer().weight.detach().to(self.device)
@@ -186,6 +188,8 @@ class RPSAttributor(BaseAttributor):
                     stacklevel=2,
                 )
             self.finetuned_theta.append(theta)
+            residuals.append(residual)
+        self.diagnostics = {"representer_residual": residuals, "converged": max(residuals) <= CONVERGENCE_TOL}
         self.num_full_train = num_samples(full_train_dataloader)
         self.full_train_dataloader = full_train_dataloader
 

@@ -112,6 +112,7 @@ class TRAKAttributor(BaseAttributor):
         self.norm_scaler = math.sqrt(num_params)
         self.full_train_dataloader: Optional[DataLoader] = None
         self.train_side: Optional[TrainSide] = None
+        self.diagnostics: Dict[str, Any] = {}
 
     # -- per-checkpoint pieces ---------------------------------------------------------
     def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
@@ -158,6 +159,13 @@ class TRAKAttributor(BaseAttributor):
         check_not_shuffled(full_train_dataloader, "full_train_dataloader")
         self.train_side = self._train_side(full_train_dataloader)
         self.full_train_dataloader = full_train_dataloader
+        # Smallest Cholesky pivot over the mean kernel diagonal: a cheap conditioning indicator.
+        self.diagnostics = {
+            "kernel_min_pivot_relative": [
+                float(f.diagonal().square().min() / f.square().sum(dim=1).mean()) for f in self.train_side.factors
+            ],
+            "proj_dim": self.train_side.features[0].shape[1],
+        }
 
     def _resolve_train_side(self, train_dataloader: Optional[DataLoader]) -> TrainSide:
         """The cached train side, or one computed from ``train_dataloader`` (not both, not neither)."""
