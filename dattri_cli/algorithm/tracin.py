@@ -22,6 +22,7 @@ from dattri_cli.algorithm.utils import (
     to_device,
 )
 from dattri_cli.errors import ConfigError
+from dattri_cli.func.projection import make_projector
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
 
@@ -38,11 +39,17 @@ class TracInAttributor(BaseAttributor):
         layer_name: Optional[Union[str, List[str]]] = None,
         device: str = "cpu",
     ) -> None:
-        """Weights are learning rates for TracIn, ones for Grad-Dot / Grad-Cos."""
+        """Weights are learning rates for TracIn, ones for Grad-Dot / Grad-Cos.
+
+        ``projector_kwargs=None`` scores the full gradients (exact); a dictionary,
+        even an empty one, projects them with the defaults of
+        :data:`dattri_cli.func.projection.DEFAULT_PROJECTOR_KWARGS` updated by it.
+        """
         self.task = task
         self.weight_list = torch.as_tensor(weight_list, dtype=torch.float64).flatten()
         self.normalized_grad = normalized_grad
-        self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
+        self.projector_kwargs = dict(projector_kwargs) if projector_kwargs is not None else None
+        self.projector = make_projector(self.projector_kwargs) if self.projector_kwargs is not None else None
         self.layer_name = layer_name
         self.device = device or "cpu"
 
@@ -50,11 +57,10 @@ class TracInAttributor(BaseAttributor):
         """Nothing to precompute: gradients are streamed in ``attribute``."""
 
     def _project(self, ckpt_idx: int, grads: Tensor) -> Tensor:
-        if self.projector_kwargs is None:
+        """Seeded random projection (one matrix per checkpoint), or the identity."""
+        if self.projector is None:
             return grads
-        from dattri_cli.func.projection import project  # noqa: PLC0415 - optional stage
-
-        return project(grads, ckpt_idx=ckpt_idx, **self.projector_kwargs)
+        return self.projector.project(grads, ckpt_idx=ckpt_idx)
 
     def _rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
         params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)

@@ -1,0 +1,221 @@
+"""TRAK: attribution through a random-projected, linearised model (Park et al., 2023).
+
+For each checkpoint ``k`` (an ensemble of independently trained models):
+
+* ``Phi_k`` (``n_train x d``): training loss gradients divided by ``sqrt(P)`` (the
+  number of trainable parameters, for float32 range) and randomly projected
+  with a matrix specific to ``k``;
+* ``Psi_k`` (``n_test x d``): the same for the test target gradients;
+* ``Q_k`` (``n_train``): ``1 - p`` with ``p`` the correct-class probability.
+
+As in the public dattri 0.3.0, the kernel products and the ``Q`` weights are
+averaged over checkpoints separately and multiplied at the end::
+
+    scores = mean_k(Phi_k (Phi_k^T Phi_k)^-1 Psi_k^T) * mean_k(Q_k)[:, None]
+
+with shape ``(n_train, n_test)``. The kernel is factored once per checkpoint by
+Cholesky (float64, a tiny relative ridge); ``cache`` keeps ``Phi_k``, the factors
+and ``mean Q`` so that ``attribute`` only computes test gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from dattri_cli.algorithm.base import BaseAttributor
+from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, to_device
+from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.func.projection import RandomProjector, resolve_projector_kwargs
+from dattri_cli.func.utils import per_sample_value
+from dattri_cli.progress import track
+from dattri_cli.task import AttributionTask
+
+#: Ridge added to the kernel, relative to its mean diagonal entry. Far below
+#: float32 gradient noise, it only matters in directions the kernel does not see.
+RELATIVE_RIDGE = 1e-9
+#: A Cholesky pivot below this many ridges means a (numerically) null direction.
+SINGULAR_PIVOTS = 10.0
+
+
+@dataclass
+class TrainSide:
+    """What the scores need from the training set, per checkpoint, plus the mean ``1 - p``."""
+
+    features: List[Tensor]  # Phi_k, (n_train, d) float32 (half the memory; cast for products)
+    factors: List[Tensor]  # Cholesky factor of Phi_k^T Phi_k + ridge, (d, d) float64
+    q: Tensor  # mean over checkpoints of 1 - p, (n_train,) float64
+
+
+def kernel_cholesky(features: Tensor) -> Tensor:
+    """Lower Cholesky factor of ``features^T features`` plus a tiny ridge; NumericalError if singular."""
+    num_train, dim = features.shape
+    if num_train < dim:
+        msg = (
+            f"the TRAK kernel Phi^T Phi is singular: {num_train} training samples for {dim} projected "
+            f"dimensions; set projector_kwargs.proj_dim to at most {num_train} (or use more training data)"
+        )
+        raise NumericalError(msg)
+    features = features.to(torch.float64)
+    kernel = features.T @ features
+    scale = kernel.diagonal().mean()
+    if not bool(torch.isfinite(scale)) or scale <= 0:
+        msg = "the TRAK kernel Phi^T Phi is zero or non-finite: all training gradients vanish; check the checkpoint and the loss"
+        raise NumericalError(msg)
+    ridge = RELATIVE_RIDGE * scale
+    kernel.diagonal().add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(kernel)
+    if int(info) != 0 or bool(factor.diagonal().square().min() < SINGULAR_PIVOTS * ridge):
+        msg = (
+            "the TRAK kernel Phi^T Phi is singular even with a small ridge (some projected gradient "
+            "direction never varies); lower projector_kwargs.proj_dim or choose a different layer_name"
+        )
+        raise NumericalError(msg)
+    return factor
+
+
+class TRAKAttributor(BaseAttributor):
+    """TRAK over the task's checkpoints (one per independently trained model)."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        correct_probability_func: Callable,
+        projector_kwargs: Optional[Dict[str, Any]] = None,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: str = "cpu",
+    ) -> None:
+        """Set up the projector; no gradients are computed here.
+
+        Args:
+            task: the model, its checkpoints and the loss (train) / target (test).
+            correct_probability_func: ``f(params_dict, batch) -> p``, the probability
+                of the correct label, evaluated per sample as a batch of one.
+            projector_kwargs: updates to the dattri defaults ``proj_dim=512``,
+                ``proj_max_batch_size=32``, ``proj_seed=0``, ``proj_type="normal"``
+                (``"identity"`` disables the projection).
+            layer_name: restrict gradients to these parameters (all if None).
+            device: where gradients and kernels are computed.
+        """
+        self.task = task
+        self.correct_probability_func = correct_probability_func
+        self.projector_kwargs = resolve_projector_kwargs(projector_kwargs)
+        self.projector = RandomProjector(**self.projector_kwargs)
+        self.layer_name = layer_name
+        self.device = device or "cpu"
+        num_params = sum(p.numel() for p in task.get_model().parameters() if p.requires_grad)
+        self.norm_scaler = math.sqrt(num_params)
+        self.full_train_dataloader: Optional[DataLoader] = None
+        self.train_side: Optional[TrainSide] = None
+        self.diagnostics: Dict[str, Any] = {}
+
+    # -- per-checkpoint pieces ---------------------------------------------------------
+    def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
+        """Projected, scaled per-sample gradients of the loss (train) or target (test)."""
+        params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
+        params = params.to(self.device)
+        if target:
+            grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
+        else:
+            grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+        side = "test" if target else "train"
+        rows = []
+        for batch in track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})"):
+            grads = grad_func(params, to_device(batch, self.device)).detach() / self.norm_scaler
+            check_finite(grads, f"{side} gradients", hint="check the data and the checkpoint")
+            rows.append(self.projector.project(grads, ckpt_idx=ckpt_idx).to(torch.float32))
+        return torch.cat(rows)
+
+    def _one_minus_p(self, ckpt_idx: int, loader: DataLoader) -> Tensor:
+        """``1 - p`` per training sample, from the full parameters of the checkpoint."""
+        params = {k: v.to(self.device) for k, v in self.task.named_parameters(ckpt_idx).items()}
+        probs = [
+            per_sample_value(self.correct_probability_func, params, to_device(batch, self.device)).detach()
+            for batch in loader
+        ]
+        q = 1.0 - torch.cat(probs).to(torch.float64).flatten()
+        check_finite(q, "correct-class probabilities", hint="check correct_probability_func")
+        return q
+
+    def _train_side(self, loader: DataLoader) -> TrainSide:
+        """Features, kernel factors and mean ``1 - p`` over all checkpoints."""
+        features, factors, q_sum = [], [], None
+        for ckpt_idx in range(len(self.task.get_checkpoints())):
+            phi = self._features(ckpt_idx, loader, target=False)
+            features.append(phi)
+            factors.append(kernel_cholesky(phi))
+            q = self._one_minus_p(ckpt_idx, loader)
+            q_sum = q if q_sum is None else q_sum + q
+        return TrainSide(features, factors, q_sum / len(features))
+
+    # -- workflow ----------------------------------------------------------------------------
+    def cache(self, full_train_dataloader: DataLoader) -> None:
+        """Compute and keep the train side so that ``attribute`` only touches test data."""
+        check_not_shuffled(full_train_dataloader, "full_train_dataloader")
+        self.train_side = self._train_side(full_train_dataloader)
+        self.full_train_dataloader = full_train_dataloader
+        # Smallest Cholesky pivot over the mean kernel diagonal: a cheap conditioning indicator.
+        self.diagnostics = {
+            "kernel_min_pivot_relative": [
+                float(f.diagonal().square().min() / f.square().sum(dim=1).mean()) for f in self.train_side.factors
+            ],
+            "proj_dim": self.train_side.features[0].shape[1],
+        }
+
+    def _resolve_train_side(self, train_dataloader: Optional[DataLoader]) -> TrainSide:
+        """The cached train side, or one computed from ``train_dataloader`` (not both, not neither)."""
+        if train_dataloader is not None and self.train_side is not None:
+            msg = (
+                "a training loader was cached with cache() and another was passed to attribute(); "
+                "pass none to attribute() and select rows of the scores for a subset"
+            )
+            raise ConfigError(msg)
+        if train_dataloader is None and self.train_side is None:
+            msg = "no training data: call cache(full_train_dataloader) first or pass train_dataloader to attribute()"
+            raise ConfigError(msg)
+        if train_dataloader is None:
+            return self.train_side  # type: ignore[return-value]
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        return self._train_side(train_dataloader)
+
+    def attribute(
+        self,
+        test_dataloader: DataLoader,
+        train_dataloader: Optional[DataLoader] = None,
+    ) -> Tensor:
+        """Scores ``(num_train, num_test)``; ``train_dataloader`` only when nothing is cached."""
+        check_not_shuffled(test_dataloader, "test_dataloader")
+        side = self._resolve_train_side(train_dataloader)
+        scores = None
+        for ckpt_idx, (phi, factor) in enumerate(zip(side.features, side.factors)):
+            psi = self._features(ckpt_idx, test_dataloader, target=True).to(torch.float64)
+            block = phi.to(torch.float64) @ torch.cholesky_solve(psi.T, factor)
+            scores = block if scores is None else scores + block
+        scores = scores / len(side.features) * side.q[:, None]
+        check_finite(scores, "TRAK scores", hint="lower projector_kwargs.proj_dim")
+        return scores.to(torch.float32)
+
+    def self_attribute(self, train_dataloader: Optional[DataLoader] = None) -> Tensor:
+        """Self-influence ``score(i, i)`` of each training sample, shape ``(num_train,)``.
+
+        Uses the cached train side or ``train_dataloader`` (same rules as ``attribute``);
+        no test gradients are needed since the train features are the test features
+        when the loss is also the target.
+        """
+        side = self._resolve_train_side(train_dataloader)
+        total = None
+        for phi, factor in zip(side.features, side.factors):
+            phi = phi.to(torch.float64)  # noqa: PLW2901 - local precision change
+            leverage = (phi * torch.cholesky_solve(phi.T, factor).T).sum(dim=1)
+            total = leverage if total is None else total + leverage
+        out = total / len(side.features) * side.q
+        check_finite(out, "TRAK self-influence", hint="lower projector_kwargs.proj_dim")
+        return out.to(torch.float32)
+
+
+__all__: Tuple[str, ...] = ("TRAKAttributor", "TrainSide", "kernel_cholesky")

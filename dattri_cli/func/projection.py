@@ -1,0 +1,186 @@
+"""Seeded random projection of per-sample gradients (Johnson-Lindenstrauss sketches).
+
+A gradient ``g`` (``P`` entries) is mapped to ``g @ R / sqrt(proj_dim)`` where ``R``
+is a ``P x proj_dim`` matrix of i.i.d. standard normal or Rademacher (+-1) entries,
+so inner products are preserved in expectation.
+
+Design choices:
+
+* ``R`` is never materialised whole unless it fits ``max_matrix_bytes``: it is cut
+  into fixed row chunks of the parameter dimension, each generated from its own
+  generator seeded by ``(proj_seed, ckpt_idx, chunk_idx)``. The chunking depends
+  only on ``proj_dim``, so the numbers do not depend on memory settings.
+* The projection of one sample depends only on the seed, the checkpoint index
+  and its gradient: samples are projected in row blocks of exactly
+  ``proj_max_batch_size`` rows (short blocks are zero padded), because BLAS may
+  round a 1-row product differently from a 64-row one.
+* ``proj_type="identity"`` skips the projection (exact scores; useful for tests
+  and small models).
+
+The random streams differ between CPU and CUDA generators: a fixed seed reproduces
+scores on the same kind of device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from dattri_cli.errors import ConfigError
+
+#: The same defaults as the public dattri 0.3.0 (``DEFAULT_PROJECTOR_KWARGS``,
+#: plus its ``random_project`` default ``proj_type="normal"``). ``device=None``
+#: means "the device the gradients are on".
+DEFAULT_PROJECTOR_KWARGS: Dict[str, Any] = {
+    "proj_dim": 512,
+    "proj_max_batch_size": 32,
+    "proj_seed": 0,
+    "proj_type": "normal",
+    "device": None,
+    "use_half_precision": False,
+}
+
+PROJ_TYPES = {"normal": "normal", "gaussian": "normal", "rademacher": "rademacher", "identity": "identity"}
+
+#: Entries of ``R`` generated per chunk (64 MiB in float32), whatever ``proj_dim``.
+CHUNK_ELEMENTS = 2**24
+#: Keep all chunks of the current checkpoint in memory when they fit this budget.
+DEFAULT_MAX_MATRIX_BYTES = 256 * 2**20
+
+
+def chunk_seed(seed: int, ckpt_idx: int, chunk_idx: int) -> int:
+    """A 63-bit generator seed derived from (seed, checkpoint, chunk) without collisions in practice."""
+    digest = hashlib.blake2b(f"{seed}/{ckpt_idx}/{chunk_idx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def resolve_projector_kwargs(projector_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Defaults updated with ``projector_kwargs``; unknown keys and bad values raise ConfigError."""
+    kwargs = dict(DEFAULT_PROJECTOR_KWARGS)
+    given = dict(projector_kwargs or {})
+    unknown = sorted(set(given) - set(kwargs))
+    if unknown:
+        msg = f"unknown projector_kwargs {unknown}; allowed keys are {sorted(kwargs)}"
+        raise ConfigError(msg)
+    kwargs.update(given)
+    if str(kwargs["proj_type"]).lower() not in PROJ_TYPES:
+        msg = f"proj_type must be one of {sorted(PROJ_TYPES)}, got {kwargs['proj_type']!r}"
+        raise ConfigError(msg)
+    kwargs["proj_type"] = PROJ_TYPES[str(kwargs["proj_type"]).lower()]
+    for key in ("proj_dim", "proj_max_batch_size"):
+        if kwargs["proj_type"] != "identity" and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
+            msg = f"projector_kwargs.{key} must be a positive integer, got {kwargs[key]!r}"
+            raise ConfigError(msg)
+    return kwargs
+
+
+class RandomProjector:
+    """Projects ``(batch, P)`` gradients to ``(batch, proj_dim)``, reproducibly per checkpoint."""
+
+    def __init__(
+        self,
+        proj_dim: int = 512,
+        proj_max_batch_size: int = 32,
+        proj_seed: int = 0,
+        proj_type: str = "normal",
+        device: Optional[Union[str, torch.device]] = None,
+        use_half_precision: bool = False,
+        max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
+    ) -> None:
+        """Store the settings; matrices are generated lazily on first use."""
+        kwargs = resolve_projector_kwargs(
+            {
+                "proj_dim": proj_dim,
+                "proj_max_batch_size": proj_max_batch_size,
+                "proj_seed": proj_seed,
+                "proj_type": proj_type,
+                "device": device,
+                "use_half_precision": use_half_precision,
+            }
+        )
+        self.proj_dim = int(kwargs["proj_dim"])
+        self.block_rows = int(kwargs["proj_max_batch_size"])
+        self.seed = int(kwargs["proj_seed"])
+        self.proj_type = kwargs["proj_type"]
+        self.device = kwargs["device"]
+        self.dtype = torch.float16 if use_half_precision else torch.float32
+        self.max_matrix_bytes = max_matrix_bytes
+        self.chunk_rows = max(1, CHUNK_ELEMENTS // self.proj_dim)
+        self._cache_key: Optional[Tuple[int, int, str]] = None
+        self._cached_chunks: List[Tensor] = []
+
+    # -- the random matrix ------------------------------------------------------------
+    def _chunk(self, ckpt_idx: int, chunk_idx: int, rows: int, device: torch.device) -> Tensor:
+        """Rows ``[chunk_idx * chunk_rows, + rows)`` of ``R``, unscaled."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(chunk_seed(self.seed, ckpt_idx, chunk_idx))
+        shape = (rows, self.proj_dim)
+        if self.proj_type == "normal":
+            block = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        else:
+            block = torch.randint(0, 2, shape, generator=gen, device=device).to(torch.float32).mul_(2).sub_(1)
+        return block.to(self.dtype)
+
+    def _chunks(self, ckpt_idx: int, num_params: int, device: torch.device):  # noqa: ANN202 - generator
+        """Yield ``(start, stop, chunk)`` over the parameter dimension, cached when it fits."""
+        bounds = [(s, min(s + self.chunk_rows, num_params)) for s in range(0, num_params, self.chunk_rows)]
+        key = (ckpt_idx, num_params, str(device))
+        if self._cache_key == key:
+            yield from ((s, e, c) for (s, e), c in zip(bounds, self._cached_chunks))
+            return
+        element_size = torch.tensor([], dtype=self.dtype).element_size()
+        keep = num_params * self.proj_dim * element_size <= self.max_matrix_bytes
+        self._cache_key, self._cached_chunks = None, []
+        chunks = []
+        for idx, (start, stop) in enumerate(bounds):
+            chunk = self._chunk(ckpt_idx, idx, stop - start, device)
+            if keep:
+                chunks.append(chunk)
+            yield start, stop, chunk
+        if keep:
+            self._cache_key, self._cached_chunks = key, chunks
+
+    # -- projection ---------------------------------------------------------------------
+    def project(self, grads: Tensor, ckpt_idx: int = 0) -> Tensor:
+        """``grads @ R_ckpt / sqrt(proj_dim)`` as float32 on ``grads``' device."""
+        if grads.dim() != 2:
+            msg = f"expected a (batch, num_params) gradient matrix, got shape {tuple(grads.shape)}"
+            raise ValueError(msg)
+        if self.proj_type == "identity":
+            return grads
+        device = torch.device(self.device) if self.device is not None else grads.device
+        num_rows, num_params = grads.shape
+        out = torch.zeros(num_rows, self.proj_dim, dtype=torch.float32, device=device)
+        blocks = [(s, min(s + self.block_rows, num_rows)) for s in range(0, num_rows, self.block_rows)]
+        padded = [self._padded_block(grads, s, e, device) for s, e in blocks]
+        for start, stop, chunk in self._chunks(ckpt_idx, num_params, device):
+            for (s, e), block in zip(blocks, padded):
+                out[s:e] += (block[:, start:stop] @ chunk)[: e - s].float()
+        out /= math.sqrt(self.proj_dim)
+        return out.to(grads.device)
+
+    def _padded_block(self, grads: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
+        """Rows ``start:stop`` zero padded to ``block_rows`` rows (fixed GEMM shape)."""
+        block = grads[start:stop].to(device=device, dtype=self.dtype)
+        missing = self.block_rows - block.shape[0]
+        if missing:
+            block = torch.cat([block, block.new_zeros(missing, block.shape[1])])
+        return block
+
+    def __call__(self, grads: Tensor, ckpt_idx: int = 0) -> Tensor:
+        """Alias of :meth:`project`."""
+        return self.project(grads, ckpt_idx)
+
+
+def make_projector(projector_kwargs: Optional[Dict[str, Any]]) -> RandomProjector:
+    """A projector from (possibly partial) ``projector_kwargs``, filled with the defaults."""
+    return RandomProjector(**resolve_projector_kwargs(projector_kwargs))
+
+
+def project(grads: Tensor, ckpt_idx: int = 0, **projector_kwargs: Any) -> Tensor:
+    """One-off projection of ``grads`` (builds a projector; prefer :class:`RandomProjector` in loops)."""
+    return make_projector(projector_kwargs).project(grads, ckpt_idx)

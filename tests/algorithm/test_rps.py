@@ -1,0 +1,123 @@
+"""RPS: the representer theorem on the fine-tuned final layer."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dattri_cli.algorithm.rps import RPSAttributor
+from dattri_cli.errors import ConfigError
+from dattri_cli.task import AttributionTask
+
+IN, HIDDEN = 4, 6
+
+
+class TinyNet(nn.Module):
+    """Two layers; ``head`` is the final linear layer."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(IN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def _checkpoint(classes: int, seed: int) -> Dict[str, Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in TinyNet(classes).state_dict().items()}
+
+
+def _task(classes: int, checkpoints: List[Dict[str, Tensor]]) -> AttributionTask:
+    def loss_func(params: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
+        raise AssertionError("RPS builds its own cross-entropy")
+
+    return AttributionTask(loss_func=loss_func, model=TinyNet(classes), checkpoints=checkpoints)
+
+
+def _data(n: int, classes: int, seed: int) -> Tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=gen)
+    return x, torch.randint(0, max(classes, 2), (n,), generator=gen)
+
+
+def _loader(data: Tuple[Tensor, Tensor], batch_size: int = 7) -> DataLoader:
+    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
+
+
+def _fitted(classes: int, checkpoints: List[Dict[str, Tensor]], train: Tuple[Tensor, Tensor], **kwargs: object) -> RPSAttributor:
+    attributor = RPSAttributor(_task(classes, checkpoints), "head", **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # must converge without warnings
+        attributor.cache(_loader(train))
+    return attributor
+
+
+@pytest.mark.parametrize("classes", [3, 1])
+@pytest.mark.parametrize("l2_strength", [0.003, 0.1])
+def test_representer_values_reproduce_finetuned_logits(classes: int, l2_strength: float) -> None:
+    train = _data(30, classes, seed=0)
+    attributor = _fitted(classes, [_checkpoint(classes, 1)], train, l2_strength=l2_strength)
+    scores = attributor.attribute(_loader(train), _loader(train))  # train points as test points
+    theta = attributor.finetuned_theta[0]
+    features = attributor._layer_io(0, _loader(train)).features
+    logits = features @ theta.T  # fine-tuned pre-softmax outputs (no bias)
+    picked = logits[:, 0] if classes == 1 else logits[torch.arange(30), train[1]]
+    # dattri's scale: sum_i score(i, j) = logit_j / n.
+    torch.testing.assert_close(scores.double().sum(dim=0) * 30, picked, rtol=1e-4, atol=1e-5)
+
+
+def test_finetuned_layer_is_the_regularised_optimum() -> None:
+    train = _data(30, 3, seed=0)
+    attributor = _fitted(3, [_checkpoint(3, 1)], train)
+    io = attributor._layer_io(0, _loader(train))
+    theta = attributor.finetuned_theta[0].clone().requires_grad_(True)
+    targets = torch.softmax(io.logits, dim=1)
+    loss = -(targets * torch.log_softmax(io.features @ theta.T, dim=1)).sum(1).mean() + 0.003 * theta.square().sum()
+    (grad,) = torch.autograd.grad(loss, theta)
+    assert grad.abs().max() < 1e-7
+
+
+def test_scores_follow_the_test_label_and_normalisation() -> None:
+    train, test = _data(30, 3, seed=0), _data(5, 3, seed=2)
+    attributor = _fitted(3, [_checkpoint(3, 1)], train)
+    scores = attributor.attribute(_loader(train), _loader(test))
+    io_train = attributor._layer_io(0, _loader(train))
+    io_test = attributor._layer_io(0, _loader(test))
+    alpha = attributor.representer_weights(0, io_train)
+    expected = (io_train.features @ io_test.features.T) * alpha[:, test[1]]
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-8)
+    cos = _fitted(3, [_checkpoint(3, 1)], train, normalize_preactivate=True)
+    scores_cos = cos.attribute(_loader(train), _loader(test))
+    unit = nn.functional.normalize
+    torch.testing.assert_close(
+        scores_cos.double(), (unit(io_train.features) @ unit(io_test.features).T) * alpha[:, test[1]], rtol=1e-5, atol=1e-8
+    )
+
+
+def test_two_identical_checkpoints_equal_one_and_runs_are_deterministic() -> None:
+    train, test = _data(30, 3, seed=0), _data(5, 3, seed=2)
+    ckpt = _checkpoint(3, 1)
+    one = _fitted(3, [ckpt], train).attribute(_loader(train), _loader(test))
+    two = _fitted(3, [ckpt, ckpt], train).attribute(_loader(train), _loader(test))
+    torch.testing.assert_close(two, one)
+    assert torch.equal(one, _fitted(3, [ckpt], train).attribute(_loader(train), _loader(test)))
+
+
+def test_unconverged_finetuning_warns() -> None:
+    train = _data(30, 3, seed=0)
+    attributor = RPSAttributor(_task(3, [_checkpoint(3, 1)]), "head", epoch=1)
+    with pytest.warns(RuntimeWarning, match="increase `epoch`"):
+        attributor.cache(_loader(train))
+
+
+def test_bad_layer_name_is_a_config_error() -> None:
+    train = _data(10, 3, seed=0)
+    with pytest.raises(ConfigError, match="not a submodule"):
+        RPSAttributor(_task(3, [_checkpoint(3, 1)]), "nope").cache(_loader(train))

@@ -1,0 +1,144 @@
+"""TRAK against its closed form on logistic regression."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from dattri_cli.algorithm.trak import TRAKAttributor
+from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.task import AttributionTask
+
+DIM = 5
+IDENTITY = {"proj_type": "identity"}
+
+
+def _data(n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DIM, generator=gen)
+    y = (torch.rand(n, generator=gen) < 0.5).float()
+    return x, y
+
+
+def _checkpoint(seed: int) -> Dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"weight": torch.randn(1, DIM, generator=gen), "bias": torch.randn(1, generator=gen)}
+
+
+def _task(checkpoints: List[Dict[str, Tensor]]) -> AttributionTask:
+    model = nn.Linear(DIM, 1)
+
+    def loss_func(params: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        logits = functional_call(model, params, (x,)).squeeze(-1)
+        return nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+    return AttributionTask(loss_func=loss_func, model=model, checkpoints=checkpoints)
+
+
+def _correct_probability(params: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
+    """p(correct label) of the logistic model for a batch of one."""
+    x, y = batch
+    prob_one = torch.sigmoid(x @ params["weight"][0] + params["bias"][0])
+    return (y * prob_one + (1 - y) * (1 - prob_one)).squeeze(0)
+
+
+def _grads(ckpt: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    residual = torch.sigmoid(x @ ckpt["weight"][0] + ckpt["bias"][0]) - y
+    return (residual[:, None] * torch.cat([x, torch.ones(len(x), 1)], dim=1)).double()
+
+
+def _one_minus_p(ckpt: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    prob_one = torch.sigmoid(x @ ckpt["weight"][0] + ckpt["bias"][0]).double()
+    return 1 - torch.where(y > 0.5, prob_one, 1 - prob_one)
+
+
+def _kernel_product(ckpt: Dict[str, Tensor]) -> Tensor:
+    """G_train (G^T G)^-1 G_test^T, (n_train, n_test)."""
+    g = _grads(ckpt, *TRAIN)
+    return g @ torch.linalg.solve(g.T @ g, _grads(ckpt, *TEST).T)
+
+
+def _loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+TRAIN = _data(23, seed=0)
+TEST = _data(9, seed=1)
+
+
+def _attributor(checkpoints: List[Dict[str, Tensor]], projector_kwargs: Dict | None = None) -> TRAKAttributor:
+    return TRAKAttributor(_task(checkpoints), _correct_probability, projector_kwargs=projector_kwargs)
+
+
+def _cached_scores(checkpoints: List[Dict[str, Tensor]], projector_kwargs: Dict | None = None) -> Tensor:
+    attributor = _attributor(checkpoints, projector_kwargs)
+    attributor.cache(_loader(*TRAIN, batch_size=6))
+    return attributor.attribute(_loader(*TEST, batch_size=4))
+
+
+def test_single_checkpoint_equals_closed_form() -> None:
+    ckpt = _checkpoint(3)
+    expected = _kernel_product(ckpt) * _one_minus_p(ckpt, *TRAIN)[:, None]
+    scores = _cached_scores([ckpt], IDENTITY)
+    assert scores.shape == (23, 9)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_ensemble_averages_kernel_products_and_q_separately() -> None:
+    ckpts = [_checkpoint(3), _checkpoint(4)]
+    kernel = (_kernel_product(ckpts[0]) + _kernel_product(ckpts[1])) / 2
+    q = (_one_minus_p(ckpts[0], *TRAIN) + _one_minus_p(ckpts[1], *TRAIN)) / 2
+    torch.testing.assert_close(_cached_scores(ckpts, IDENTITY).double(), kernel * q[:, None], rtol=1e-4, atol=1e-6)
+
+
+def test_two_identical_checkpoints_equal_one() -> None:
+    ckpt = _checkpoint(3)
+    torch.testing.assert_close(_cached_scores([ckpt, ckpt], IDENTITY), _cached_scores([ckpt], IDENTITY))
+
+
+def test_uncached_train_loader_gives_the_cached_scores() -> None:
+    ckpts = [_checkpoint(3), _checkpoint(4)]
+    uncached = _attributor(ckpts, {"proj_dim": 4}).attribute(
+        _loader(*TEST, batch_size=9), train_dataloader=_loader(*TRAIN, batch_size=23)
+    )
+    torch.testing.assert_close(uncached, _cached_scores(ckpts, {"proj_dim": 4}), rtol=1e-5, atol=1e-6)
+
+
+def test_projection_seed_changes_scores_and_fixed_seed_reproduces_them() -> None:
+    ckpts = [_checkpoint(3), _checkpoint(4)]
+    first = _cached_scores(ckpts, {"proj_dim": 4, "proj_seed": 1})
+    assert torch.equal(first, _cached_scores(ckpts, {"proj_dim": 4, "proj_seed": 1}))
+    assert not torch.allclose(first, _cached_scores(ckpts, {"proj_dim": 4, "proj_seed": 2}))
+
+
+def test_self_attribute_is_the_diagonal() -> None:
+    attributor = _attributor([_checkpoint(3)], IDENTITY)
+    attributor.cache(_loader(*TRAIN, batch_size=6))
+    full = attributor.attribute(_loader(*TRAIN, batch_size=6))
+    torch.testing.assert_close(attributor.self_attribute(), full.diagonal(), rtol=1e-4, atol=1e-6)
+
+
+def test_train_loader_rules() -> None:
+    attributor = _attributor([_checkpoint(3)], IDENTITY)
+    with pytest.raises(ConfigError, match="call cache"):
+        attributor.attribute(_loader(*TEST, batch_size=4))
+    attributor.cache(_loader(*TRAIN, batch_size=6))
+    with pytest.raises(ConfigError, match="cached"):
+        attributor.attribute(_loader(*TEST, batch_size=4), _loader(*TRAIN, batch_size=6))
+
+
+def test_singular_kernel_is_a_numerical_error() -> None:
+    with pytest.raises(NumericalError, match="proj_dim to at most 23"):
+        _cached_scores([_checkpoint(3)], {"proj_dim": 64})
+    x, y = TRAIN
+    dead = x.clone()
+    dead[:, 2] = 0.0  # this weight's gradient is zero for every sample
+    attributor = _attributor([_checkpoint(3)], IDENTITY)
+    with pytest.raises(NumericalError, match="singular even with a small ridge"):
+        attributor.cache(_loader(dead, y, batch_size=6))

@@ -1,0 +1,92 @@
+"""Random projection: Johnson-Lindenstrauss behaviour, determinism, chunking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dattri_cli.func.projection as projection
+from dattri_cli.errors import ConfigError
+from dattri_cli.func.projection import RandomProjector, make_projector, project
+
+
+def _vectors(n: int = 32, p: int = 2000, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, p, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("proj_type", ["normal", "gaussian", "rademacher"])
+def test_inner_products_within_jl_bound(proj_type: str) -> None:
+    x = _vectors()
+    d = 1024
+    y = RandomProjector(proj_dim=d, proj_type=proj_type).project(x)
+    norms = x.norm(dim=1)
+    err = (y @ y.T - x @ x.T).abs() / (norms[:, None] * norms[None, :])
+    # JL: |<Px,Py> - <x,y>| <= eps |x||y| with eps ~ sqrt(log(n) / d); generous constant.
+    eps = math.sqrt(8 * math.log(x.shape[0]) / d)
+    assert err.max() < eps
+    # ... and the bound is not vacuous: squared norms are unbiased to a few percent.
+    ratio = (y.norm(dim=1) / norms) ** 2
+    assert abs(ratio.mean().item() - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("proj_type", ["normal", "rademacher"])
+def test_same_projection_for_any_batch_size(proj_type: str) -> None:
+    x = _vectors(n=64, p=777)
+    proj = RandomProjector(proj_dim=48, proj_type=proj_type, proj_max_batch_size=16)
+    full = proj.project(x, ckpt_idx=3)
+    for batch in (1, 7, 64):
+        pieces = [proj.project(x[s : s + batch], ckpt_idx=3) for s in range(0, 64, batch)]
+        assert torch.equal(torch.cat(pieces), full)
+    # A fresh projector with the same settings gives the same numbers.
+    assert torch.equal(RandomProjector(proj_dim=48, proj_type=proj_type, proj_max_batch_size=16).project(x, 3), full)
+
+
+def test_chunked_generation_matches_cached_and_is_memory_independent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(projection, "CHUNK_ELEMENTS", 40 * 32)  # 40-row chunks of a 32-column matrix
+    x = _vectors(n=5, p=1000)
+    cached = RandomProjector(proj_dim=32)
+    streamed = RandomProjector(proj_dim=32, max_matrix_bytes=0)
+    assert cached.chunk_rows == 40
+    assert torch.equal(cached.project(x, 0), streamed.project(x, 0))
+    assert torch.equal(cached.project(x, 0), cached.project(x, 0))  # second call from the cache
+    assert not streamed._cached_chunks
+
+
+def test_seed_and_checkpoint_change_the_projection() -> None:
+    x = _vectors(n=4, p=300)
+    base = project(x, ckpt_idx=0, proj_dim=20, proj_seed=0)
+    assert torch.equal(base, project(x, ckpt_idx=0, proj_dim=20, proj_seed=0))
+    assert not torch.allclose(base, project(x, ckpt_idx=0, proj_dim=20, proj_seed=1))
+    assert not torch.allclose(base, project(x, ckpt_idx=1, proj_dim=20, proj_seed=0))
+
+
+def test_linear_and_scaled() -> None:
+    x = _vectors(n=3, p=50)
+    proj = RandomProjector(proj_dim=10, proj_type="rademacher")
+    assert torch.allclose(proj.project(2 * x[:1] - x[1:2]), 2 * proj.project(x[:1]) - proj.project(x[1:2]), atol=1e-5)
+    # Rademacher entries are +-1, so e_1 maps to +-1/sqrt(d) in every coordinate.
+    e1 = torch.zeros(1, 50)
+    e1[0, 0] = 1.0
+    assert torch.allclose(proj.project(e1).abs(), torch.full((1, 10), 1 / math.sqrt(10)))
+
+
+def test_identity_and_half_precision() -> None:
+    x = _vectors(n=3, p=40)
+    assert torch.equal(project(x, proj_type="identity"), x)
+    half = project(x, proj_dim=16, use_half_precision=True)
+    full = project(x, proj_dim=16)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, full, atol=0.05 * full.abs().max().item())
+
+
+def test_defaults_follow_dattri_and_bad_kwargs_are_config_errors() -> None:
+    proj = make_projector(None)
+    assert (proj.proj_dim, proj.block_rows, proj.seed, proj.proj_type) == (512, 32, 0, "normal")
+    with pytest.raises(ConfigError, match="unknown projector_kwargs"):
+        make_projector({"proj_dims": 3})
+    with pytest.raises(ConfigError, match="proj_type"):
+        make_projector({"proj_type": "sjlt"})
+    with pytest.raises(ConfigError, match="proj_dim"):
+        make_projector({"proj_dim": 0})
