@@ -57,3 +57,17 @@ def print_catalog(as_json: bool = False) -> None:
             opts = ", ".join(f"{k}={v}" for k, v in info["options"].items())
             table.add_row(name, info["about"], opts)
         console.print(table)
+
+
+def main(argv: list) -> None:
+    """``dattri list [--json]``."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="dattri list",
+        description="The attributors, datasets, models and training setups `dattri run` can use, with defaults.",
+        epilog="examples:\n  dattri list\n  dattri list --json | jq .attributor",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    print_catalog(as_json=parser.parse_args(argv).json)

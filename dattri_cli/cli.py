@@ -5,6 +5,7 @@ Imports are lazy so ``dattri --help`` answers at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -16,6 +17,8 @@ hurt each test prediction. Results are (n_train, n_test) score tensors in safete
 commands:
   run     compose a config and write a score file (Hydra: overrides, -m sweeps, --cfg job, --info)
   list    show the available attributors, datasets and models with their options
+  show    summarize a score file: metadata, statistics, top proponents/opponents
+  plot    PNG of a test image, its top proponents/opponents, and a score histogram
 
 examples:
   dattri run                                         # digits + logistic regression + Grad-Dot
@@ -23,6 +26,10 @@ examples:
   dattri run -m attributor=grad_dot,grad_cos,if_explicit
   dattri run attributor=grad_dot --cfg job           # print the composed config
   dattri run --help                                  # every config group and option
+  dattri show outputs/<run dir>/scores.safetensors --test 0,5
+  dattri plot outputs/<run dir>/scores.safetensors --test 3
+
+`dattri <command> --help` explains each command; DATTRI_DEBUG=1 (or --debug) shows tracebacks.
 """
 
 
@@ -37,10 +44,22 @@ def _run(args: List[str]) -> None:
 def _list(args: List[str]) -> None:
     from dattri_cli import catalog  # noqa: PLC0415
 
-    catalog.print_catalog(as_json="--json" in args)
+    catalog.main(args)
 
 
-COMMANDS = {"run": _run, "list": _list}
+def _show(args: List[str]) -> None:
+    from dattri_cli import show  # noqa: PLC0415
+
+    show.main(args)
+
+
+def _plot(args: List[str]) -> None:
+    from dattri_cli import plot  # noqa: PLC0415
+
+    plot.main(args)
+
+
+COMMANDS = {"run": _run, "list": _list, "show": _show, "plot": _plot}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -58,4 +77,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     if command is None:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    command(args[1:])
+    debug = "--debug" in args[1:] or os.environ.get("DATTRI_DEBUG") == "1"
+    rest = [a for a in args[1:] if a != "--debug"]
+    if debug and args[0] == "run":
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    from dattri_cli.errors import DattriError  # noqa: PLC0415
+
+    try:
+        command(rest)
+    except DattriError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)

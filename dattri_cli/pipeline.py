@@ -59,6 +59,25 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_device(device: str) -> str:
+    """Refuse a device this machine does not have, before any work."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        msg = f"device={device!r} is not a device name; use cpu, cuda, cuda:1 or mps"
+        raise ConfigError(msg) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device={device} but this torch build sees no CUDA GPU; use device=cpu or install a CUDA build of torch"
+        raise ConfigError(msg)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        msg = f"device={device} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+        raise ConfigError(msg)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        msg = "device=mps but MPS is not available here; use device=cpu"
+        raise ConfigError(msg)
+    return device
+
+
 def build_split(cfg: Mapping[str, Any]) -> Split:
     """The dataset split the config names."""
     split = builders.build(cfg["dataset"], "dataset")
@@ -149,10 +168,13 @@ def _jsonable(value: Any) -> Any:
 def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file."""
     resolved = builders.to_dict(cfg)
-    progress.set_mode(resolved.get("progress", "off"))
+    try:
+        progress.set_mode(resolved.get("progress", "off"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     out = Path(resolved["out"]).expanduser() if resolved.get("out") else Path(output_dir or ".") / "scores.safetensors"
     check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
-    device = str(resolved.get("device", "cpu"))
+    device = check_device(str(resolved.get("device", "cpu")))
     seed = int(resolved.get("seed", 0))
     timings: Dict[str, float] = {}
 

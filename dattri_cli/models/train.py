@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dattri_cli.data import Split
+from dattri_cli.errors import ConfigError
 from dattri_cli.progress import track
 
 
@@ -33,6 +34,28 @@ class TrainSettings:
     weight_decay: float = 1e-3
     num_models: int = 1
     save_every: int = 0  # epochs between kept intermediate checkpoints; 0 keeps only the final one
+
+    def __post_init__(self) -> None:
+        """Refuse values of the wrong type or range with the key named."""
+        rules = {
+            "epochs": (int, 1),
+            "batch_size": (int, 1),
+            "num_models": (int, 1),
+            "save_every": (int, 0),
+            "lr": (float, 0.0),
+            "momentum": (float, 0.0),
+            "weight_decay": (float, 0.0),
+        }
+        for name, (kind, low) in rules.items():
+            value = getattr(self, name)
+            ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is int:
+                ok_type = ok_type and float(value).is_integer()
+            if not ok_type or value < low:
+                need = "an integer" if kind is int else "a number"
+                msg = f"train.{name} must be {need} >= {low}, got {value!r}"
+                raise ConfigError(msg)
+            setattr(self, name, kind(value))
 
 
 @dataclass

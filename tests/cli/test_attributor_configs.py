@@ -11,7 +11,7 @@ import yaml
 
 from dattri_cli.func.projection import make_projector
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "attributor"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "attributor"
 RUNTIME = {"task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name"}
 
 
@@ -20,7 +20,7 @@ def test_config_matches_constructor(name: str) -> None:
     node = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     module, cls = node["_target_"].rsplit(".", 1)
     params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
-    kwargs = {k for k in node if not k.startswith("_") and k != "runner"}
+    kwargs = {k for k in node if not k.startswith("_") and k not in {"runner", "defaults"}}
     assert kwargs <= set(params), kwargs - set(params)
     assert not kwargs & RUNTIME  # filled by the runner, never in YAML
     assert set(params) - kwargs - RUNTIME <= {k for k, p in params.items() if p.default is not inspect.Parameter.empty}

@@ -1,0 +1,159 @@
+"""``dattri show``: what a score file holds, and who helped or hurt chosen test samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from dattri_cli.data import Split
+from dattri_cli.errors import DattriError
+from dattri_cli.io import SCORES, TEST_INDICES, TRAIN_INDICES, load_scores
+
+EXAMPLES = """examples:
+  dattri show outputs/2026-11-30/12-00-00_grad_dot_digits_lr/scores.safetensors
+  dattri show scores.safetensors --test 0,5,9 --top-k 5
+  dattri show scores.safetensors --json > summary.json
+"""
+
+
+@dataclass
+class ScoreFile:
+    """A loaded score file, with its dataset split when it can be rebuilt."""
+
+    path: Path
+    scores: Tensor
+    train_indices: Tensor
+    test_indices: Tensor
+    metadata: Dict[str, Any]
+    split: Optional[Split]
+
+
+def open_score_file(path: Path, with_data: bool = True) -> ScoreFile:
+    """Load ``path``; rebuild the dataset from the recorded config for labels and images."""
+    tensors, meta = load_scores(path)
+    split = _rebuild_split(meta) if with_data else None
+    return ScoreFile(Path(path), tensors[SCORES], tensors[TRAIN_INDICES], tensors[TEST_INDICES], meta, split)
+
+
+def _rebuild_split(meta: Dict[str, Any]) -> Optional[Split]:
+    from dattri_cli import pipeline  # noqa: PLC0415 - only when labels are wanted
+
+    try:
+        return pipeline.build_split(meta.get("config", {}))
+    except (DattriError, KeyError, TypeError, ValueError):
+        return None  # labels are a nicety: a moved data file must not stop `show`
+
+
+def parse_test_indices(text: Optional[str], n_test: int) -> List[int]:
+    """``"0,5,9"`` -> columns, each checked against the number of test samples."""
+    if not text:
+        return [0] if n_test else []
+    try:
+        cols = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        msg = f"--test takes comma-separated column numbers such as 0,5,9, got {text!r}"
+        raise DattriError(msg) from exc
+    bad = [c for c in cols if not 0 <= c < n_test]
+    if bad:
+        msg = f"--test {bad} out of range: the file has {n_test} test columns (0..{n_test - 1})"
+        raise DattriError(msg)
+    return cols
+
+
+def top_training_samples(sf: ScoreFile, col: int, k: int) -> Dict[str, List[Dict[str, Any]]]:
+    """The ``k`` strongest proponents and opponents of test column ``col``."""
+    column = sf.scores[:, col]
+    k = min(k, column.numel())
+
+    def rows(indices: Tensor) -> List[Dict[str, Any]]:
+        out = []
+        for row in indices.tolist():
+            entry = {"row": row, "dataset_index": int(sf.train_indices[row]), "score": float(column[row])}
+            if sf.split is not None:
+                entry["label"] = int(sf.split.y_train[row])
+            out.append(entry)
+        return out
+
+    return {"proponents": rows(torch.topk(column, k).indices), "opponents": rows(torch.topk(-column, k).indices)}
+
+
+def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
+    """Everything ``show`` prints, as plain data."""
+    s = sf.scores.double()
+    meta = sf.metadata
+    tests = []
+    for col in cols:
+        entry = {"column": col, "dataset_index": int(sf.test_indices[col]), **top_training_samples(sf, col, k)}
+        if sf.split is not None:
+            entry["label"] = int(sf.split.y_test[col])
+        tests.append(entry)
+    return {
+        "path": str(sf.path),
+        "shape": list(sf.scores.shape),
+        "attributor": meta.get("attributor", {}),
+        "choices": meta.get("choices", {}),
+        "versions": meta.get("versions", {}),
+        "config_hash": meta.get("config_hash"),
+        "diagnostics": meta.get("diagnostics", {}),
+        "stats": {
+            "min": float(s.min()) if s.numel() else None,
+            "max": float(s.max()) if s.numel() else None,
+            "mean": float(s.mean()) if s.numel() else None,
+            "std": float(s.std()) if s.numel() > 1 else None,
+            "fraction_positive": float((s > 0).double().mean()) if s.numel() else None,
+        },
+        "tests": tests,
+    }
+
+
+def _print_rich(summary: Dict[str, Any]) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    att = summary["attributor"]
+    console.print(f"[bold]{summary['path']}[/]: scores {tuple(summary['shape'])} (train x test)")
+    console.print(f"attributor {att.get('target')} {json.dumps(att.get('kwargs', {}), sort_keys=True)}")
+    console.print(f"choices {summary['choices']}; versions {summary['versions']}; config hash {str(summary['config_hash'])[:12]}")
+    if summary["diagnostics"]:
+        console.print(f"diagnostics {json.dumps(summary['diagnostics'], sort_keys=True)[:400]}")
+    st = summary["stats"]
+    if st["min"] is not None:
+        console.print(f"scores: min {st['min']:.4g}, max {st['max']:.4g}, mean {st['mean']:.4g}, std {st['std'] or 0:.4g}, positive {st['fraction_positive']:.1%}")
+    for test in summary["tests"]:
+        label = f", label {test['label']}" if "label" in test else ""
+        table = Table(title=f"test column {test['column']} (dataset index {test['dataset_index']}{label})")
+        for name in ("proponent (helps)", "score", "opponent (hurts)", "score "):
+            table.add_column(name)
+        for pro, con in zip(test["proponents"], test["opponents"]):
+            fmt = lambda e: f"row {e['row']} (#{e['dataset_index']}" + (f", label {e['label']})" if "label" in e else ")")  # noqa: E731
+            table.add_row(fmt(pro), f"{pro['score']:+.4g}", fmt(con), f"{con['score']:+.4g}")
+        console.print(table)
+
+
+def main(argv: List[str]) -> None:
+    """``dattri show PATH [--test 0,5] [--top-k 5] [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="dattri show",
+        description="Show a score file: shape, metadata, statistics, top proponents/opponents.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", type=Path, help="a scores.safetensors file written by `dattri run`")
+    parser.add_argument("--test", help="test columns to explain, comma-separated (default: 0)")
+    parser.add_argument("--top-k", type=int, default=5, help="proponents/opponents per test column (default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--no-labels", action="store_true", help="do not rebuild the dataset for labels")
+    args = parser.parse_args(argv)
+    sf = open_score_file(args.path, with_data=not args.no_labels)
+    summary = summarize(sf, parse_test_indices(args.test, sf.scores.shape[1]), max(1, args.top_k))
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        _print_rich(summary)
