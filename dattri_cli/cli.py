@@ -35,6 +35,12 @@ examples:
 
 def _run(args: List[str]) -> None:
     from dattri_cli import app  # noqa: PLC0415
+    from dattri_cli.precheck import check_run_args  # noqa: PLC0415
+
+    problem = check_run_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     # @hydra.main reads sys.argv[1:] itself: hand it only what follows `run`
     sys.argv = [sys.argv[0], *args]
