@@ -74,13 +74,14 @@ def ihvp_cg(
     level = logging.INFO if result.converged else logging.WARNING
     log.log(
         level,
-        "CG: %d iterations, residual norm %.3g (tol %.3g %s); history %s",
+        "CG: %d iterations, largest residual norm %.3g -> %.3g (tol %.3g %s)",
         result.iterations,
+        result.residual_norms[0],
         result.residual_norms[-1],
         tol,
         "reached" if result.converged else "NOT reached: raise max_iter or regularization",
-        ", ".join(f"{r:.3g}" for r in result.residual_norms),
     )
+    log.debug("CG residual norms per iteration: %s", ", ".join(f"{r:.3g}" for r in result.residual_norms))
     return result.solution, diagnostics
 
 

@@ -296,3 +296,20 @@ def test_function_style_rejects_unknown_solver_and_kwargs(model: nn.Linear) -> N
         function_style(model, "newton", {})
     with pytest.raises(ConfigError, match="recursion_depth"):
         function_style(model, "cg", {"recursion_depth": 3})
+
+
+# -- configs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["if_explicit", "if_cg", "if_lissa", "if_arnoldi", "if_datainf"])
+def test_config_builds_its_attributor(model: nn.Linear, name: str) -> None:
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "attributor" / f"{name}.yaml"
+    cfg = OmegaConf.load(path)
+    assert "task" not in cfg and "device" not in cfg
+    attributor = instantiate(cfg)(task=make_task(model), device="cpu")
+    assert type(attributor).__name__ == cfg._target_.rsplit(".", 1)[1]
