@@ -1,23 +1,195 @@
 """Influence functions: scores ``g_train^T (H + reg I)^-1 g_test``.
 
 ``H`` is the Hessian of the mean training loss over the full training set given
-to ``cache``. Positive scores mean the training sample lowers the test target
-(it helps), as in the public dattri library.
+to ``cache`` (however that loader is batched). Positive scores mean the training
+sample lowers the test target (it helps), as in the public dattri library.
+
+The solvers (explicit, CG, LiSSA, Arnoldi) are small functions of
+``(func, params, loader, device, rhs)`` shared by the task-based attributors and
+the function-style :class:`IFAttributor`; each transforms all test vectors of a
+checkpoint in one batched solve. Their diagnostics land in ``self.diagnostics``.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+import logging
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dattri_cli.algorithm.base import BaseInnerProductAttributor
-from dattri_cli.func.hessian import SymmetricInverse, explicit_hessian, symmetric_inverse
+from dattri_cli.algorithm.base import BaseAttributor, BaseInnerProductAttributor, stream_train_scores
+from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples, to_device
+from dattri_cli.errors import ConfigError
+from dattri_cli.func.fisher import DataInfAccumulator, check_datainf_regularization, layer_sizes_from_map
+from dattri_cli.func.hessian import (
+    ArnoldiEigen,
+    SymmetricInverse,
+    arnoldi,
+    batched_cg,
+    check_mode,
+    explicit_hessian,
+    lissa,
+    loader_hvp,
+    minibatch_hvp_sampler,
+    stack_loader,
+    symmetric_inverse,
+)
+from dattri_cli.func.utils import flatten_params, per_sample_grad, unflatten_params
+from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
 
+log = logging.getLogger("dattri_cli")
+Func = Callable[[Tensor, Tuple[Tensor, ...]], Tensor]
+Diagnostics = Dict[str, Any]
 
-class IFAttributorExplicit(BaseInnerProductAttributor):
+
+# -- shared solvers: (func, params, loader, device, rhs, **hyper) -> (solution, diagnostics)
+
+
+def ihvp_explicit(func: Func, params: Tensor, loader: Any, device: str, rhs: Tensor, regularization: float = 0.0) -> Tuple[Tensor, Diagnostics]:
+    """Rows ``(H + reg I)^-1 v`` with a dense float64 Hessian (small models)."""
+    inverse = symmetric_inverse(explicit_hessian(func, params, loader, device), regularization)
+    return inverse.apply(rhs), dict(inverse.diagnostics)
+
+
+def ihvp_cg(
+    func: Func,
+    params: Tensor,
+    loader: Any,
+    device: str,
+    rhs: Tensor,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Tuple[Tensor, Diagnostics]:
+    """Rows ``(H + reg I)^-1 v`` by CG vectorised over all rows; logs the residual history."""
+    hvp = loader_hvp(func, params, loader, device, mode, regularization)
+    result = batched_cg(hvp, rhs, max_iter, tol)
+    diagnostics = result.diagnostics(tol)
+    level = logging.INFO if result.converged else logging.WARNING
+    log.log(
+        level,
+        "CG: %d iterations, largest residual norm %.3g -> %.3g (tol %.3g %s)",
+        result.iterations,
+        result.residual_norms[0],
+        result.residual_norms[-1],
+        tol,
+        "reached" if result.converged else "NOT reached: raise max_iter or regularization",
+    )
+    log.debug("CG residual norms per iteration: %s", ", ".join(f"{r:.3g}" for r in result.residual_norms))
+    return result.solution, diagnostics
+
+
+def lissa_collate(sampled_input: List[Tensor]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """Split ``[params, *data_tensors]`` into ``(params, data_batch)``, dtypes unchanged."""
+    return sampled_input[0], tuple(sampled_input[1:])
+
+
+def ihvp_lissa(
+    func: Func,
+    params: Tensor,
+    loader: Any,
+    device: str,
+    rhs: Tensor,
+    batch_size: int = 1,
+    num_repeat: int = 1,
+    recursion_depth: int = 5000,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    mode: str = "rev-rev",
+    collate_fn: Callable = lissa_collate,
+) -> Tuple[Tensor, Diagnostics]:
+    """Rows ``(H + damping * scaling * I)^-1 v`` by LiSSA (dattri's convention).
+
+    Afterwards one full-data Hessian-vector product measures how far the estimate
+    is from solving that system (``relative_residual``); a poor value is logged
+    as a warning rather than returned silently.
+    """
+    check_mode(mode)
+    data = stack_loader(loader, device)
+    sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn)
+    result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
+    hvp = loader_hvp(func, params, [data], device, mode, damping * scaling)
+    residual = float((hvp(result.solution) - rhs).norm() / rhs.norm().clamp_min(1e-30))
+    diagnostics = dict(result.diagnostics, relative_residual=residual)
+    if not residual < 0.5:
+        log.warning(
+            "LiSSA has not converged (relative residual %.3g): increase recursion_depth, damping or batch_size",
+            residual,
+        )
+    return result.solution, diagnostics
+
+
+def arnoldi_eigen(
+    func: Func,
+    params: Tensor,
+    loader: Any,
+    device: str,
+    proj_dim: int = 100,
+    max_iter: int = 100,
+    norm_constant: float = 1.0,
+    tol: float = 1e-7,
+    regularization: float = 0.0,
+    seed: int = 0,
+    mode: str = "rev-rev",
+) -> ArnoldiEigen:
+    """Top eigenpairs of ``H + reg I`` by float64 Arnoldi; logs how many were dropped."""
+    hvp = loader_hvp(func, params, loader, device, mode, regularization)
+    eig = arnoldi(
+        hvp,
+        params.numel(),
+        proj_dim=proj_dim,
+        max_iter=max_iter,
+        tol=tol,
+        seed=seed,
+        norm_constant=norm_constant,
+        round_off=torch.finfo(params.dtype).eps,
+    )
+    log.info(
+        "Arnoldi: kept %d eigenvalues, dropped %d non-positive or round-off ones",
+        eig.diagnostics["kept_eigenvalues"],
+        eig.diagnostics["dropped_eigenvalues"],
+    )
+    return eig
+
+
+def ihvp_arnoldi(func: Func, params: Tensor, loader: Any, device: str, rhs: Tensor, **kwargs: Any) -> Tuple[Tensor, Diagnostics]:
+    """Rows ``U^T diag(1/lambda) U v`` from the top Arnoldi eigenpairs of ``H + reg I``."""
+    eig = arnoldi_eigen(func, params, loader, device, **kwargs)
+    return eig.apply(rhs), dict(eig.diagnostics)
+
+
+SOLVERS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
+    "explicit": (ihvp_explicit, ("regularization",)),
+    "cg": (ihvp_cg, ("max_iter", "tol", "mode", "regularization")),
+    "arnoldi": (ihvp_arnoldi, ("proj_dim", "max_iter", "norm_constant", "tol", "regularization", "seed", "mode")),
+    "lissa": (ihvp_lissa, ("batch_size", "num_repeat", "recursion_depth", "damping", "scaling", "mode")),
+}
+
+
+class _CachedFullTrain(BaseInnerProductAttributor):
+    """Shared plumbing: a ``diagnostics`` dict and a clear error when ``cache`` was skipped."""
+
+    def __init__(self, task: AttributionTask, layer_name: Optional[Union[str, List[str]]], device: Optional[str]) -> None:
+        super().__init__(task, layer_name, device)
+        self.diagnostics: Dict[str, Diagnostics] = {}
+
+    def _loader(self) -> DataLoader:
+        if self.full_train_dataloader is None:
+            msg = f"{type(self).__name__}: call cache(full_train_dataloader) before transforming representations"
+            raise ValueError(msg)
+        return self.full_train_dataloader
+
+    def _loss(self, ckpt_idx: int) -> Func:
+        return self.task.get_loss_func(self.layer_name, ckpt_idx)
+
+
+class IFAttributorExplicit(_CachedFullTrain):
     """Influence with the exact Hessian, formed and inverted densely (small models)."""
 
     def __init__(
@@ -31,7 +203,6 @@ class IFAttributorExplicit(BaseInnerProductAttributor):
         super().__init__(task, layer_name, device)
         self.regularization = regularization
         self._inverse: Dict[int, SymmetricInverse] = {}
-        self.diagnostics: Dict[str, Dict[str, float]] = {}
 
     def cache(self, full_train_dataloader: DataLoader) -> None:
         """Remember the training set; the Hessian is formed once per checkpoint on use."""
@@ -42,8 +213,7 @@ class IFAttributorExplicit(BaseInnerProductAttributor):
         if ckpt_idx not in self._inverse:
             # keep one checkpoint's factorization at a time: memory is P^2, not K * P^2
             self._inverse = {}
-            func = self.task.get_loss_func(self.layer_name, ckpt_idx)
-            hess = explicit_hessian(func, self._params(ckpt_idx), self.full_train_dataloader, self.device)
+            hess = explicit_hessian(self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device)
             inverse = symmetric_inverse(hess, self.regularization)
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = inverse.diagnostics
             self._inverse[ckpt_idx] = inverse
@@ -52,3 +222,244 @@ class IFAttributorExplicit(BaseInnerProductAttributor):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """``(H + reg I)^-1 g`` for every row ``g`` of ``test_rep``."""
         return self._inverse_for(ckpt_idx).apply(test_rep)
+
+
+class IFAttributorCG(_CachedFullTrain):
+    """Influence with ``(H + reg I)^-1`` applied by conjugate gradient on HVPs."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: Optional[str] = "cpu",
+        max_iter: int = 10,
+        tol: float = 1e-7,
+        mode: str = "rev-rev",
+        regularization: float = 0.0,
+    ) -> None:
+        """CG stops after ``max_iter`` iterations or once every residual norm is below ``tol``.
+
+        ``mode`` is the HVP auto-diff mode: "rev-rev" or "rev-fwd" (forward-over-reverse).
+        """
+        super().__init__(task, layer_name, device)
+        check_mode(mode)
+        self.max_iter, self.tol, self.mode, self.regularization = max_iter, tol, mode, regularization
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """All test rows solved together: one CG run per checkpoint."""
+        solution, diagnostics = ihvp_cg(
+            self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device, test_rep,
+            max_iter=self.max_iter, tol=self.tol, mode=self.mode, regularization=self.regularization,
+        )
+        self.diagnostics[f"checkpoint_{ckpt_idx}"] = diagnostics
+        return solution
+
+
+class IFAttributorLiSSA(_CachedFullTrain):
+    """Influence with ``(H + damping * scaling * I)^-1`` estimated by the LiSSA recursion."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: Optional[str] = "cpu",
+        batch_size: int = 1,
+        num_repeat: int = 1,
+        recursion_depth: int = 5000,
+        damping: float = 0.0,
+        scaling: float = 50.0,
+        mode: str = "rev-rev",
+    ) -> None:
+        """Each of ``recursion_depth`` steps uses a fresh random minibatch of ``batch_size``.
+
+        ``scaling`` must exceed the largest Hessian eigenvalue for the recursion to
+        converge; ``damping`` adds ``damping * scaling * I`` to the Hessian.
+        """
+        super().__init__(task, layer_name, device)
+        check_mode(mode)
+        self.batch_size, self.num_repeat, self.recursion_depth = batch_size, num_repeat, recursion_depth
+        self.damping, self.scaling, self.mode = damping, scaling, mode
+
+    @staticmethod
+    def lissa_collate_fn(sampled_input: List[Tensor]) -> Tuple[Tensor, List[Tuple[Tensor, ...]]]:
+        """Turn ``[params, *sampled_data_tensors]`` into ``(params, data_batch)``.
+
+        Unlike the public library this keeps the data dtypes (integer labels stay
+        integers, so ``cross_entropy`` losses work unchanged).
+        """
+        return lissa_collate(sampled_input)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """All test rows carried through one LiSSA recursion per checkpoint."""
+        solution, diagnostics = ihvp_lissa(
+            self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device, test_rep,
+            batch_size=self.batch_size, num_repeat=self.num_repeat, recursion_depth=self.recursion_depth,
+            damping=self.damping, scaling=self.scaling, mode=self.mode, collate_fn=self.lissa_collate_fn,
+        )
+        self.diagnostics[f"checkpoint_{ckpt_idx}"] = diagnostics
+        return solution
+
+
+class IFAttributorArnoldi(_CachedFullTrain):
+    """Influence through the top eigenpairs of ``H + reg I`` (Arnoldi, float64)."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: Optional[str] = "cpu",
+        precompute_data_ratio: float = 1.0,
+        proj_dim: int = 100,
+        max_iter: int = 100,
+        norm_constant: float = 1.0,
+        tol: float = 1e-7,
+        regularization: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        """Keep ``proj_dim`` eigenpairs from at most ``max_iter`` Arnoldi steps.
+
+        The Hessian uses the first ``precompute_data_ratio`` of the training batches;
+        projections are divided by ``norm_constant`` (scores by its square).
+        """
+        super().__init__(task, layer_name, device)
+        if not 0.0 < precompute_data_ratio <= 1.0:
+            msg = f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio}"
+            raise ConfigError(msg)
+        self.precompute_data_ratio, self.proj_dim, self.max_iter = precompute_data_ratio, proj_dim, max_iter
+        self.norm_constant, self.tol, self.regularization, self.seed = norm_constant, tol, regularization, seed
+        self._eigen: Dict[int, ArnoldiEigen] = {}
+
+    def cache(self, full_train_dataloader: DataLoader) -> None:
+        """Run Arnoldi on the (ratio of the) training set for every checkpoint."""
+        super().cache(full_train_dataloader)
+        used = math.ceil(len(full_train_dataloader) * self.precompute_data_ratio)
+        batches = [b for i, b in enumerate(full_train_dataloader) if i < used]
+        self._eigen = {}
+        for ckpt_idx in range(len(self.task.get_checkpoints())):
+            eig = arnoldi_eigen(
+                self._loss(ckpt_idx), self._params(ckpt_idx), batches, self.device,
+                proj_dim=self.proj_dim, max_iter=self.max_iter, norm_constant=self.norm_constant,
+                tol=self.tol, regularization=self.regularization, seed=self.seed,
+            )
+            self._eigen[ckpt_idx] = eig
+            self.diagnostics[f"checkpoint_{ckpt_idx}"] = dict(eig.diagnostics)
+
+    def _ensure_cached(self, train_dataloader: DataLoader) -> None:  # noqa: ARG002
+        self._projector(0)
+
+    def _projector(self, ckpt_idx: int) -> ArnoldiEigen:
+        if ckpt_idx not in self._eigen:
+            msg = "The Arnoldi projector has not been cached: call cache(full_train_dataloader) first"
+            raise ValueError(msg)
+        return self._eigen[ckpt_idx]
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """``(k, P) -> (k, kept)``: eigen-coordinates scaled by ``1/sqrt(lambda)``."""
+        return self._projector(ckpt_idx).project(test_rep)
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        """The same projection as the test side, so inner products give ``g^T H^-1 g'``."""
+        return self._projector(ckpt_idx).project(train_rep)
+
+
+class IFAttributorDataInf(_CachedFullTrain):
+    """Influence with DataInf's layer-wise closed-form inverse of the damped empirical Fisher."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Optional[Union[str, List[str]]] = None,
+        device: Optional[str] = "cpu",
+        regularization: float = 0.0,
+    ) -> None:
+        """``regularization`` damps every per-sample Fisher; it must be positive.
+
+        The reference default 0.0 is kept for signature compatibility, but it makes
+        every rank-one per-sample Fisher singular, so it is refused here with the fix.
+        """
+        super().__init__(task, layer_name, device)
+        check_datainf_regularization(regularization)
+        self.regularization = regularization
+
+    def _layer_sizes(self, ckpt_idx: int) -> List[int]:
+        pieces, layer_of = self.task.get_param(ckpt_idx, layer_name=self.layer_name, layer_split=True)
+        return layer_sizes_from_map([p.numel() for p in pieces], layer_of)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """Stream training gradients once; never store them all, never form ``P x P``."""
+        acc = DataInfAccumulator(test_rep, self._layer_sizes(ckpt_idx), self.regularization)
+        for batch in track(self._loader(), "DataInf training gradients"):
+            data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
+            acc.add(self.generate_train_rep(ckpt_idx, data).detach())
+        return acc.result()
+
+
+class IFAttributor(BaseAttributor):
+    """Function-style influence (the older API): a target function and a parameter dict.
+
+    ``target_func(params, dataloader)`` returns the target summed over the batches
+    of ``dataloader`` (each batch a tuple of tensors whose value is a batch mean),
+    as in the reference's example. It is called with lists of single batches: a
+    batch of one sample for per-sample gradients, each training batch for the
+    Hessian (weighted by batch size, so the Hessian is that of the mean over the
+    full training set). ``params`` is passed as a dictionary, which
+    ``flatten_func``-decorated functions accept too.
+    """
+
+    def __init__(
+        self,
+        target_func: Callable,
+        params: dict,
+        ihvp_solver: str = "explicit",
+        ihvp_kwargs: Optional[Dict[str, Any]] = None,
+        device: str = "cpu",
+    ) -> None:
+        """Pick ``ihvp_solver`` among explicit, cg, arnoldi and lissa, configured by ``ihvp_kwargs``."""
+        if ihvp_solver not in SOLVERS:
+            msg = f"ihvp_solver must be one of {', '.join(SOLVERS)}, got {ihvp_solver!r}"
+            raise ConfigError(msg)
+        self.solver, allowed = SOLVERS[ihvp_solver]
+        self.ihvp_kwargs = dict(ihvp_kwargs or {})
+        unknown = sorted(set(self.ihvp_kwargs) - set(allowed))
+        if unknown:
+            msg = f"ihvp_kwargs {unknown} are not options of the {ihvp_solver} solver (allowed: {', '.join(allowed)})"
+            raise ConfigError(msg)
+        if "mode" in self.ihvp_kwargs:
+            check_mode(self.ihvp_kwargs["mode"])
+        self.ihvp_solver = ihvp_solver
+        self.device = device or "cpu"
+        self.shapes = {k: v.shape for k, v in params.items()}
+        self.params = flatten_params({k: v.detach() for k, v in params.items()}).to(self.device)
+        self.target_func = target_func
+        self.full_train_dataloader: Optional[DataLoader] = None
+        self.diagnostics: Dict[str, Diagnostics] = {}
+
+    def _batch_func(self, flat: Tensor, batch: Tuple[Tensor, ...]) -> Tensor:
+        """The target on one batch, as a function of the flat parameter vector."""
+        return self.target_func(unflatten_params(flat, self.shapes), [batch])
+
+    def _grads(self, batch: Any) -> Tensor:
+        return per_sample_grad(self._batch_func, self.params, to_device(batch, self.device)).detach()
+
+    def cache(self, full_train_dataloader: DataLoader) -> None:
+        """Remember the training set whose mean-target Hessian is inverted."""
+        check_not_shuffled(full_train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = full_train_dataloader
+
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(num_train, num_test)``: one batched solve for all test gradients."""
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        check_not_shuffled(test_dataloader, "test_dataloader")
+        if self.full_train_dataloader is None:
+            warnings.warn("cache() was not called: treating train_dataloader as the full training set", stacklevel=2)
+            self.cache(train_dataloader)
+        test_grads = torch.cat([self._grads(b) for b in track(test_dataloader, "test gradients")])
+        check_finite(test_grads, "test gradients", hint="check the test data and the parameters")
+        transformed, self.diagnostics["checkpoint_0"] = self.solver(
+            self._batch_func, self.params, self.full_train_dataloader, self.device, test_grads, **self.ihvp_kwargs
+        )
+        check_finite(transformed, f"{self.ihvp_solver} inverse-Hessian-vector products", hint="increase `regularization`")
+        scores = torch.zeros(num_samples(train_dataloader), num_samples(test_dataloader), device=self.device)
+        stream_train_scores(train_dataloader, self._grads, transformed.detach(), scores)
+        check_finite(scores, "scores", hint="increase `regularization`")
+        return scores
