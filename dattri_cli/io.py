@@ -30,8 +30,12 @@ SIDECAR_NAME = "run.json"
 
 def _atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        msg = f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        raise DattriError(msg) from exc
     os.close(fd)
     try:
         write(tmp)
@@ -42,19 +46,25 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def check_writable(path: Path, overwrite: bool = True) -> None:
-    """Fail early (before any heavy work) if ``path`` cannot be written."""
-    if path.exists() and not overwrite:
-        msg = f"{path} already exists; pass overwrite=true or choose another out=PATH"
-        raise DattriError(msg)
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    """Fail early (before any heavy work) if ``path`` cannot be written.
+
+    Creates the parent folder and a probe file in it: the only reliable test
+    (permission bits say nothing about read-only mounts or root).
+    """
+    path = Path(path)
     if path.is_dir():
         msg = f"out={path} is a directory; give a file path ending in .safetensors"
         raise DattriError(msg)
-    if not os.access(parent, os.W_OK):
-        msg = f"cannot write to {path.parent}: permission denied; choose another out=PATH"
+    if path.exists() and not overwrite:
+        msg = f"{path} already exists; pass overwrite=true or choose another out=PATH"
         raise DattriError(msg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        msg = f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        raise DattriError(msg) from exc
 
 
 def save_scores(
