@@ -46,3 +46,12 @@ def test_list_json_matches_configs(capsys):
     data = json.loads(capsys.readouterr().out)
     assert {"grad_dot", "if_explicit", "trak"} <= set(data["attributor"])
     assert data["model"]["mlp"]["options"]["hidden"] == [128, 128]
+
+
+def test_config_reference_is_current():
+    from pathlib import Path
+
+    from dattri_cli.catalog import catalog, render_markdown
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "configs.md"
+    assert page.read_text() == render_markdown(catalog()), "run: dattri list --markdown > docs/configs.md"
