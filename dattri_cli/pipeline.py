@@ -16,7 +16,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -60,12 +60,26 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
 
 
 def build_split(cfg: Mapping[str, Any]) -> Split:
-    """The dataset split the config names."""
-    split = builders.build(cfg["dataset"], "dataset")
+    """The dataset split the config names (with ``dataset.label_noise`` applied)."""
+    return build_split_and_flips(cfg)[0]
+
+
+def build_split_and_flips(cfg: Mapping[str, Any]) -> Tuple[Split, torch.Tensor]:
+    """The split and the int64 mask of train labels flipped by ``dataset.label_noise``.
+
+    The noise keys are read here, not passed to the dataset builder, so every
+    dataset (your own included) supports them.
+    """
+    from dattri_cli.data.noise import NOISE_KEYS, flip_labels  # noqa: PLC0415
+
+    node = dict(cfg["dataset"])
+    fraction = float(node.pop(NOISE_KEYS[0], 0.0) or 0.0)
+    noise_seed = int(node.pop(NOISE_KEYS[1], 0) or 0)
+    split = builders.build(node, "dataset")
     if not isinstance(split, Split):
         msg = f"dataset._target_ must return a dattri_cli.data.Split, got {type(split).__name__}"
         raise ConfigError(msg)
-    return split
+    return flip_labels(split, fraction, noise_seed)
 
 
 def model_factory(cfg: Mapping[str, Any], split: Split, device: str) -> Any:
