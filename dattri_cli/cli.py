@@ -16,6 +16,9 @@ hurt each test prediction. Results are (n_train, n_test) score tensors in safete
 commands:
   run     compose a config and write a score file (Hydra: overrides, -m sweeps, --cfg job, --info)
   list    show the available attributors, datasets and models with their options
+  groundtruth  retrain on random subsets / leave-one-out and record test losses (for eval)
+  eval    LDS, LOO correlation and mislabel AUC of a score file against a ground truth
+  compare agreement of two score files; non-zero exit below thresholds (CI reproducibility)
 
 examples:
   dattri run                                         # digits + logistic regression + Grad-Dot
@@ -40,7 +43,47 @@ def _list(args: List[str]) -> None:
     catalog.print_catalog(as_json="--json" in args)
 
 
-COMMANDS = {"run": _run, "list": _list}
+def _user_errors(func):  # noqa: ANN001, ANN202
+    """Run a command, turning a DattriError into one `error:` line and exit code 2."""
+
+    def wrapped(args: List[str]) -> None:
+        import os  # noqa: PLC0415
+
+        from dattri_cli.errors import DattriError  # noqa: PLC0415
+
+        try:
+            func(args)
+        except DattriError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+@_user_errors
+def _groundtruth(args: List[str]) -> None:
+    from dattri_cli import groundtruth  # noqa: PLC0415
+
+    groundtruth.main(args)
+
+
+@_user_errors
+def _eval(args: List[str]) -> None:
+    from dattri_cli import evaluate  # noqa: PLC0415
+
+    sys.exit(evaluate.main(args))
+
+
+@_user_errors
+def _compare(args: List[str]) -> None:
+    from dattri_cli import compare  # noqa: PLC0415
+
+    sys.exit(compare.main(args))
+
+
+COMMANDS = {"run": _run, "list": _list, "groundtruth": _groundtruth, "eval": _eval, "compare": _compare}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
