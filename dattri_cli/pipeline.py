@@ -148,6 +148,15 @@ def call_attributor(attributor: Any, train_loader: Any, test_loader: Any, timing
     return scores
 
 
+def self_influence(attributor: Any, train_loader: Any) -> torch.Tensor:
+    """``attributor.self_attribute`` (diagonal of train x train), or a clear refusal."""
+    method = getattr(attributor, "self_attribute", None)
+    if method is None:
+        msg = f"{type(attributor).__name__} has no self_attribute; drop attributor.runner.self_influence"
+        raise ConfigError(msg)
+    return method(train_loader).detach().to("cpu", torch.float32)
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -215,7 +224,10 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         "checkpoints": [{"file": c.path.name, "sha256": _file_sha256(c.path), "model_index": c.model_index, "epoch": c.epoch} for c in checkpoints],
         "diagnostics": _jsonable(getattr(attributor, "diagnostics", {})),
     }
-    save_scores(out, scores, split.train_indices, split.test_indices, metadata)
+    extra = {}
+    if runner.get("self_influence"):  # for `dattri eval` mislabel detection
+        extra["self_influence"] = self_influence(attributor, train_loader)
+    save_scores(out, scores, split.train_indices, split.test_indices, metadata, extra)
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_sidecar(sidecar_path(out), {
         "scores": str(out),

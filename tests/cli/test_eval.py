@@ -100,3 +100,14 @@ def test_compare_refuses_different_samples(files, tmp_path, capsys):
     save_scores(other, tensors["scores"], tensors["train_indices"] + 1, tensors["test_indices"], meta)
     code, _, err = run_cli(["compare", str(scores), str(other)], capsys)
     assert code == 2 and "different samples" in err
+
+
+@pytest.mark.parametrize("attributor", ["grad_dot", "if_explicit"])
+def test_saved_self_influence_gives_a_second_mislabel_auc(files, tmp_path, cache_dir, attributor):
+    _, _, truth = files
+    cfg = compose_run([*SHARED, f"attributor={attributor}", "+attributor.runner.self_influence=true", f"cache_dir={cache_dir}", f"out={tmp_path / 's.safetensors'}"])
+    path = pipeline.run(cfg).path
+    tensors, _ = load_scores(path)
+    assert tensors["self_influence"].shape == (40,)
+    auc = evaluate.evaluate(path, truth, bootstrap=10)["mislabel_auc"]
+    assert 0.0 <= auc["by_self_influence"] <= 1.0
