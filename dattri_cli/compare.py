@@ -5,7 +5,8 @@ top-k overlap, the largest absolute and relative differences, and which metadata
 keys differ. Thresholds make the exit status 1 when they are not met:
 
 * ``--exact``: the score tensors are bitwise equal;
-* ``--atol`` / ``--rtol``: ``|a - b| <= atol + rtol * |b|`` everywhere;
+* ``--atol`` / ``--rtol`` / ``--scale-atol``: ``|a - b| <= atol + scale_atol * max|b| + rtol * |b|``
+  everywhere (``--scale-atol`` is free of the score scale, which varies by method);
 * ``--min-spearman X``: overall Spearman >= X.
 
 Files over different samples (train or test indices) are refused (exit 2).
@@ -88,10 +89,11 @@ def check_thresholds(stats: Mapping[str, Any], a: Tensor, b: Tensor, opts: argpa
     failures = []
     if opts.exact and not stats["identical"]:
         failures.append(f"--exact: scores differ (max abs diff {stats['max_abs_diff']:.3g})")
-    if opts.atol is not None or opts.rtol is not None:
-        atol, rtol = opts.atol or 0.0, opts.rtol or 0.0
+    if opts.atol is not None or opts.rtol is not None or opts.scale_atol is not None:
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        atol, rtol = (opts.atol or 0.0) + (opts.scale_atol or 0.0) * scale, opts.rtol or 0.0
         if not torch.allclose(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol):
-            failures.append(f"--atol {atol} --rtol {rtol}: max abs diff {stats['max_abs_diff']:.3g}, max rel diff {stats['max_rel_diff']:.3g}")
+            failures.append(f"tolerance atol={atol:.3g} rtol={rtol}: max abs diff {stats['max_abs_diff']:.3g}, max rel diff {stats['max_rel_diff']:.3g}")
     if opts.min_spearman is not None and not stats["spearman"] >= opts.min_spearman:
         failures.append(f"--min-spearman {opts.min_spearman}: Spearman is {stats['spearman']:.6f}")
     return failures
@@ -118,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true", help="require bitwise-equal scores")
     p.add_argument("--atol", type=float, default=None, help="require |a-b| <= atol + rtol*|b|")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (with or without --atol)")
+    p.add_argument("--scale-atol", type=float, default=None, help="add this fraction of max|b| to atol (scale-free tolerance)")
     p.add_argument("--min-spearman", type=float, default=None, help="require overall Spearman >= this")
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
