@@ -30,6 +30,9 @@ VARIANTS: Dict[str, List[str]] = {
     "tracin": ["train=trajectory"],
     "trak": [],
     "trak-5": ["attributor=trak", "train.num_models=5"],
+    # digits has constant pixels: with 512 projected dims the unregularised TRAK kernel is
+    # nearly singular and its inverse is noise; 128 dims keep it well conditioned
+    "trak-5-d128": ["attributor=trak", "train.num_models=5", "attributor.projector_kwargs.proj_dim=128"],
 }
 EXPLICIT_HESSIAN = {"if_explicit"}  # forms a P x P matrix
 
@@ -39,7 +42,7 @@ def available_attributors() -> List[str]:
     folder = resources.files("dattri_cli.configs") / "attributor"
     names = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
     if "trak" in names:
-        names.insert(names.index("trak") + 1, "trak-5")
+        names[names.index("trak") + 1 : names.index("trak") + 1] = ["trak-5", "trak-5-d128"]
     return names
 
 
