@@ -19,6 +19,9 @@ commands:
   list    show the available attributors, datasets and models with their options
   show    summarize a score file: metadata, statistics, top proponents/opponents
   plot    PNG of a test image, its top proponents/opponents, and a score histogram
+  groundtruth  retrain on random subsets / leave-one-out and record test losses (for eval)
+  eval    LDS, LOO correlation and mislabel AUC of a score file against a ground truth
+  compare agreement of two score files; non-zero exit below thresholds (CI reproducibility)
 
 examples:
   dattri run                                         # digits + logistic regression + Grad-Dot
@@ -65,7 +68,33 @@ def _plot(args: List[str]) -> None:
     plot.main(args)
 
 
-COMMANDS = {"run": _run, "list": _list, "show": _show, "plot": _plot}
+def _groundtruth(args: List[str]) -> None:
+    from dattri_cli import groundtruth  # noqa: PLC0415
+
+    groundtruth.main(args)
+
+
+def _eval(args: List[str]) -> None:
+    from dattri_cli import evaluate  # noqa: PLC0415
+
+    sys.exit(evaluate.main(args))
+
+
+def _compare(args: List[str]) -> None:
+    from dattri_cli import compare  # noqa: PLC0415
+
+    sys.exit(compare.main(args))
+
+
+COMMANDS = {
+    "run": _run,
+    "list": _list,
+    "show": _show,
+    "plot": _plot,
+    "groundtruth": _groundtruth,
+    "eval": _eval,
+    "compare": _compare,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

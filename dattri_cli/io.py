@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -73,8 +73,12 @@ def save_scores(
     train_indices: Tensor,
     test_indices: Tensor,
     metadata: Dict[str, Any],
+    extra: Optional[Dict[str, Tensor]] = None,
 ) -> None:
-    """Write a score file atomically; metadata becomes one sorted-JSON string."""
+    """Write a score file atomically; metadata becomes one sorted-JSON string.
+
+    ``extra`` adds optional float32 tensors (e.g. ``self_influence``, one per train row).
+    """
     from safetensors.torch import save_file  # noqa: PLC0415
 
     if scores.shape != (train_indices.numel(), test_indices.numel()):
@@ -85,6 +89,8 @@ def save_scores(
         TRAIN_INDICES: train_indices.detach().to("cpu", torch.int64).contiguous(),
         TEST_INDICES: test_indices.detach().to("cpu", torch.int64).contiguous(),
     }
+    for name, tensor in (extra or {}).items():
+        tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **metadata}, sort_keys=True)}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 

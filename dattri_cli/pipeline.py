@@ -16,7 +16,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -79,12 +79,26 @@ def check_device(device: str) -> str:
 
 
 def build_split(cfg: Mapping[str, Any]) -> Split:
-    """The dataset split the config names."""
-    split = builders.build(cfg["dataset"], "dataset")
+    """The dataset split the config names (with ``dataset.label_noise`` applied)."""
+    return build_split_and_flips(cfg)[0]
+
+
+def build_split_and_flips(cfg: Mapping[str, Any]) -> Tuple[Split, torch.Tensor]:
+    """The split and the int64 mask of train labels flipped by ``dataset.label_noise``.
+
+    The noise keys are read here, not passed to the dataset builder, so every
+    dataset (your own included) supports them.
+    """
+    from dattri_cli.data.noise import NOISE_KEYS, flip_labels  # noqa: PLC0415
+
+    node = dict(cfg["dataset"])
+    fraction = float(node.pop(NOISE_KEYS[0], 0.0) or 0.0)
+    noise_seed = int(node.pop(NOISE_KEYS[1], 0) or 0)
+    split = builders.build(node, "dataset")
     if not isinstance(split, Split):
         msg = f"dataset._target_ must return a dattri_cli.data.Split, got {type(split).__name__}"
         raise ConfigError(msg)
-    return split
+    return flip_labels(split, fraction, noise_seed)
 
 
 def model_factory(cfg: Mapping[str, Any], split: Split, device: str) -> Any:
@@ -151,6 +165,15 @@ def call_attributor(attributor: Any, train_loader: Any, test_loader: Any, timing
         scores = attributor.attribute(train_loader, test_loader)
     timings["attribute_s"] = time.perf_counter() - start
     return scores
+
+
+def self_influence(attributor: Any, train_loader: Any) -> torch.Tensor:
+    """``attributor.self_attribute`` (diagonal of train x train), or a clear refusal."""
+    method = getattr(attributor, "self_attribute", None)
+    if method is None:
+        msg = f"{type(attributor).__name__} has no self_attribute; drop attributor.runner.self_influence"
+        raise ConfigError(msg)
+    return method(train_loader).detach().to("cpu", torch.float32)
 
 
 def _file_sha256(path: Path) -> str:
@@ -223,7 +246,10 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         "checkpoints": [{"file": c.path.name, "sha256": _file_sha256(c.path), "model_index": c.model_index, "epoch": c.epoch} for c in checkpoints],
         "diagnostics": _jsonable(getattr(attributor, "diagnostics", {})),
     }
-    save_scores(out, scores, split.train_indices, split.test_indices, metadata)
+    extra = {}
+    if runner.get("self_influence"):  # for `dattri eval` mislabel detection
+        extra["self_influence"] = self_influence(attributor, train_loader)
+    save_scores(out, scores, split.train_indices, split.test_indices, metadata, extra)
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_sidecar(sidecar_path(out), {
         "scores": str(out),

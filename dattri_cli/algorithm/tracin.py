@@ -101,3 +101,24 @@ class TracInAttributor(BaseAttributor):
             )
         check_finite(scores, "scores", hint="check the data and the checkpoints")
         return scores
+
+    def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence ``sum_k w_k <g_k(train_i), g_k(train_i)>``, shape ``(num_train,)``.
+
+        The diagonal of train-x-train TracIn, one row-wise product per batch, so the
+        full matrix is never formed. Both sides use the training loss gradient
+        (the sample is its own test point). With ``normalized_grad`` every term
+        is ``w_k``: cosine self-similarity carries no ranking signal.
+        """
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        num_ckpts = len(self.task.get_checkpoints())
+        if num_ckpts != len(self.weight_list):
+            msg = f"weight_list has {len(self.weight_list)} entries but the task has {num_ckpts} checkpoints; give one weight per checkpoint"
+            raise ConfigError(msg)
+        parts = []
+        for ckpt_idx in range(num_ckpts):
+            reps = [self._rep(ckpt_idx, b, target=False) for b in track(train_dataloader, "self-influence")]
+            parts.append(float(self.weight_list[ckpt_idx]) * torch.cat([(r * r).sum(dim=1) for r in reps]))
+        out = torch.stack(parts).sum(dim=0)
+        check_finite(out, "self-influence scores", hint="check the data and the checkpoints")
+        return out

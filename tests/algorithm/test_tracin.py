@@ -119,3 +119,16 @@ def test_two_identical_checkpoints_equal_one() -> None:
 def test_weight_list_must_match_checkpoints() -> None:
     with pytest.raises(ConfigError, match="one weight per checkpoint"):
         _scores([_checkpoint(3)], [1.0, 2.0], normalized=False)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_self_attribute_is_the_diagonal_of_train_by_train(normalized):
+    x, y = _data(13, 7)
+    task = _task([_checkpoint(1), _checkpoint(2)])
+    attributor = TracInAttributor(task, weight_list=[0.3, 0.05], normalized_grad=normalized)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    # the task's target defaults to its loss, so attributing train vs train gives the full matrix
+    full = attributor.attribute(loader, loader)
+    diagonal = attributor.self_attribute(loader)
+    assert diagonal.shape == (13,)
+    torch.testing.assert_close(diagonal, torch.diagonal(full), rtol=1e-5, atol=1e-6)

@@ -42,6 +42,10 @@ def test_option_composes_and_binds(group, option):
         TrainSettings(**node)  # every key is a training setting
         return
     node, runner = builders.split_runner(node)
+    if group == "dataset":  # read by the pipeline (label noise), not passed to the builder
+        from dattri_cli.data.noise import NOISE_KEYS
+
+        assert all(node.pop(k) is not None for k in NOISE_KEYS)
     params = builders.check_kwargs(node, group)
     target = builders.resolve_target(node, group)
     given = {k for k in node if not k.startswith("_")}
