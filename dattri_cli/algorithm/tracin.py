@@ -117,8 +117,11 @@ class TracInAttributor(BaseAttributor):
             raise ConfigError(msg)
         parts = []
         for ckpt_idx in range(num_ckpts):
-            reps = [self._rep(ckpt_idx, b, target=False) for b in track(train_dataloader, "self-influence")]
-            parts.append(float(self.weight_list[ckpt_idx]) * torch.cat([(r * r).sum(dim=1) for r in reps]))
+            norms = [
+                self._rep(ckpt_idx, b, target=False).square().sum(dim=1)  # one batch's reps at a time
+                for b in track(train_dataloader, "self-influence")
+            ]
+            parts.append(float(self.weight_list[ckpt_idx]) * torch.cat(norms))
         out = torch.stack(parts).sum(dim=0)
         check_finite(out, "self-influence scores", hint="check the data and the checkpoints")
         return out
