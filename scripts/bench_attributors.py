@@ -75,7 +75,8 @@ WORKLOADS: Dict[str, Dict[str, Any]] = {
         "data": "synthetic", "n_train": 10000, "n_test": 1000, "n_features": 100, "n_classes": 10,
         "model": "mlp", "hidden": (256, 256),
     },
-    "smoke": {"data": "digits", "n_train": 60, "n_test": 12, "model": "lr", "hidden": ()},
+    # 60 training samples: a TRAK kernel of at most 60 projected dimensions
+    "smoke": {"data": "digits", "n_train": 60, "n_test": 12, "model": "lr", "hidden": (), "trak_proj_dim": 32},
 }
 DEFAULT_WORKLOADS = ["digits_lr", "digits_mlp"]
 MAX_LOADER_BATCH = 1000  # attribute-time loader batch size: min(n, this), both sides
@@ -290,6 +291,8 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
     if name.startswith("trak"):
         task = AttributionTask(loss_func=loss, model=model, checkpoints=final, target_func=target)
         proj = dict(conf["proj"], proj_max_batch_size=32)
+        if "trak_proj_dim" in spec and proj["proj_type"] != "identity":
+            proj["proj_dim"] = spec["trak_proj_dim"]
         if proj["proj_type"] == "identity":
             proj["proj_dim"] = manifest["num_params"]
         attributor = TRAKAttributor(task, correct_probability_func=correct_probability, projector_kwargs=proj, device="cpu")
@@ -561,8 +564,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     attributors = [a.strip() for a in args.attributors.split(",") if a.strip()]
     if args.smoke and args.attributors == parser.get_default("attributors"):
         attributors = ["if_cg", "grad_dot", "trak_proj"]
-    if args.smoke:  # 60 training samples: a kernel of at most 60 projected dimensions
-        ATTRIBUTORS["trak_proj"]["proj"]["proj_dim"] = 32
     reps = 1 if args.smoke else args.reps
     for name in workloads:
         if name not in WORKLOADS:
