@@ -127,7 +127,7 @@ def load_files(work: Path, workload: str) -> Tuple[Dict[str, Tensor], List[Dict[
     return data, ckpts, manifest
 
 
-def loaders(data: Dict[str, Tensor]) -> Dict[str, Any]:
+def loaders(data: Dict[str, Tensor], max_batch: int = MAX_LOADER_BATCH) -> Dict[str, Any]:
     """Unshuffled loaders: attribute-time train/test, and the single-batch full-train loader.
 
     IF classes in dattri 0.3.0 apply the solver to each batch of the full-train loader
@@ -140,8 +140,8 @@ def loaders(data: Dict[str, Tensor]) -> Dict[str, Any]:
     test = TensorDataset(data["x_test"], data["y_test"])
     n_train, n_test = len(train), len(test)
     return {
-        "train": DataLoader(train, batch_size=min(n_train, MAX_LOADER_BATCH), shuffle=False),
-        "test": DataLoader(test, batch_size=min(n_test, MAX_LOADER_BATCH), shuffle=False),
+        "train": DataLoader(train, batch_size=min(n_train, max_batch), shuffle=False),
+        "test": DataLoader(test, batch_size=min(n_test, max_batch), shuffle=False),
         "full_train_one_batch": DataLoader(train, batch_size=n_train, shuffle=False),
     }
 
@@ -374,7 +374,7 @@ def worker(job: Dict[str, Any]) -> None:
     model = make_model(spec, manifest["in_features"], manifest["num_classes"])
     model.load_state_dict(ckpts[-1])
     model.eval()
-    ld = loaders(data)
+    ld = loaders(data, job.get("loader_batch", MAX_LOADER_BATCH))
     torch.manual_seed(0)
     _, run = build_attributor(job["side"], job["attributor"], spec, model, ckpts, manifest)
     warm_up()
@@ -549,6 +549,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--attributors", default=",".join(DEFAULT_ATTRIBUTORS), help="comma-separated")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per side (alternating ours, dattri)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    parser.add_argument("--loader-batch", type=int, default=MAX_LOADER_BATCH,
+                        help="batch size of the attribute-time train/test loaders, both sides (the IF cache "
+                             "loader stays one batch so both compute the Hessian of the mean loss)")
     parser.add_argument("--dattri-python", default=DEFAULT_DATTRI_PYTHON)
     parser.add_argument("--no-dattri", action="store_true", help="run ours only")
     parser.add_argument("--smoke", action="store_true", help="a tiny workload, one rep (seconds)")
@@ -600,7 +603,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     stem = work / workload / f"{name}_{side}_{rep}"
                     job = {
                         "workload": workload, "attributor": name, "side": side, "threads": args.threads,
-                        "work": str(work), "result_path": f"{stem}.json",
+                        "work": str(work), "result_path": f"{stem}.json", "loader_batch": args.loader_batch,
                         "scores_path": f"{stem}.pt" if rep == 0 else None,
                         "floor": bool(conf.get("floor")) and side == "ours",
                     }
@@ -623,6 +626,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.platform(),
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads, "reps": reps,
+        "loader_batch": args.loader_batch,
         "dattri": "0.3.0" if dattri_python else None, "dattri_python": dattri_python,
         "workloads": {w: WORKLOADS[w] for w in workloads},
         "attributor_settings": {a: ATTRIBUTORS[a] for a in attributors},
