@@ -39,6 +39,7 @@ from dattri_cli.algorithm.influence_function import (
 )
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.data import digits
+from dattri_cli.errors import DattriError
 from dattri_cli.models import MLP
 from dattri_cli.models.train import TrainSettings, correct_probability, make_loss_funcs, train_one
 from dattri_cli.task import AttributionTask
@@ -164,9 +165,13 @@ def main() -> None:
         task = AttributionTask(loss_func, model, {k: v.clone() for k, v in state.items()}, target_func=target_func)
         torch.manual_seed(0)
         start = time.perf_counter()
-        attributor = make(task)
-        attributor.cache(train_loader)
-        scores = attributor.attribute(train_loader, test_loader).detach().double()
+        try:
+            attributor = make(task)
+            attributor.cache(train_loader)
+            scores = attributor.attribute(train_loader, test_loader).detach().double()
+        except DattriError as exc:  # e.g. CG without regularization on an indefinite Hessian
+            print(f"{name:40s} failed: {exc}", flush=True)
+            continue
         results[name] = {"time": time.perf_counter() - start}
         all_scores[name] = scores
         print(f"{name:40s} {results[name]['time']:8.2f} s", flush=True)
