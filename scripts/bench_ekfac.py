@@ -168,7 +168,11 @@ def main() -> None:
         try:
             attributor = make(task)
             attributor.cache(train_loader)
-            scores = attributor.attribute(train_loader, test_loader).detach().double()
+            if isinstance(attributor, TRAKAttributor):  # TRAK's attribute(test, train=None) order
+                scores = attributor.attribute(test_loader)
+            else:
+                scores = attributor.attribute(train_loader, test_loader)
+            scores = scores.detach().double()
         except DattriError as exc:  # e.g. CG without regularization on an indefinite Hessian
             print(f"{name:40s} failed: {exc}", flush=True)
             continue
