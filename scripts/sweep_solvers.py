@@ -24,7 +24,9 @@ from dattri_cli.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
     IFAttributorDataInf,
+    IFAttributorEKFAC,
     IFAttributorExplicit,
+    IFAttributorKFAC,
     IFAttributorLiSSA,
 )
 from dattri_cli.task import AttributionTask
@@ -72,6 +74,10 @@ def solvers() -> Dict[str, Callable]:
         ),
         "arnoldi (k=100)": lambda t: IFAttributorArnoldi(t, proj_dim=100, max_iter=200, regularization=REG),
         "datainf (reg 0.1)": lambda t: IFAttributorDataInf(t, regularization=0.1),
+        # the Gauss-Newton factors leave out the L2 term's curvature (WEIGHT_DECAY * I): damp by it too
+        "ekfac (damping reg+wd)": lambda t: IFAttributorEKFAC(t, damping=REG + WEIGHT_DECAY),
+        "kfac (damping reg+wd)": lambda t: IFAttributorKFAC(t, damping=REG + WEIGHT_DECAY),
+        "ekfac (auto damping)": lambda t: IFAttributorEKFAC(t, damping=None),
     }
 
 

@@ -1,0 +1,166 @@
+"""EK-FAC / K-FAC attributors against explicit inverse Gauss-Newton influence.
+
+On a single-output linear model with a squared error, the Gauss-Newton matrix is
+``2/n X~^T X~`` (``X~`` the inputs with a column of ones) and K-FAC is exact, so
+scores must equal ``G_train (GN + damping I)^-1 G_test^T`` with the per-sample
+gradients ``2 (f(x) - y) x~`` written by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.func import functional_call
+from torch.nn.functional import cross_entropy
+from torch.utils.data import DataLoader, TensorDataset
+
+from dattri_cli.algorithm.influence_function import IFAttributorEKFAC, IFAttributorExplicit, IFAttributorKFAC
+from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.task import AttributionTask
+
+N_TRAIN, N_TEST, D = 30, 6, 4
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "attributor"
+
+
+def data(zero_feature: bool = False):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + N_TEST, D, generator=gen, dtype=torch.float64)
+    if zero_feature:
+        x[:, 1] = 0.0
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64) + 0.3 * torch.randn(
+        N_TRAIN + N_TEST, generator=gen, dtype=torch.float64
+    )
+    return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+
+
+def regression_task(seeds=(0,)):
+    model = nn.Linear(D, 1).double()
+
+    def loss(params, batch):
+        return ((functional_call(model, params, (batch[0],))[:, 0] - batch[1]) ** 2).mean()
+
+    ckpts = []
+    for s in seeds:
+        torch.manual_seed(s)
+        ckpts.append({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+    return AttributionTask(loss, model, ckpts), ckpts
+
+
+def reference(ckpt, train, test, damping):
+    w, b = ckpt["weight"][0], ckpt["bias"][0]
+
+    def grads(ds):
+        xt = torch.cat([ds.tensors[0], torch.ones(len(ds), 1, dtype=torch.float64)], dim=1)
+        return 2.0 * (ds.tensors[0] @ w + b - ds.tensors[1])[:, None] * xt, xt
+
+    g_train, xt = grads(train)
+    g_test, _ = grads(test)
+    gn = 2.0 * xt.T @ xt / len(train)
+    return g_train @ torch.linalg.solve(gn + damping * torch.eye(D + 1, dtype=torch.float64), g_test.T), gn
+
+
+def run(attributor, train, test, bs=8):
+    attributor.cache(DataLoader(train, batch_size=bs))
+    return attributor.attribute(DataLoader(train, batch_size=bs), DataLoader(test, batch_size=4))
+
+
+@pytest.mark.parametrize("cls", [IFAttributorEKFAC, IFAttributorKFAC])
+@pytest.mark.parametrize("fisher", ["gauss_newton", "empirical"])
+def test_single_output_linear_equals_explicit_gauss_newton_influence(cls, fisher) -> None:
+    train, test = data()
+    task, ckpts = regression_task()
+    scores = run(cls(task, damping=0.05, fisher=fisher), train, test)
+    expected, _ = reference(ckpts[0], train, test, 0.05)
+    if fisher == "gauss_newton":
+        torch.testing.assert_close(scores, expected)
+    else:  # the empirical Fisher weights samples by their squared residual: a different matrix
+        assert not torch.allclose(scores, expected, rtol=1e-3)
+    # the same sign and scale as the existing attributor (for a linear model H = GN here)
+    if fisher == "gauss_newton":
+        explicit = run(IFAttributorExplicit(task, regularization=0.05), train, test)
+        torch.testing.assert_close(scores, explicit)
+
+
+def test_auto_damping_is_a_fraction_of_the_mean_eigenvalue_and_recorded() -> None:
+    train, test = data()
+    task, ckpts = regression_task()
+    attributor = IFAttributorEKFAC(task, damping=None, damping_ratio=0.2)
+    scores = run(attributor, train, test)
+    _, gn = reference(ckpts[0], train, test, 0.0)
+    auto = 0.2 * float(torch.linalg.eigvalsh(gn).mean())
+    expected, _ = reference(ckpts[0], train, test, auto)
+    torch.testing.assert_close(scores, expected)
+    layer = attributor.diagnostics["checkpoint_0"]["layers"][""]
+    assert layer["damping"] == pytest.approx(auto)
+    assert "0.2 x mean eigenvalue" in layer["damping_rule"]
+    # the factors are reused when only the damping changes
+    factors = attributor.factors
+    attributor.damping = 0.05
+    again = attributor.attribute(DataLoader(train, batch_size=8), DataLoader(test, batch_size=4))
+    assert attributor.factors is factors
+    torch.testing.assert_close(again, reference(ckpts[0], train, test, 0.05)[0])
+
+
+def test_ensemble_averages_checkpoints() -> None:
+    train, test = data()
+    task, ckpts = regression_task(seeds=(0, 1))
+    scores = run(IFAttributorEKFAC(task, damping=0.1), train, test)
+    expected = sum(reference(c, train, test, 0.1)[0] for c in ckpts) / 2
+    torch.testing.assert_close(scores, expected)
+
+
+def test_zero_damping_on_singular_curvature_is_refused() -> None:
+    train, test = data(zero_feature=True)
+    task, _ = regression_task()
+    with pytest.raises(NumericalError, match="singular.*damping"):
+        run(IFAttributorEKFAC(task), train, test)  # damping 0.0, the reference default
+    scores = run(IFAttributorEKFAC(task, damping=None), train, test)
+    assert torch.isfinite(scores).all()
+
+
+def test_conv_net_end_to_end_with_excluded_layer_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LayerNorm(48), nn.Linear(48, 3)
+    ).double()
+
+    def loss(params, batch):
+        return cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+
+    x = torch.randn(20, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    task = AttributionTask(loss, model, {k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.warns(UserWarning, match=r"3\.weight.*3\.bias"):
+        attributor = IFAttributorEKFAC(task, damping=None)
+    assert attributor.layer_name == ["0.weight", "0.bias", "4.weight", "4.bias"]
+    train, test = TensorDataset(x[:16], y[:16]), TensorDataset(x[16:], y[16:])
+    scores = run(attributor, train, test)
+    assert scores.shape == (16, 4) and torch.isfinite(scores).all()
+    assert attributor.diagnostics["checkpoint_0"]["excluded_parameters"] == ["3.bias", "3.weight"]
+    # self-influence through the same transform is positive (a damped PSD inverse)
+    assert (attributor.self_attribute(DataLoader(train, batch_size=8)) > 0).all()
+    with pytest.raises(ConfigError, match=r"'3'.*LayerNorm"):
+        IFAttributorEKFAC(task, module_name=["0", "3"])
+    with pytest.raises(ConfigError, match="fisher"):
+        IFAttributorEKFAC(task, module_name="0", fisher="sampled")
+
+
+@pytest.mark.parametrize("name", ["if_ekfac", "if_kfac"])
+def test_configs_match_constructor(name: str) -> None:
+    node = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    module, cls = node["_target_"].rsplit(".", 1)
+    klass = getattr(importlib.import_module(module), cls)
+    params = inspect.signature(klass).parameters
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    assert node["_partial_"] is True
+    assert set(kwargs) <= set(params) and not {"task", "device"} & set(kwargs)
+    train, test = data()
+    task, _ = regression_task()
+    scores = run(klass(task, device="cpu", **kwargs), train, test)  # the packaged defaults work
+    assert torch.isfinite(scores).all()
