@@ -19,6 +19,7 @@ commands:
   list    show the available attributors, datasets and models with their options
   show    summarize a score file: metadata, statistics, top proponents/opponents
   plot    PNG of a test image, its top proponents/opponents, and a score histogram
+  merge   assemble shard files (run ... shard.index=i shard.count=N) into one score file
 
 examples:
   dattri run                                         # digits + logistic regression + Grad-Dot
@@ -65,7 +66,13 @@ def _plot(args: List[str]) -> None:
     plot.main(args)
 
 
-COMMANDS = {"run": _run, "list": _list, "show": _show, "plot": _plot}
+def _merge(args: List[str]) -> None:
+    from dattri_cli import merge  # noqa: PLC0415
+
+    merge.main(args)
+
+
+COMMANDS = {"run": _run, "list": _list, "show": _show, "plot": _plot, "merge": _merge}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
