@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--proj-dim", type=int, default=128)
+    parser.add_argument("--proj-dim", type=int, default=32, help="TRAK projection; at most the 63 parameters of the synthetic LR")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script works")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "N_TRAIN"), help=argparse.SUPPRESS)
