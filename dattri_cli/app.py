@@ -37,4 +37,5 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("interrupted: no score file was written", file=sys.stderr)
         sys.exit(130)
-    summary.print_summary(result)
+    if result.metadata:  # under torchrun only rank 0 writes (and reports) the result
+        summary.print_summary(result)

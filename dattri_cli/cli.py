@@ -22,6 +22,7 @@ commands:
   groundtruth  retrain on random subsets / leave-one-out and record test losses (for eval)
   eval    LDS, LOO correlation and mislabel AUC of a score file against a ground truth
   compare agreement of two score files; non-zero exit below thresholds (CI reproducibility)
+  merge   assemble shard files (run ... shard.index=i shard.count=N) into one score file
 
 examples:
   dattri run                                         # digits + logistic regression + Grad-Dot
@@ -86,6 +87,12 @@ def _compare(args: List[str]) -> None:
     sys.exit(compare.main(args))
 
 
+def _merge(args: List[str]) -> None:
+    from dattri_cli import merge  # noqa: PLC0415
+
+    merge.main(args)
+
+
 COMMANDS = {
     "run": _run,
     "list": _list,
@@ -94,6 +101,7 @@ COMMANDS = {
     "groundtruth": _groundtruth,
     "eval": _eval,
     "compare": _compare,
+    "merge": _merge,
 }
 
 

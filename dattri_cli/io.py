@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -129,3 +129,134 @@ def write_sidecar(path: Path, info: Dict[str, Any]) -> None:
     """Write the non-reproducible run facts (timings, host, time) next to the scores."""
     text = json.dumps(info, indent=2, sort_keys=True, default=str)
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+# -- row-block shards ------------------------------------------------------------------
+
+SHARD_KEY = "shard"
+
+
+def shard_path(path: Path, index: int, count: int) -> Path:
+    """``scores.safetensors`` -> ``scores-00002-of-00008.safetensors`` (same folder)."""
+    path = Path(path)
+    return path.parent / f"{path.stem}-{index:05d}-of-{count:05d}{path.suffix or '.safetensors'}"
+
+
+def _expand(sources: Any) -> List[Path]:
+    """Files, directories (their ``*-of-*.safetensors``) and glob patterns, sorted, deduplicated."""
+    found: List[Path] = []
+    for source in [sources] if isinstance(sources, (str, Path)) else list(sources):
+        text = str(source)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found.extend(sorted(path.glob("*-of-*.safetensors")))
+        elif any(ch in text for ch in "*?["):
+            found.extend(sorted(Path().glob(text)) if not path.is_absolute() else sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor)))))
+        else:
+            found.append(path)
+    unique = sorted(set(found))
+    if not unique:
+        msg = f"no shard files found in {sources}"
+        raise DattriError(msg)
+    return unique
+
+
+class ShardedScores:
+    """A set of row-block shard files read lazily: headers now, score rows on demand.
+
+    ``rows(start, stop)`` and ``column(j)`` open only the shards they need, so a
+    score matrix larger than memory can be inspected piece by piece.
+    """
+
+    def __init__(self, sources: Any) -> None:
+        """Check that the shards belong together and cover the training rows exactly once."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        self.paths = _expand(sources)
+        entries = []
+        for path in self.paths:
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    raw = handle.metadata() or {}
+                    test_indices = handle.get_tensor(TEST_INDICES)
+                    rows = handle.get_slice(SCORES).get_shape()[0]
+            except Exception as exc:  # noqa: BLE001 - any parse failure means a malformed file
+                msg = f"{path} is not a readable safetensors score file ({exc})"
+                raise DattriError(msg) from exc
+            if METADATA_KEY not in raw:
+                msg = f"{path} is not a dattri-cli score file (no {METADATA_KEY} metadata)"
+                raise DattriError(msg)
+            meta = json.loads(raw[METADATA_KEY])
+            shard = meta.get(SHARD_KEY)
+            if not shard:
+                msg = f"{path} is a complete score file, not a shard; nothing to merge"
+                raise DattriError(msg)
+            if rows != shard["rows"][1] - shard["rows"][0]:
+                msg = f"{path} holds {rows} rows but its metadata says {shard['rows']}"
+                raise DattriError(msg)
+            entries.append((shard["rows"][0], shard["rows"][1], path, meta, test_indices))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        first = entries[0][3]
+        for start, stop, path, meta, test_indices in entries:
+            if meta.get("config_hash") != first.get("config_hash"):
+                msg = f"{path} belongs to config {str(meta.get('config_hash'))[:12]}, not {str(first.get('config_hash'))[:12]} like {entries[0][2]}; shards of different runs cannot be merged"
+                raise DattriError(msg)
+            if meta[SHARD_KEY]["n_train"] != first[SHARD_KEY]["n_train"] or not torch.equal(test_indices, entries[0][4]):
+                msg = f"{path} has a different train or test set than {entries[0][2]}"
+                raise DattriError(msg)
+        n_train = int(first[SHARD_KEY]["n_train"])
+        expected = 0
+        for start, stop, path, _, _ in entries:
+            if start != expected:
+                what = "overlap" if start < expected else "a gap"
+                msg = f"shards do not cover the training rows exactly once: {what} at row {min(start, expected)} ({path}); give every shard exactly once"
+                raise DattriError(msg)
+            expected = stop
+        if expected != n_train:
+            msg = f"shards cover rows 0-{expected} of {n_train}: rows {expected}-{n_train} are missing; run the missing shard(s)"
+            raise DattriError(msg)
+        self.entries = [(start, stop, path) for start, stop, path, _, _ in entries]
+        self.metadata = {k: v for k, v in first.items() if k not in (SHARD_KEY, "schema_version")}
+        self.test_indices = entries[0][4]
+        self.shape = (n_train, int(self.test_indices.numel()))
+
+    def _read(self, path: Path, key: str, rows: Optional[slice] = None, cols: Any = slice(None)) -> Tensor:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt") as handle:
+            if rows is None:
+                return handle.get_tensor(key)
+            return handle.get_slice(key)[rows, cols]
+
+    @property
+    def train_indices(self) -> Tensor:
+        """Train indices of all rows, in row order."""
+        return torch.cat([self._read(p, TRAIN_INDICES) for _, _, p in self.entries])
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Score rows ``[start, stop)``, reading only the shards that hold them."""
+        parts = []
+        for lo, hi, path in self.entries:
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                parts.append(self._read(path, SCORES, slice(a - lo, b - lo)))
+        return torch.cat(parts) if parts else torch.zeros(0, self.shape[1])
+
+    def column(self, j: int) -> Tensor:
+        """All training scores of test column ``j``."""
+        return torch.cat([self._read(p, SCORES, slice(None), slice(j, j + 1)).flatten() for _, _, p in self.entries])
+
+
+def open_score_set(sources: Any) -> ShardedScores:
+    """Lazily open shard files (paths, a directory or a glob): for ``dattri show`` and ``eval``."""
+    return ShardedScores(sources)
+
+
+def merge_shards(sources: Any, out: Path, overwrite: bool = True) -> Path:
+    """Check that the shards cover the training set once under one config hash, then write ``out``."""
+    shards = ShardedScores(sources)
+    out = Path(out).expanduser()
+    check_writable(out, overwrite=overwrite)
+    scores = shards.rows(0, shards.shape[0])
+    save_scores(out, scores, shards.train_indices, shards.test_indices, shards.metadata)
+    return out

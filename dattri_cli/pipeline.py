@@ -22,10 +22,10 @@ import torch
 from omegaconf import DictConfig
 
 import dattri_cli
-from dattri_cli import builders, progress
+from dattri_cli import builders, distributed, progress, scale
 from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError
-from dattri_cli.io import check_writable, save_scores, sidecar_path, write_sidecar
+from dattri_cli.io import check_writable, save_scores, shard_path, sidecar_path, write_sidecar
 from dattri_cli.models.train import (
     Checkpoint,
     TrainSettings,
@@ -38,7 +38,8 @@ from dattri_cli.task import AttributionTask, load_state_dict_file
 log = logging.getLogger("dattri_cli")
 
 # keys of the run config that change how a run looks, never what it computes
-NON_RESULT_KEYS = ("out", "progress", "overwrite", "cache_dir")
+# (shard.*: which rows a process scores; feature_cache: whether train-side blocks are kept on disk)
+NON_RESULT_KEYS = ("out", "progress", "overwrite", "cache_dir", "shard", "feature_cache")
 CHECKPOINT_CHOICES = ("final", "trajectory")
 WEIGHT_CHOICES = ("ones", "learning_rates")
 
@@ -196,8 +197,12 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     out = Path(resolved["out"]).expanduser() if resolved.get("out") else Path(output_dir or ".") / "scores.safetensors"
+    device = check_device(distributed.local_device(str(resolved.get("device", "cpu"))))
+    rank, world = distributed.init_from_env(device)
+    shard_cfg = resolved.get("shard") or {}
+    if shard_cfg.get("index") is not None or int(shard_cfg.get("count") or 1) > 1:
+        out = shard_path(out, int(shard_cfg.get("index") or 0), int(shard_cfg.get("count") or 1))
     check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
-    device = check_device(str(resolved.get("device", "cpu")))
     seed = int(resolved.get("seed", 0))
     timings: Dict[str, float] = {}
 
@@ -214,7 +219,11 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         all_ckpts = _user_checkpoints(resolved["checkpoint"], settings.lr)
     else:
         key_parts = {"dataset": resolved["dataset"], "model": resolved["model"]}
+        if rank != 0:  # rank 0 trains (or finds) the checkpoints; the others then find them cached
+            distributed.barrier()
         all_ckpts = trained_checkpoints(build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts)
+        if rank == 0:
+            distributed.barrier()
     checkpoints = select_checkpoints(all_ckpts, runner.get("checkpoints", "final"))
     timings["checkpoints_s"] = time.perf_counter() - start
 
@@ -231,10 +240,32 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     attributor = builders.build(attributor_cfg, "attributor", runtime)
     loader_cfg = resolved["loader"]
     train_loader, test_loader = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
+    plan = scale.plan_rows(shard_cfg, split.x_train.shape[0], int(loader_cfg["train_batch_size"]), rank, world)
+    checkpoint_hashes = [_file_sha256(c.path) for c in checkpoints]
+    store_stats: Dict[str, Any] = {}
+    if resolved.get("feature_cache", False) and hasattr(attributor, "feature_store"):
+        attributor.feature_store = scale.store_factory(
+            Path(str(resolved["cache_dir"])) / "features", checkpoint_hashes, split,
+            getattr(attributor, "layer_name", None), task.get_param(0)[0].dtype, device, store_stats,
+        )
 
     torch.manual_seed(seed)
-    scores = call_attributor(attributor, train_loader, test_loader, timings)
+    if not plan.partial:
+        scores = call_attributor(attributor, train_loader, test_loader, timings)
+    else:
+        rows_loader = scale.row_loader(split, plan.start, plan.stop, int(loader_cfg["train_batch_size"]))
+        if plan.mode == "shard":  # the full training set for cache(), our rows for attribute()
+            scores = scale.attribute_rows(attributor, train_loader, rows_loader, test_loader, plan, timings)
+        else:  # torchrun: each rank caches its rows; full-set sums are all-reduced
+            scale.check_distributable(attributor)
+            with distributed.split_reductions():
+                scores = scale.attribute_rows(attributor, rows_loader, rows_loader, test_loader, plan, timings)
     scores = scores.detach().to("cpu", torch.float32)
+    if plan.mode == "rank":
+        parts = distributed.gather_rows(scores)
+        if rank != 0:  # rank 0 writes the result
+            return RunResult(out, scores, {}, timings)
+        scores = torch.cat(parts)
 
     metadata = {
         "attributor": {"target": attributor_cfg["_target_"], "kwargs": {k: v for k, v in attributor_cfg.items() if not k.startswith("_")}, "runner": runner},
@@ -243,13 +274,21 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         "config_hash": config_hash(resolved),
         "seed": seed,
         "versions": {"dattri_cli": dattri_cli.__version__, "torch": torch.__version__},
-        "checkpoints": [{"file": c.path.name, "sha256": _file_sha256(c.path), "model_index": c.model_index, "epoch": c.epoch} for c in checkpoints],
+        "checkpoints": [{"file": c.path.name, "sha256": h, "model_index": c.model_index, "epoch": c.epoch} for c, h in zip(checkpoints, checkpoint_hashes)],
         "diagnostics": _jsonable(getattr(attributor, "diagnostics", {})),
     }
+    train_indices = split.train_indices
     extra = {}
     if runner.get("self_influence"):  # for `dattri eval` mislabel detection
         extra["self_influence"] = self_influence(attributor, train_loader)
-    save_scores(out, scores, split.train_indices, split.test_indices, metadata, extra)
+    if plan.mode == "shard":
+        metadata["shard"] = plan.metadata()
+        train_indices = train_indices[plan.start : plan.stop]
+        extra = {k: v[plan.start : plan.stop] for k, v in extra.items()}
+    if store_stats:
+        timings["feature_cache_hits"] = sum(s.hits for stores in store_stats.values() for s in stores)
+        timings["feature_cache_misses"] = sum(s.misses for stores in store_stats.values() for s in stores)
+    save_scores(out, scores, train_indices, split.test_indices, metadata, extra)
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_sidecar(sidecar_path(out), {
         "scores": str(out),

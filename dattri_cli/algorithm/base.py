@@ -24,6 +24,7 @@ from dattri_cli.algorithm.utils import (
     num_samples,
     to_device,
 )
+from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
 
@@ -51,14 +52,27 @@ def stream_train_scores(
     out: Tensor,
     weight: float = 1.0,
     description: str = "scoring train batches",
+    store: Optional[BlockStore] = None,
+    row_offset: int = 0,
+    finish: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> None:
-    """Add ``weight * train_rep_func(batch) @ test_rep.T`` into the rows of ``out``.
+    """Add ``weight * finish(train_rep_func(batch)) @ test_rep.T`` into the rows of ``out``.
 
-    Rows follow the loader's order; ``out`` has one row per training sample.
+    Rows follow the loader's order; ``out`` has one row per training sample. With a
+    ``store``, ``train_rep_func(batch)`` is looked up (or computed and kept) under the
+    batch's absolute rows ``row_offset + [row, row + n)``; ``finish`` (identity if
+    None) is applied afterwards, so stored representations can serve other transforms.
     """
     row = 0
     for batch in track(train_dataloader, description):
-        train_rep = train_rep_func(batch)
+        if store is None:
+            train_rep = train_rep_func(batch)
+        else:
+            n = batch_size_of(batch)
+            name = block_name(row_offset + row, row_offset + row + n)
+            train_rep = store.get_or_compute(name, lambda b=batch: train_rep_func(b), device=str(test_rep.device))
+        if finish is not None:
+            train_rep = finish(train_rep)
         block = train_rep @ test_rep.T
         if weight != 1.0:
             block = block * weight
@@ -83,6 +97,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.layer_name = layer_name
         self.device = device or "cpu"
         self.full_train_dataloader: Optional[DataLoader] = None
+        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` keeping train gradients on disk (None: none kept)
+        self.feature_store: Optional[Callable[..., BlockStore]] = None
+        #: absolute train row of the first sample of the loader given to attribute()
+        self.train_row_offset = 0
 
     # -- representations ----------------------------------------------------------
     def _params(self, ckpt_idx: int) -> Tensor:
@@ -142,9 +160,21 @@ class BaseInnerProductAttributor(BaseAttributor):
         return transformed
 
     def _train_rep(self, ckpt_idx: int, batch: Tuple[Tensor, ...]) -> Tensor:
+        return self.transform_train_rep(ckpt_idx, self._raw_train_rep(ckpt_idx, batch)).detach()
+
+    def _raw_train_rep(self, ckpt_idx: int, batch: Tuple[Tensor, ...]) -> Tensor:
         data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
-        rep = self.generate_train_rep(ckpt_idx, data).detach()
-        return self.transform_train_rep(ckpt_idx, rep).detach()
+        return self.generate_train_rep(ckpt_idx, data).detach()
+
+    def _grad_store(self, ckpt_idx: int) -> Optional[BlockStore]:
+        """Where this checkpoint's raw training gradients are kept, if anywhere.
+
+        Only the base gradient is stored: subclasses overriding ``generate_train_rep``
+        produce something else and are not cached under the gradient key.
+        """
+        if self.feature_store is None or type(self).generate_train_rep is not BaseInnerProductAttributor.generate_train_rep:
+            return None
+        return self.feature_store("train_grads", ckpt_idx, {"projection": None})
 
     def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
         """Scores ``(num_train, num_test)`` averaged over the task's checkpoints."""
@@ -160,9 +190,12 @@ class BaseInnerProductAttributor(BaseAttributor):
                 scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
             stream_train_scores(
                 train_dataloader,
-                lambda batch, k=ckpt_idx: self._train_rep(k, batch),
+                lambda batch, k=ckpt_idx: self._raw_train_rep(k, batch),
                 test_rep,
                 scores,
+                store=self._grad_store(ckpt_idx),
+                row_offset=self.train_row_offset,
+                finish=lambda rep, k=ckpt_idx: self.transform_train_rep(k, rep).detach(),
             )
         scores /= num_ckpts
         check_finite(scores, "scores", hint="increase `regularization`")

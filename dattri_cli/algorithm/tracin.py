@@ -7,7 +7,7 @@ Grad-Dot / Grad-Cos are the one-checkpoint, unit-weight special cases.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from dattri_cli.algorithm.utils import (
     to_device,
 )
 from dattri_cli.errors import ConfigError
+from dattri_cli.feature_cache import BlockStore
 from dattri_cli.func.projection import make_projector
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
@@ -52,6 +53,10 @@ class TracInAttributor(BaseAttributor):
         self.projector = make_projector(self.projector_kwargs) if self.projector_kwargs is not None else None
         self.layer_name = layer_name
         self.device = device or "cpu"
+        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` keeping projected train gradients (None: none kept)
+        self.feature_store: Optional[Callable[..., BlockStore]] = None
+        #: absolute train row of the first sample of the loader given to attribute()
+        self.train_row_offset = 0
 
     def cache(self) -> None:
         """Nothing to precompute: gradients are streamed in ``attribute``."""
@@ -62,15 +67,29 @@ class TracInAttributor(BaseAttributor):
             return grads
         return self.projector.project(grads, ckpt_idx=ckpt_idx)
 
-    def _rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
+    def _store(self, ckpt_idx: int) -> Optional[BlockStore]:
+        """Projected (not normalised) train gradients: shared by Grad-Dot, Grad-Cos, TracIn and IF."""
+        if self.feature_store is None:
+            return None
+        extra: Dict[str, Any] = {"projection": None}
+        if self.projector is not None:  # the projection is seeded by the checkpoint index
+            extra = {"projection": self.projector_kwargs, "ckpt_idx": ckpt_idx}
+        return self.feature_store("train_grads", ckpt_idx, extra)
+
+    def _normalize(self, rep: Tensor) -> Tensor:
+        return normalize(rep, dim=1) if self.normalized_grad else rep
+
+    def _raw_rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
         params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
         params = params.to(self.device)
         if target:
             grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
         else:
             grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
-        rep = self._project(ckpt_idx, grad_func(params, to_device(batch, self.device)).detach())
-        return normalize(rep, dim=1) if self.normalized_grad else rep
+        return self._project(ckpt_idx, grad_func(params, to_device(batch, self.device)).detach())
+
+    def _rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
+        return self._normalize(self._raw_rep(ckpt_idx, batch, target))
 
     def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
         """Scores ``(num_train, num_test)``: the weighted sum over checkpoints."""
@@ -94,10 +113,13 @@ class TracInAttributor(BaseAttributor):
                 scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
             stream_train_scores(
                 train_dataloader,
-                lambda batch, k=ckpt_idx: self._rep(k, batch, target=False),
+                lambda batch, k=ckpt_idx: self._raw_rep(k, batch, target=False),
                 test_rep,
                 scores,
                 weight=float(self.weight_list[ckpt_idx]),
+                store=self._store(ckpt_idx),
+                row_offset=self.train_row_offset,
+                finish=self._normalize,
             )
         check_finite(scores, "scores", hint="check the data and the checkpoints")
         return scores

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dattri_cli.algorithm.base import BaseAttributor
-from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, to_device
+from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, to_device
+from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.func.projection import RandomProjector, resolve_projector_kwargs
 from dattri_cli.func.utils import per_sample_value
 from dattri_cli.progress import track
@@ -45,24 +47,64 @@ SINGULAR_PIVOTS = 10.0
 
 @dataclass
 class TrainSide:
-    """What the scores need from the training set, per checkpoint, plus the mean ``1 - p``."""
+    """What the scores need from the training set, per checkpoint, plus the mean ``1 - p``.
 
-    features: List[Tensor]  # Phi_k, (n_train, d) float32 (half the memory; cast for products)
+    ``features[k]`` holds ``Phi_k`` as row blocks (one per training batch, float32)
+    in a :class:`~dattri_cli.feature_cache.BlockStore`: in memory by default, on
+    disk when the attributor was given a ``feature_store`` factory, so that memory
+    does not grow with the number of training samples.
+    """
+
+    features: List["FeatureBlocks"]
     factors: List[Tensor]  # Cholesky factor of Phi_k^T Phi_k + ridge, (d, d) float64
-    q: Tensor  # mean over checkpoints of 1 - p, (n_train,) float64
+    q: Tensor  # mean over checkpoints of 1 - p, (cached rows,) float64
+    row_offset: int = 0  # absolute train row of the first cached row
+
+
+@dataclass
+class FeatureBlocks:
+    """``Phi_k`` as row blocks ``[(start, stop), ...]`` (absolute rows) in a store."""
+
+    store: BlockStore
+    ranges: List[Tuple[int, int]]
+    dim: int
+
+    def blocks(self, start: int, stop: int) -> Iterator[Tuple[int, int, Tensor]]:
+        """``(start, stop, block)`` for the blocks inside rows ``[start, stop)``."""
+        for lo, hi in self.ranges:
+            if lo >= start and hi <= stop:
+                block = self.store.get(block_name(lo, hi))
+                if block is None:
+                    msg = f"TRAK feature block {lo}-{hi} vanished from {self.store.directory}"
+                    raise ConfigError(msg)
+                yield lo, hi, block
+
+    def dense(self) -> Tensor:
+        """All cached rows as one tensor (for small problems and tests)."""
+        return torch.cat([b for _, _, b in self.blocks(self.ranges[0][0], self.ranges[-1][1])])
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(rows, dim)`` as if it were a tensor."""
+        return (self.ranges[-1][1] - self.ranges[0][0], self.dim)
 
 
 def kernel_cholesky(features: Tensor) -> Tensor:
     """Lower Cholesky factor of ``features^T features`` plus a tiny ridge; NumericalError if singular."""
-    num_train, dim = features.shape
+    features = features.to(torch.float64)
+    return factor_kernel(features.T @ features, features.shape[0])
+
+
+def factor_kernel(kernel: Tensor, num_train: int) -> Tensor:
+    """Cholesky factor of the float64 kernel ``Phi^T Phi`` (summed over ``num_train`` rows) plus a ridge."""
+    dim = kernel.shape[0]
     if num_train < dim:
         msg = (
             f"the TRAK kernel Phi^T Phi is singular: {num_train} training samples for {dim} projected "
             f"dimensions; set projector_kwargs.proj_dim to at most {num_train} (or use more training data)"
         )
         raise NumericalError(msg)
-    features = features.to(torch.float64)
-    kernel = features.T @ features
+    kernel = kernel.clone()
     scale = kernel.diagonal().mean()
     if not bool(torch.isfinite(scale)) or scale <= 0:
         msg = "the TRAK kernel Phi^T Phi is zero or non-finite: all training gradients vanish; check the checkpoint and the loss"
@@ -112,24 +154,62 @@ class TRAKAttributor(BaseAttributor):
         self.norm_scaler = math.sqrt(num_params)
         self.full_train_dataloader: Optional[DataLoader] = None
         self.train_side: Optional[TrainSide] = None
+        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` for on-disk, resumable features (None: memory)
+        self.feature_store: Optional[Callable[..., BlockStore]] = None
+        #: absolute train row of the first sample of the loader given to cache()
+        self.train_row_offset = 0
         self.diagnostics: Dict[str, Any] = {}
 
     # -- per-checkpoint pieces ---------------------------------------------------------
-    def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
-        """Projected, scaled per-sample gradients of the loss (train) or target (test)."""
+    def _grad_setup(self, ckpt_idx: int, target: bool) -> Tuple[Tensor, Callable]:
         params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
         params = params.to(self.device)
         if target:
-            grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
-        else:
-            grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+            return params, self.task.get_grad_target_func(self.layer_name, ckpt_idx)
+        return params, self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+
+    def _project_batch(self, ckpt_idx: int, params: Tensor, grad_func: Callable, batch: Any, side: str) -> Tensor:
+        grads = grad_func(params, to_device(batch, self.device)).detach() / self.norm_scaler
+        check_finite(grads, f"{side} gradients", hint="check the data and the checkpoint")
+        return self.projector.project(grads, ckpt_idx=ckpt_idx).to(torch.float32)
+
+    def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
+        """Projected, scaled per-sample gradients of the loss (train) or target (test)."""
+        params, grad_func = self._grad_setup(ckpt_idx, target)
         side = "test" if target else "train"
-        rows = []
-        for batch in track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})"):
-            grads = grad_func(params, to_device(batch, self.device)).detach() / self.norm_scaler
-            check_finite(grads, f"{side} gradients", hint="check the data and the checkpoint")
-            rows.append(self.projector.project(grads, ckpt_idx=ckpt_idx).to(torch.float32))
+        rows = [
+            self._project_batch(ckpt_idx, params, grad_func, batch, side)
+            for batch in track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
+        ]
         return torch.cat(rows)
+
+    def _store(self, ckpt_idx: int) -> BlockStore:
+        if self.feature_store is None:
+            return BlockStore()
+        extra = {"projector_kwargs": self.projector_kwargs, "ckpt_idx": ckpt_idx, "norm_scaler": self.norm_scaler}
+        return self.feature_store("trak_features", ckpt_idx, extra)
+
+    def _train_features(self, ckpt_idx: int, loader: DataLoader) -> Tuple[FeatureBlocks, Tensor, int]:
+        """Stream the training set once: feature blocks (stored, resumable) and the kernel sum."""
+        params, grad_func = self._grad_setup(ckpt_idx, target=False)
+        store = self._store(ckpt_idx)
+        ranges: List[Tuple[int, int]] = []
+        kernel = None
+        row = self.train_row_offset
+        for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
+            n = batch_size_of(batch)
+            block = store.get_or_compute(
+                block_name(row, row + n), lambda b=batch: self._project_batch(ckpt_idx, params, grad_func, b, "train")
+            ).to(self.device)
+            wide = block.to(torch.float64)
+            kernel = wide.T @ wide if kernel is None else kernel + wide.T @ wide
+            ranges.append((row, row + n))
+            row += n
+        if kernel is None:
+            msg = "the training loader is empty"
+            raise NumericalError(msg)
+        count = distributed.reduce_count(row - self.train_row_offset, self.device)
+        return FeatureBlocks(store, ranges, kernel.shape[0]), distributed.reduce_sum(kernel), count
 
     def _one_minus_p(self, ckpt_idx: int, loader: DataLoader) -> Tensor:
         """``1 - p`` per training sample, from the full parameters of the checkpoint."""
@@ -146,12 +226,12 @@ class TRAKAttributor(BaseAttributor):
         """Features, kernel factors and mean ``1 - p`` over all checkpoints."""
         features, factors, q_sum = [], [], None
         for ckpt_idx in range(len(self.task.get_checkpoints())):
-            phi = self._features(ckpt_idx, loader, target=False)
+            phi, kernel, count = self._train_features(ckpt_idx, loader)
             features.append(phi)
-            factors.append(kernel_cholesky(phi))
+            factors.append(factor_kernel(kernel, count))
             q = self._one_minus_p(ckpt_idx, loader)
             q_sum = q if q_sum is None else q_sum + q
-        return TrainSide(features, factors, q_sum / len(features))
+        return TrainSide(features, factors, q_sum / len(features), self.train_row_offset)
 
     # -- workflow ----------------------------------------------------------------------------
     def cache(self, full_train_dataloader: DataLoader) -> None:
@@ -164,7 +244,7 @@ class TRAKAttributor(BaseAttributor):
             "kernel_min_pivot_relative": [
                 float(f.diagonal().square().min() / f.square().sum(dim=1).mean()) for f in self.train_side.factors
             ],
-            "proj_dim": self.train_side.features[0].shape[1],
+            "proj_dim": self.train_side.features[0].dim,
         }
 
     def _resolve_train_side(self, train_dataloader: Optional[DataLoader]) -> TrainSide:
@@ -189,14 +269,32 @@ class TRAKAttributor(BaseAttributor):
         train_dataloader: Optional[DataLoader] = None,
     ) -> Tensor:
         """Scores ``(num_train, num_test)``; ``train_dataloader`` only when nothing is cached."""
-        check_not_shuffled(test_dataloader, "test_dataloader")
         side = self._resolve_train_side(train_dataloader)
+        start = side.row_offset
+        return self._attribute(side, test_dataloader, start, start + side.q.shape[0])
+
+    def attribute_rows(self, test_dataloader: DataLoader, start: int, stop: int) -> Tensor:
+        """Scores of the cached training rows ``[start, stop)`` (absolute, on block boundaries)."""
+        side = self._resolve_train_side(None)
+        return self._attribute(side, test_dataloader, start, stop)
+
+    def _attribute(self, side: TrainSide, test_dataloader: DataLoader, start: int, stop: int) -> Tensor:
+        check_not_shuffled(test_dataloader, "test_dataloader")
         scores = None
         for ckpt_idx, (phi, factor) in enumerate(zip(side.features, side.factors)):
             psi = self._features(ckpt_idx, test_dataloader, target=True).to(torch.float64)
-            block = phi.to(torch.float64) @ torch.cholesky_solve(psi.T, factor)
-            scores = block if scores is None else scores + block
-        scores = scores / len(side.features) * side.q[:, None]
+            solved = torch.cholesky_solve(psi.T, factor)
+            if scores is None:
+                scores = torch.zeros(stop - start, psi.shape[0], dtype=torch.float64, device=solved.device)
+            covered = 0
+            for lo, hi, block in phi.blocks(start, stop):
+                scores[lo - start : hi - start] += block.to(solved.device, torch.float64) @ solved
+                covered += hi - lo
+            if covered != stop - start:
+                msg = f"rows {start}-{stop} do not fall on the cached TRAK feature blocks; align them to train batches"
+                raise ConfigError(msg)
+        q = side.q[start - side.row_offset : stop - side.row_offset]
+        scores = scores / len(side.features) * q[:, None]
         check_finite(scores, "TRAK scores", hint="lower projector_kwargs.proj_dim")
         return scores.to(torch.float32)
 
@@ -209,8 +307,8 @@ class TRAKAttributor(BaseAttributor):
         """
         side = self._resolve_train_side(train_dataloader)
         total = None
-        for phi, factor in zip(side.features, side.factors):
-            phi = phi.to(torch.float64)  # noqa: PLW2901 - local precision change
+        for blocks, factor in zip(side.features, side.factors):
+            phi = blocks.dense().to(torch.float64)
             leverage = (phi * torch.cholesky_solve(phi.T, factor).T).sum(dim=1)
             total = leverage if total is None else total + leverage
         out = total / len(side.features) * side.q
@@ -218,4 +316,4 @@ class TRAKAttributor(BaseAttributor):
         return out.to(torch.float32)
 
 
-__all__: Tuple[str, ...] = ("TRAKAttributor", "TrainSide", "kernel_cholesky")
+__all__: Tuple[str, ...] = ("FeatureBlocks", "TRAKAttributor", "TrainSide", "factor_kernel", "kernel_cholesky")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from dattri_cli import distributed
 from dattri_cli.algorithm.utils import batch_size_of, check_finite, to_device
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.progress import track
@@ -40,7 +41,8 @@ def explicit_hessian(
     if total is None:
         msg = "the training loader is empty: cannot form the Hessian"
         raise NumericalError(msg)
-    return total / count
+    # under torchrun each rank holds part of the training set: sum the parts
+    return distributed.reduce_sum(total) / distributed.reduce_count(count)
 
 
 @dataclass
@@ -158,6 +160,9 @@ def loader_hvp(
             n = batch_size_of(data)
             total += batch_hvp(func, params, data, mode)(work).detach() * n
             count += n
+        # under torchrun each rank holds part of the training set: sum the parts
+        total = distributed.reduce_sum(total)
+        count = distributed.reduce_count(count, str(total.device))
         if count == 0:
             msg = "the training loader is empty: cannot form Hessian-vector products"
             raise NumericalError(msg)

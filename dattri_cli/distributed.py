@@ -1,0 +1,107 @@
+"""torch.distributed glue: ranks split the training set, full-set sums are all-reduced.
+
+``torchrun --nproc_per_node=K -m dattri_cli run ...`` sets ``WORLD_SIZE``/``RANK``;
+:func:`init_from_env` then joins the process group (gloo on CPU, NCCL on CUDA).
+Each rank attributes a contiguous block of training rows. Quantities defined over
+the whole training set (Hessian-vector products, dense Hessians, the TRAK kernel)
+are sums over samples; inside :func:`split_reductions` the functions computing
+them call :func:`reduce_sum`, which all-reduces across ranks. Outside that
+context (and in a single process) :func:`reduce_sum` is the identity, so the
+Python API never talks to a process group it did not ask for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, List, Tuple
+
+import torch
+from torch import Tensor
+
+_SPLIT = False
+
+
+def world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched() -> bool:
+    """True when started by torchrun (or another launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str) -> Tuple[int, int]:
+    """Join the process group torchrun describes; returns ``(rank, world_size)``."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not launched():
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return world()
+
+
+def local_device(device: str) -> str:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun; other devices are unchanged."""
+    if launched() and device == "cuda":
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+@contextlib.contextmanager
+def split_reductions() -> Iterator[None]:
+    """Within this block, :func:`reduce_sum` sums over ranks (each holds part of the data)."""
+    global _SPLIT  # noqa: PLW0603 - one process-wide switch
+    previous, _SPLIT = _SPLIT, True
+    try:
+        yield
+    finally:
+        _SPLIT = previous
+
+
+def reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over ranks when the training set is split across them, else return it."""
+    rank, size = world()
+    if not _SPLIT or size == 1:
+        return tensor
+    import torch.distributed as dist  # noqa: PLC0415
+
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def reduce_count(count: int, device: str = "cpu") -> int:
+    """Sum an integer sample count over ranks (see :func:`reduce_sum`)."""
+    if not _SPLIT or world()[1] == 1:
+        return count
+    return int(reduce_sum(torch.tensor([count], dtype=torch.int64, device=device)).item())
+
+
+def gather_rows(block: Tensor) -> List[Tensor]:
+    """Every rank's row block, in rank order, on rank 0 (an empty list elsewhere)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    rank, size = world()
+    if size == 1:
+        return [block]
+    parts: List[object] = [None] * size if rank == 0 else []
+    dist.gather_object(block.cpu(), parts if rank == 0 else None, dst=0)
+    return [p for p in parts if p is not None]  # type: ignore[misc]
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op in one process)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if world()[1] > 1:
+        dist.barrier()

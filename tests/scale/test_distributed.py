@@ -1,0 +1,57 @@
+"""Two gloo processes (torch.distributed, 127.0.0.1 only) give the single-process scores."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dattri_cli import pipeline
+from dattri_cli.io import load_scores
+from tests.conftest import compose_run
+
+CASES = {
+    "grad_dot": ["attributor=grad_dot"],
+    "if_cg": ["attributor=if_cg", "attributor.regularization=0.1", "attributor.max_iter=60", "attributor.tol=1e-4"],
+    "trak": ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"],
+}
+
+
+def _base(cache: Path, out: Path) -> list:
+    return ["dataset.n_train=60", "dataset.n_test=12", "train.epochs=3", "loader.train_batch_size=16",
+            "loader.test_batch_size=5", "progress=off", f"cache_dir={cache}", f"out={out}"]
+
+
+def _rank(rank: int, port: int, cache: str, work: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        for name, overrides in CASES.items():
+            pipeline.run(compose_run(_base(Path(cache), Path(work) / f"dist_{name}.safetensors") + overrides))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_gloo_ranks_equal_one_process(cache_dir, tmp_path):
+    single = {name: pipeline.run(compose_run(_base(cache_dir, tmp_path / f"one_{name}.safetensors") + o)) for name, o in CASES.items()}
+    mp.spawn(_rank, args=(_free_port(), str(cache_dir), str(tmp_path)), nprocs=2, join=True)
+    for name, one in single.items():
+        tensors, meta = load_scores(tmp_path / f"dist_{name}.safetensors")
+        assert meta["config_hash"] == one.metadata["config_hash"]
+        assert torch.equal(tensors["train_indices"], load_scores(one.path)[0]["train_indices"])
+        if name == "grad_dot":  # no cross-rank sums: the same per-batch products
+            assert torch.equal(tensors["scores"], one.scores)
+        else:  # Hessian-vector products / TRAK kernel summed in another order
+            torch.testing.assert_close(tensors["scores"], one.scores, rtol=1e-3, atol=1e-5 * float(one.scores.abs().max()))
