@@ -35,7 +35,7 @@ from torch import Tensor
 import dattri_cli
 from dattri_cli import builders, progress
 from dattri_cli.errors import ConfigError, DattriError
-from dattri_cli.io import METADATA_KEY, SCHEMA_VERSION, _atomic_write, check_writable
+from dattri_cli.io import _atomic_write, check_writable, read_tensor_file, write_tensor_file
 
 log = logging.getLogger("dattri_cli")
 
@@ -239,8 +239,6 @@ def merge(work_dir: Path, settings: GroundTruthSettings, subsets: Tensor, split:
 
 def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[Path]:
     """Run every unfinished retraining, then write the merged file; None if ``max_jobs`` stopped early."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     from dattri_cli.pipeline import build_split_and_flips, config_hash  # noqa: PLC0415
 
     resolved = builders.to_dict(cfg)
@@ -275,27 +273,14 @@ def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[
     if len(limit) < len(pending):
         return None
     tensors = merge(work_dir, settings, subsets, split, flips, metadata)
-    meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **metadata}, sort_keys=True)}
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_tensor_file(out, tensors, metadata)
     return out
 
 
 def load_groundtruth(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """Read a ground-truth file: its tensors and decoded metadata."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    path = Path(path)
-    if not path.is_file():
-        msg = f"ground-truth file not found: {path}"
-        raise DattriError(msg)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open API
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a malformed file
-        msg = f"{path} is not a readable safetensors file ({exc})"
-        raise DattriError(msg) from exc
-    meta = json.loads(raw.get(METADATA_KEY, "{}"))
+    tensors, meta = read_tensor_file(path, "ground-truth file")
+    meta = meta or {}
     if meta.get("kind") != KIND or "targets" not in tensors:
         msg = f"{path} is not a dattri-cli ground-truth file; make one with `dattri groundtruth`"
         raise DattriError(msg)

@@ -79,7 +79,6 @@ def save_scores(
 
     ``extra`` adds optional float32 tensors (e.g. ``self_influence``, one per train row).
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
 
     if scores.shape != (train_indices.numel(), test_indices.numel()):
         msg = f"scores shape {tuple(scores.shape)} does not match indices ({train_indices.numel()}, {test_indices.numel()})"
@@ -91,30 +90,44 @@ def save_scores(
     }
     for name, tensor in (extra or {}).items():
         tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    write_tensor_file(Path(path), tensors, metadata)
+
+
+def write_tensor_file(path: Path, tensors: Dict[str, Tensor], metadata: Dict[str, Any]) -> None:
+    """Atomically write ``tensors`` with ``metadata`` as ONE sorted-JSON key (byte-stable)."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **metadata}, sort_keys=True)}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_scores(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """Read a score file back: its tensors and its decoded metadata."""
+def read_tensor_file(path: Path, what: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """Tensors and decoded metadata of a safetensors file; ``what`` names it in errors."""
     from safetensors import safe_open  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():
-        msg = f"score file not found: {path}"
+        msg = f"{what} not found: {path}"
         raise DattriError(msg)
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open API
+        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else None
     except Exception as exc:  # noqa: BLE001 - any parse failure means a malformed file
-        msg = f"{path} is not a readable safetensors score file ({exc})"
+        msg = f"{path} is not a readable safetensors {what} ({exc})"
         raise DattriError(msg) from exc
+    return tensors, meta
+
+
+def load_scores(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """Read a score file back: its tensors and its decoded metadata."""
+    tensors, meta = read_tensor_file(path, "score file")
     missing = [k for k in (SCORES, TRAIN_INDICES, TEST_INDICES) if k not in tensors]
-    if missing or METADATA_KEY not in raw:
+    if missing or meta is None:
         msg = f"{path} is not a dattri-cli score file (missing {missing or [METADATA_KEY]})"
         raise DattriError(msg)
-    return tensors, json.loads(raw[METADATA_KEY])
+    return tensors, meta
 
 
 def sidecar_path(scores_path: Path) -> Path:
