@@ -33,6 +33,9 @@ VARIANTS: Dict[str, List[str]] = {
     # digits has constant pixels: with 512 projected dims the unregularised TRAK kernel is
     # nearly singular and its inverse is noise; 128 dims keep it well conditioned
     "trak-5-d128": ["attributor=trak", "train.num_models=5", "attributor.projector_kwargs.proj_dim=128"],
+    # the MLP's Hessian is indefinite at the trained point: CG and Arnoldi need a damping term
+    "if_cg-r0.01": ["attributor=if_cg", "attributor.regularization=0.01"],
+    "if_arnoldi-r0.01": ["attributor=if_arnoldi", "attributor.regularization=0.01"],
 }
 EXPLICIT_HESSIAN = {"if_explicit"}  # forms a P x P matrix
 
@@ -43,6 +46,9 @@ def available_attributors() -> List[str]:
     names = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
     if "trak" in names:
         names[names.index("trak") + 1 : names.index("trak") + 1] = ["trak-5", "trak-5-d128"]
+    for base in ("if_cg", "if_arnoldi"):
+        if base in names:
+            names.insert(names.index(base) + 1, f"{base}-r0.01")
     return names
 
 
