@@ -57,7 +57,7 @@ def plot_test(sf: ScoreFile, col: int, k: int, out: Path) -> Path:
                 ax.set_title(f"{kind} {e['score']:+.3g}\nlabel {e['label']}", fontsize=8)
                 ax.axis("off")
     ax = fig.add_subplot(rows, 1, rows)
-    ax.hist(sf.scores[:, col].double().cpu().tolist(), bins=50, color="#4477aa")
+    ax.hist(sf.column(col).double().cpu().tolist(), bins=50, color="#4477aa")
     ax.set_xlabel(f"score of each training sample on test column {col} (positive = helps)")
     ax.set_ylabel("count")
     fig.tight_layout()
@@ -82,7 +82,7 @@ def main(argv: List[str]) -> None:
     args = parser.parse_args(argv)
     _pyplot()  # fail early and clearly without matplotlib
     sf = open_score_file(args.path)
-    cols = parse_test_indices(args.test, sf.scores.shape[1])
+    cols = parse_test_indices(args.test, sf.shape[1])
     if args.out and len(cols) > 1:
         msg = "--out names one file: give a single --test column, or leave --out out"
         raise DattriError(msg)

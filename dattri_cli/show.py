@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from dattri_cli.data import Split
 from dattri_cli.errors import DattriError
-from dattri_cli.io import SCORES, TEST_INDICES, TRAIN_INDICES, load_scores
+from dattri_cli.io import SCORES, TEST_INDICES, TRAIN_INDICES, ShardedScores, load_scores, open_score_set
 
 EXAMPLES = """examples:
   dattri show outputs/2026-11-30/12-00-00_grad_dot_digits_lr/scores.safetensors
@@ -24,21 +25,54 @@ EXAMPLES = """examples:
 
 @dataclass
 class ScoreFile:
-    """A loaded score file, with its dataset split when it can be rebuilt."""
+    """A score file or a set of row-block shards, with its dataset split when it can be rebuilt.
+
+    Shard sets stay on disk: columns and statistics are read piece by piece.
+    """
 
     path: Path
-    scores: Tensor
     train_indices: Tensor
     test_indices: Tensor
     metadata: Dict[str, Any]
     split: Optional[Split]
+    full: Optional[Tensor] = None  # the whole matrix (single file)
+    shards: Optional[ShardedScores] = None  # lazily read row blocks (shard set)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(n_train, n_test)``."""
+        return tuple(self.full.shape) if self.full is not None else self.shards.shape
+
+    def column(self, col: int) -> Tensor:
+        """All training scores of test column ``col``."""
+        return self.full[:, col] if self.full is not None else self.shards.column(col)
+
+    def row_blocks(self, rows: int = 4096) -> Iterator[Tensor]:
+        """The matrix in row blocks (one block for a single file)."""
+        if self.full is not None:
+            yield self.full
+            return
+        for start in range(0, self.shape[0], rows):
+            yield self.shards.rows(start, min(start + rows, self.shape[0]))
+
+
+def _is_shard_set(path: Path) -> bool:
+    return path.is_dir() or any(ch in str(path) for ch in "*?[") or "-of-" in path.name
 
 
 def open_score_file(path: Path, with_data: bool = True) -> ScoreFile:
-    """Load ``path``; rebuild the dataset from the recorded config for labels and images."""
+    """Load ``path`` (a file, or shards: a folder, a glob or one shard's name); rebuild the dataset for labels."""
+    path = Path(path)
+    if _is_shard_set(path):
+        # one shard's name stands for its whole set: scores-00001-of-00004 -> scores-*-of-00004
+        source = path.parent / re.sub(r"-\d+-of-(\d+)", r"-*-of-\1", path.name) if path.is_file() else path
+        shards = open_score_set(str(source))
+        meta = shards.metadata
+        split = _rebuild_split(meta) if with_data else None
+        return ScoreFile(path, shards.train_indices, shards.test_indices, meta, split, shards=shards)
     tensors, meta = load_scores(path)
     split = _rebuild_split(meta) if with_data else None
-    return ScoreFile(Path(path), tensors[SCORES], tensors[TRAIN_INDICES], tensors[TEST_INDICES], meta, split)
+    return ScoreFile(path, tensors[TRAIN_INDICES], tensors[TEST_INDICES], meta, split, full=tensors[SCORES])
 
 
 def _rebuild_split(meta: Dict[str, Any]) -> Optional[Split]:
@@ -68,7 +102,7 @@ def parse_test_indices(text: Optional[str], n_test: int) -> List[int]:
 
 def top_training_samples(sf: ScoreFile, col: int, k: int) -> Dict[str, List[Dict[str, Any]]]:
     """The ``k`` strongest proponents and opponents of test column ``col``."""
-    column = sf.scores[:, col]
+    column = sf.column(col)
     k = min(k, column.numel())
 
     def rows(indices: Tensor) -> List[Dict[str, Any]]:
@@ -83,9 +117,28 @@ def top_training_samples(sf: ScoreFile, col: int, k: int) -> Dict[str, List[Dict
     return {"proponents": rows(torch.topk(column, k).indices), "opponents": rows(torch.topk(-column, k).indices)}
 
 
+def score_stats(sf: ScoreFile) -> Dict[str, Optional[float]]:
+    """Min, max, mean, std and fraction positive, accumulated over row blocks."""
+    count, total, total_sq, positive = 0, 0.0, 0.0, 0
+    low, high = float("inf"), float("-inf")
+    for block in sf.row_blocks():
+        b = block.double()
+        if b.numel() == 0:
+            continue
+        count += b.numel()
+        total += float(b.sum())
+        total_sq += float((b * b).sum())
+        positive += int((b > 0).sum())
+        low, high = min(low, float(b.min())), max(high, float(b.max()))
+    if count == 0:
+        return {"min": None, "max": None, "mean": None, "std": None, "fraction_positive": None}
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1)
+    return {"min": low, "max": high, "mean": mean, "std": var**0.5, "fraction_positive": positive / count}
+
+
 def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
     """Everything ``show`` prints, as plain data."""
-    s = sf.scores.double()
     meta = sf.metadata
     tests = []
     for col in cols:
@@ -95,19 +148,14 @@ def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
         tests.append(entry)
     return {
         "path": str(sf.path),
-        "shape": list(sf.scores.shape),
+        "shape": list(sf.shape),
+        "shards": len(sf.shards.entries) if sf.shards is not None else None,
         "attributor": meta.get("attributor", {}),
         "choices": meta.get("choices", {}),
         "versions": meta.get("versions", {}),
         "config_hash": meta.get("config_hash"),
         "diagnostics": meta.get("diagnostics", {}),
-        "stats": {
-            "min": float(s.min()) if s.numel() else None,
-            "max": float(s.max()) if s.numel() else None,
-            "mean": float(s.mean()) if s.numel() else None,
-            "std": float(s.std()) if s.numel() > 1 else None,
-            "fraction_positive": float((s > 0).double().mean()) if s.numel() else None,
-        },
+        "stats": score_stats(sf),
         "tests": tests,
     }
 
@@ -145,14 +193,14 @@ def main(argv: List[str]) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("path", type=Path, help="a scores.safetensors file written by `dattri run`")
+    parser.add_argument("path", type=Path, help="a score file, or shards: their folder, a glob, or one shard file")
     parser.add_argument("--test", help="test columns to explain, comma-separated (default: 0)")
     parser.add_argument("--top-k", type=int, default=5, help="proponents/opponents per test column (default 5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--no-labels", action="store_true", help="do not rebuild the dataset for labels")
     args = parser.parse_args(argv)
     sf = open_score_file(args.path, with_data=not args.no_labels)
-    summary = summarize(sf, parse_test_indices(args.test, sf.scores.shape[1]), max(1, args.top_k))
+    summary = summarize(sf, parse_test_indices(args.test, sf.shape[1]), max(1, args.top_k))
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:

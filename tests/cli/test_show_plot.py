@@ -55,3 +55,20 @@ def test_config_reference_is_current():
 
     page = Path(__file__).resolve().parents[2] / "docs" / "configs.md"
     assert page.read_text() == render_markdown(catalog()), "run: dattri list --markdown > docs/configs.md"
+
+
+def test_show_reads_a_shard_set_like_the_merged_file(small_run, tmp_path, capsys):
+    shard_paths = [
+        pipeline.run(small_run("attributor=grad_dot", f"shard.index={i}", "shard.count=2", out="sh.safetensors")).path
+        for i in range(2)
+    ]
+    full = pipeline.run(small_run("attributor=grad_dot", out="full.safetensors")).path
+    summaries = []
+    for source in (full, shard_paths[1], tmp_path):
+        cli.main(["show", str(source), "--test", "1", "--json", "--no-labels"])
+        summaries.append(json.loads(capsys.readouterr().out))
+    for other in summaries[1:]:
+        assert other["shape"] == summaries[0]["shape"]
+        assert other["tests"] == summaries[0]["tests"]
+        assert abs(other["stats"]["mean"] - summaries[0]["stats"]["mean"]) < 1e-9
+    assert summaries[1]["shards"] == 2
