@@ -529,19 +529,13 @@ class IFAttributorEKFAC(_CachedFullTrain):
         self.factors: Dict[int, Dict[str, Any]] = {}
 
     def cache(self, full_train_dataloader: DataLoader) -> None:
-        """Fit the factors (and the eigenvalue correction) for every checkpoint."""
-        from dattri_cli.func import kfac
-
+        """Fit (or read from the train-side cache) the factors of every checkpoint."""
         super().cache(full_train_dataloader)
         self.factors = {}
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             params = self.task.named_parameters(ckpt_idx)
             params = {k: v.to(self.device) for k, v in params.items()}
-            factors, count = kfac.fit_factors(
-                self.task.original_loss_func, params, full_train_dataloader, self.task.get_model(),
-                self.module_name, fisher=self.fisher, correct=self.correct_eigenvalues, device=self.device,
-                progress=track,
-            )
+            factors, count = self._fit_or_load(ckpt_idx, params, full_train_dataloader)
             self.factors[ckpt_idx] = factors
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = {
                 "method": "ekfac" if self.correct_eigenvalues else "kfac",
@@ -550,6 +544,37 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 "excluded_parameters": sorted(self.selection.excluded),
                 "layers": {},
             }
+
+    def _fit_or_load(self, ckpt_idx: int, params: Dict[str, Tensor], loader: DataLoader) -> Tuple[Dict[str, Any], int]:
+        """Fit one checkpoint's factors, or read them from the train-side cache when the runner set one.
+
+        The cache key covers the checkpoint, the training data, the layers and the
+        Fisher kind, so another test set or another damping reuses the factors.
+        """
+        from dattri_cli.func import kfac
+
+        def fit() -> Tuple[Dict[str, Any], int]:
+            return kfac.fit_factors(
+                self.task.original_loss_func, params, loader, self.task.get_model(),
+                self.module_name, fisher=self.fisher, correct=self.correct_eigenvalues, device=self.device,
+                progress=track,
+            )
+
+        if self.feature_store is None:
+            return fit()
+        kind = "ekfac" if self.correct_eigenvalues else "kfac"
+        store = self.feature_store(f"{kind}_factors", ckpt_idx, {"fisher": self.fisher, "modules": list(self.module_name)})
+        has_bias = kfac.bias_of(self.task.get_model(), self.module_name)
+        names = kfac.factor_block_names(self.module_name, self.correct_eigenvalues)
+        stored = {n: store.get(n) for n in names}
+        if all(v is not None for v in stored.values()):
+            store.hits += 1
+            return kfac.factors_from_blocks({k: v.to(self.device) for k, v in stored.items()}, self.module_name, has_bias)
+        store.misses += 1
+        factors, count = fit()
+        for name, block in kfac.factors_to_blocks(factors, count).items():
+            store.put(name, block)
+        return factors, count
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:
         if not self.factors:

@@ -342,6 +342,43 @@ class LayerFactors:
         return from_matrix(self.s_evecs @ rotated @ self.a_evecs.T, self.has_bias).to(flat.dtype)
 
 
+_FACTOR_FIELDS = ("a_cov", "s_cov", "a_evals", "a_evecs", "s_evals", "s_evecs", "corrected")
+
+
+def factors_to_blocks(factors: Dict[str, LayerFactors], count: int) -> Dict[str, Tensor]:
+    """Named tensors holding every fitted factor (for the on-disk train-side cache)."""
+    blocks = {"num_samples": torch.tensor([count], dtype=torch.int64)}
+    for name, f in factors.items():
+        for field_name in _FACTOR_FIELDS:
+            value = getattr(f, field_name)
+            if value is not None:
+                blocks[f"{name}--{field_name}"] = value
+    return blocks
+
+
+def factor_block_names(names: Sequence[str], corrected: bool) -> List[str]:
+    """The block names :func:`factors_to_blocks` writes for these layers."""
+    fields = [f for f in _FACTOR_FIELDS if corrected or f != "corrected"]
+    return ["num_samples"] + [f"{name}--{f}" for name in names for f in fields]
+
+
+def bias_of(model: nn.Module, names: Sequence[str]) -> Dict[str, bool]:
+    """Whether each named layer has a bias."""
+    modules = dict(model.named_modules())
+    return {name: getattr(modules[name], "bias", None) is not None for name in names}
+
+
+def factors_from_blocks(
+    blocks: Dict[str, Tensor], names: Sequence[str], has_bias: Dict[str, bool]
+) -> Tuple[Dict[str, LayerFactors], int]:
+    """Inverse of :func:`factors_to_blocks`."""
+    factors = {}
+    for name in names:
+        fields = {k: blocks.get(f"{name}--{k}") for k in _FACTOR_FIELDS}
+        factors[name] = LayerFactors(name, int(fields["s_cov"].shape[0]), has_bias[name], **fields)
+    return factors, int(blocks["num_samples"][0])
+
+
 def _batches(loader: Iterable, device: str) -> Iterable[Tuple[Tensor, ...]]:
     for batch in loader:
         yield tuple(t.to(device) for t in batch)
