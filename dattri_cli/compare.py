@@ -114,7 +114,17 @@ def compare_files(path_a: Path, path_b: Path, top_k: int = 10) -> tuple[Dict[str
 
 def parser() -> argparse.ArgumentParser:
     """Arguments of ``dattri compare``."""
-    p = argparse.ArgumentParser(prog="dattri compare", description="Agreement of two score files; exit 1 when a threshold is not met.")
+    p = argparse.ArgumentParser(
+        prog="dattri compare",
+        description="Agreement of two score files; exit 1 when a threshold is not met.",
+        epilog=(
+            "examples:\n"
+            "  dattri compare a.safetensors b.safetensors                 # statistics only\n"
+            "  dattri compare a.safetensors b.safetensors --exact         # CI: same config, same bytes\n"
+            "  dattri compare a.safetensors b.safetensors --scale-atol 1e-4 --min-spearman 0.999\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     p.add_argument("--exact", action="store_true", help="require bitwise-equal scores")

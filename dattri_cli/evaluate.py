@@ -130,8 +130,26 @@ def parse_args(args: List[str]) -> Dict[str, Any]:
     return values
 
 
+HELP = """usage: dattri eval scores=PATH groundtruth=PATH [--json] [out=PATH] [bootstrap=N] [level=0.95] [seed=N]
+
+How well a score file predicts retraining: LDS (mean Spearman over test samples, with a
+bootstrap confidence interval), LOO correlation (mean Pearson) when the ground truth has
+leave-one-out retrainings, and mislabel-detection AUC when labels were flipped.
+Refuses files whose train/test indices or configs do not belong together.
+
+examples:
+  dattri groundtruth model=lr num_subsets=50 out=gt.safetensors
+  dattri run attributor=if_explicit model=lr out=if.safetensors
+  dattri eval scores=if.safetensors groundtruth=gt.safetensors
+  dattri eval scores=if.safetensors groundtruth=gt.safetensors --json out=report.json
+"""
+
+
 def main(args: List[str]) -> int:
     """Evaluate, print a table (or JSON with ``--json``), write JSON to ``out=`` if given."""
+    if any(a in {"-h", "--help"} for a in args):
+        print(HELP)
+        return 0
     opts = parse_args(args)
     report = evaluate(Path(opts["scores"]), Path(opts["groundtruth"]), int(opts.get("bootstrap", 1000)), float(opts.get("level", 0.95)), int(opts.get("seed", 0)))
     text = json.dumps(report, indent=2, sort_keys=True)

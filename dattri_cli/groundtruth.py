@@ -327,8 +327,29 @@ def compose(overrides: List[str]) -> Any:
         raise ConfigError(str(exc).splitlines()[0]) from exc
 
 
+HELP = """usage: dattri groundtruth [SETTING=VALUE ...] [RUN OVERRIDES ...] [--cfg]
+
+Retrain the configured model (same groups and overrides as `dattri run`) on random
+subsets of the training set and record every test sample's loss: the ground truth that
+`dattri eval` scores attributions against. Resumable (finished retrainings are kept in
+<out>.parts/) and parallel (workers=N); the file is identical whatever the parallelism.
+
+settings: num_subsets (50), alpha (0.5), seeds_per_subset (1), seed (0), loo=[i,j,...],
+          workers (1), work_dir, max_jobs, out (groundtruth.safetensors)
+
+examples:
+  dattri groundtruth model=lr num_subsets=50 workers=2 out=gt_lr.safetensors
+  dattri groundtruth model=mlp dataset.n_train=500 loo=[0,1,2] out=gt_mlp.safetensors
+  dattri groundtruth dataset.label_noise=0.1 out=gt_noisy.safetensors
+  dattri groundtruth model=lr --cfg          # print the composed config and settings only
+"""
+
+
 def main(args: List[str]) -> None:
     """``dattri groundtruth [KEY=VALUE ...]``: settings and run-config overrides mixed."""
+    if any(a in {"-h", "--help"} for a in args):
+        print(HELP)
+        return
     settings, overrides, show_cfg = split_args(args)
     cfg = compose(overrides)
     if show_cfg:

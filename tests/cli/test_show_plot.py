@@ -72,3 +72,12 @@ def test_show_reads_a_shard_set_like_the_merged_file(small_run, tmp_path, capsys
         assert other["tests"] == summaries[0]["tests"]
         assert abs(other["stats"]["mean"] - summaries[0]["stats"]["mean"]) < 1e-9
     assert summaries[1]["shards"] == 2
+
+
+@pytest.mark.parametrize("command", ["list", "show", "plot", "groundtruth", "eval", "compare", "merge"])
+def test_every_command_has_help_with_examples(command, capsys):
+    try:
+        cli.main([command, "--help"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert "example" in capsys.readouterr().out
