@@ -150,14 +150,19 @@ def checkpoint_weights(checkpoints: List[Checkpoint], mode: str) -> torch.Tensor
     return torch.tensor([c.lr for c in checkpoints])
 
 
-def call_attributor(attributor: Any, train_loader: Any, test_loader: Any, timings: Dict[str, float]) -> torch.Tensor:
-    """Run ``cache`` and ``attribute`` whatever their signature in the reference API."""
+def run_cache(attributor: Any, loader: Any, timings: Dict[str, float]) -> None:
+    """``cache(loader)``, or ``cache()`` for TracIn, timed into ``timings["cache_s"]``."""
     start = time.perf_counter()
     if inspect.signature(attributor.cache).parameters:
-        attributor.cache(train_loader)
+        attributor.cache(loader)
     else:
         attributor.cache()
     timings["cache_s"] = time.perf_counter() - start
+
+
+def call_attributor(attributor: Any, train_loader: Any, test_loader: Any, timings: Dict[str, float]) -> torch.Tensor:
+    """Run ``cache`` and ``attribute`` whatever their signature in the reference API."""
+    run_cache(attributor, train_loader, timings)
     start = time.perf_counter()
     first = next(iter(inspect.signature(attributor.attribute).parameters))
     if first == "test_dataloader":  # TRAK: the training set was cached

@@ -113,12 +113,9 @@ def attribute_rows(attributor: Any, cache_loader: Any, rows_loader: Any, test_lo
     if hasattr(attributor, "train_row_offset"):  # absolute row of the first sample it is given
         cached_side = first == "test_dataloader"  # TRAK: the rows come through cache()
         attributor.train_row_offset = plan.start if (plan.mode == "rank" or not cached_side) else 0
-    start = time.perf_counter()
-    if inspect.signature(attributor.cache).parameters:
-        attributor.cache(cache_loader)
-    else:
-        attributor.cache()
-    timings["cache_s"] = time.perf_counter() - start
+    from dattri_cli.pipeline import run_cache  # noqa: PLC0415 - pipeline imports this module
+
+    run_cache(attributor, cache_loader, timings)
     start = time.perf_counter()
     if first == "test_dataloader":  # TRAK: the training set was cached
         if hasattr(attributor, "attribute_rows"):
