@@ -43,7 +43,7 @@ def test_installed_run_writes_identical_files_twice(outside):
     cwd, env = outside
     for name in ("a", "b"):
         dattri(["run", *FAST, f"out={cwd / name}.safetensors"], cwd, env)
-    (ta, ma), (tb, mb) = load_scores(cwd / "a.safetensors"), load_scores(cwd / "b.safetensors")
+    (ta, ma), (tb, _) = load_scores(cwd / "a.safetensors"), load_scores(cwd / "b.safetensors")
     assert ta["scores"].shape == (50, 10)
     assert ta["scores"].numpy().tobytes() == tb["scores"].numpy().tobytes()
     assert (cwd / "a.safetensors").read_bytes() == (cwd / "b.safetensors").read_bytes()
