@@ -194,6 +194,50 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def acquire_checkpoints(
+    resolved: Mapping[str, Any], build_model: Any, split: Split, settings: TrainSettings, seed: int, rank: int = 0
+) -> List[Checkpoint]:
+    """The user's checkpoint files, or checkpoints trained (or found in the cache) from ``seed``."""
+    if resolved.get("checkpoint"):
+        return _user_checkpoints(resolved["checkpoint"], settings.lr)
+    key_parts = {"dataset": resolved["dataset"], "model": resolved["model"]}
+    if rank != 0:  # rank 0 trains (or finds) the checkpoints; the others then find them cached
+        distributed.barrier()
+    checkpoints = trained_checkpoints(build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts)
+    if rank == 0:
+        distributed.barrier()
+    return checkpoints
+
+
+def build_metadata(
+    resolved: Mapping[str, Any],
+    attributor_cfg: Mapping[str, Any],
+    runner: Mapping[str, Any],
+    choices: Optional[Dict[str, str]],
+    checkpoints: List[Checkpoint],
+    checkpoint_hashes: List[str],
+    attributor: Any,
+) -> Dict[str, Any]:
+    """Everything the score file depends on, for its single metadata key."""
+    return {
+        "attributor": {
+            "target": attributor_cfg["_target_"],
+            "kwargs": {k: v for k, v in attributor_cfg.items() if not k.startswith("_")},
+            "runner": dict(runner),
+        },
+        "choices": choices or {},
+        "config": {k: v for k, v in resolved.items() if k not in NON_RESULT_KEYS},
+        "config_hash": config_hash(resolved),
+        "seed": int(resolved.get("seed", 0)),
+        "versions": {"dattri_cli": dattri_cli.__version__, "torch": torch.__version__},
+        "checkpoints": [
+            {"file": c.path.name, "sha256": h, "model_index": c.model_index, "epoch": c.epoch}
+            for c, h in zip(checkpoints, checkpoint_hashes)
+        ],
+        "diagnostics": _jsonable(getattr(attributor, "diagnostics", {})),
+    }
+
+
 def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file."""
     resolved = builders.to_dict(cfg)
@@ -220,15 +264,7 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     timings["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if resolved.get("checkpoint"):
-        all_ckpts = _user_checkpoints(resolved["checkpoint"], settings.lr)
-    else:
-        key_parts = {"dataset": resolved["dataset"], "model": resolved["model"]}
-        if rank != 0:  # rank 0 trains (or finds) the checkpoints; the others then find them cached
-            distributed.barrier()
-        all_ckpts = trained_checkpoints(build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts)
-        if rank == 0:
-            distributed.barrier()
+    all_ckpts = acquire_checkpoints(resolved, build_model, split, settings, seed, rank)
     checkpoints = select_checkpoints(all_ckpts, runner.get("checkpoints", "final"))
     timings["checkpoints_s"] = time.perf_counter() - start
 
@@ -272,16 +308,7 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
             return RunResult(out, scores, {}, timings)
         scores = torch.cat(parts)
 
-    metadata = {
-        "attributor": {"target": attributor_cfg["_target_"], "kwargs": {k: v for k, v in attributor_cfg.items() if not k.startswith("_")}, "runner": runner},
-        "choices": choices or {},
-        "config": {k: v for k, v in resolved.items() if k not in NON_RESULT_KEYS},
-        "config_hash": config_hash(resolved),
-        "seed": seed,
-        "versions": {"dattri_cli": dattri_cli.__version__, "torch": torch.__version__},
-        "checkpoints": [{"file": c.path.name, "sha256": h, "model_index": c.model_index, "epoch": c.epoch} for c, h in zip(checkpoints, checkpoint_hashes)],
-        "diagnostics": _jsonable(getattr(attributor, "diagnostics", {})),
-    }
+    metadata = build_metadata(resolved, attributor_cfg, runner, choices, checkpoints, checkpoint_hashes, attributor)
     train_indices = split.train_indices
     extra = {}
     if runner.get("self_influence"):  # for `dattri eval` mislabel detection
