@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dattri_cli.errors import DattriError
+from dattri_cli.errors import reported
 
 log = logging.getLogger("dattri_cli")
 
@@ -27,15 +26,8 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     choices = {k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
-    try:
+    # inside the Hydra job: Hydra would otherwise print its own multi-line report
+    with reported(debug=os.environ.get("HYDRA_FULL_ERROR") == "1"):
         result = pipeline.run(cfg, output_dir=Path(hydra_cfg.runtime.output_dir), choices=choices)
-    except DattriError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no score file was written", file=sys.stderr)
-        sys.exit(130)
     if result.metadata:  # under torchrun only rank 0 writes (and reports) the result
         summary.print_summary(result)

@@ -124,15 +124,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     rest = [a for a in args[1:] if a != "--debug"]
     if debug and args[0] == "run":
         os.environ["HYDRA_FULL_ERROR"] = "1"
-    from dattri_cli.errors import DattriError  # noqa: PLC0415
+    from dattri_cli.errors import reported  # noqa: PLC0415
 
-    try:
+    with reported(debug):
         command(rest)
-    except DattriError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)

@@ -7,6 +7,10 @@ that sentence and exits non-zero; other exceptions are bugs and keep their trace
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from typing import Iterator
+
 
 class DattriError(Exception):
     """An error caused by input the user can fix; the message says how."""
@@ -26,3 +30,23 @@ class DataError(DattriError):
 
 class NumericalError(DattriError):
     """A solver met NaN/Inf, a singular matrix or divergence."""
+
+
+@contextlib.contextmanager
+def reported(debug: bool = False) -> Iterator[None]:
+    """Turn a DattriError into one ``error:`` line and exit 2, Ctrl-C into exit 130.
+
+    With ``debug`` the exception propagates with its traceback.
+    """
+    try:
+        yield
+    except DattriError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
