@@ -34,6 +34,7 @@ def _rank(rank: int, port: int, cache: str, work: str) -> None:
             pipeline.run(compose_run(_base(Path(cache), Path(work) / f"dist_{name}.safetensors") + overrides))
     finally:
         if dist.is_initialized():
+            dist.barrier()  # neither rank tears down while the other still talks (gloo aborts otherwise)
             dist.destroy_process_group()
 
 
