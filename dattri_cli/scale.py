@@ -24,7 +24,10 @@ from dattri_cli.errors import ConfigError
 from dattri_cli.feature_cache import BlockStore, train_fingerprint
 
 #: attributors whose full-training-set quantities are all-reduced under torchrun
-DISTRIBUTED_OK = ("TracInAttributor", "TRAKAttributor", "IFAttributorExplicit", "IFAttributorCG", "IFAttributorArnoldi")
+DISTRIBUTED_OK = (
+    "TracInAttributor", "TRAKAttributor", "IFAttributorExplicit", "IFAttributorCG", "IFAttributorArnoldi",
+    "IFAttributorDataInf", "IFAttributorEKFAC", "IFAttributorKFAC",
+)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dattri_cli import distributed
 from dattri_cli.algorithm.base import BaseAttributor, BaseInnerProductAttributor, stream_train_scores
 from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples, to_device
 from dattri_cli.errors import ConfigError
@@ -560,7 +561,8 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 progress=track,
             )
 
-        if self.feature_store is None:
+        # under torchrun the ranks fit together (collectives): a cache hit on one rank only would hang
+        if self.feature_store is None or distributed.world()[1] > 1:
             return fit()
         kind = "ekfac" if self.correct_eigenvalues else "kfac"
         store = self.feature_store(f"{kind}_factors", ckpt_idx, {"fisher": self.fisher, "modules": list(self.module_name)})

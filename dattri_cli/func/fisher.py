@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor
 
+from dattri_cli import distributed
 from dattri_cli.errors import ConfigError
 
 
@@ -66,10 +67,13 @@ class DataInfAccumulator:
 
     def result(self) -> Tensor:
         """The transformed test rows ``(k, P)``."""
-        if self.count == 0:
+        # under torchrun each rank saw its own training rows: sum the corrections over ranks
+        count = distributed.reduce_count(self.count, str(self.test_rep.device))
+        corrections = [distributed.reduce_sum(acc) for acc in self._correction]
+        if count == 0:
             msg = "DataInf saw no training gradients"
             raise ValueError(msg)
-        layers = [(t - acc / self.count) / self.regularization for t, acc in zip(self._tests, self._correction)]
+        layers = [(t - acc / count) / self.regularization for t, acc in zip(self._tests, corrections)]
         return torch.cat(layers, dim=1)
 
 

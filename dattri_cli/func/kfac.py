@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 
 FISHER_CHOICES = ("gauss_newton", "empirical")
@@ -417,12 +418,14 @@ def fit_factors(
                 factors[nm].a_cov += a_sum
                 factors[nm].s_cov += s_sum
         count += batch[0].shape[0]
+    # under torchrun each rank saw its own training rows: sum the factors over ranks
+    count = distributed.reduce_count(count, device)
     if count == 0:
         msg = "K-FAC saw no training samples (empty loader)"
         raise ConfigError(msg)
     for f in factors.values():
-        f.a_cov /= count
-        f.s_cov /= count
+        f.a_cov = distributed.reduce_sum(f.a_cov) / count
+        f.s_cov = distributed.reduce_sum(f.s_cov) / count
         f.a_evals, f.a_evecs = torch.linalg.eigh(f.a_cov)
         f.s_evals, f.s_evecs = torch.linalg.eigh(f.s_cov)
         if not (torch.isfinite(f.a_evals).all() and torch.isfinite(f.s_evals).all()):
@@ -440,7 +443,8 @@ def fit_factors(
                     moment += torch.einsum("nlo,nli->noi", g_rot, a_rot).square().sum(dim=0)
                 f.corrected = moment if f.corrected is None else f.corrected + moment
         for f in factors.values():
-            f.corrected = f.corrected / count if f.corrected is not None else torch.zeros_like(f.eigenvalues(False))
+            moment = f.corrected if f.corrected is not None else torch.zeros_like(f.eigenvalues(False))
+            f.corrected = distributed.reduce_sum(moment) / count
     return factors, count
 
 

@@ -19,6 +19,8 @@ CASES = {
     "grad_dot": ["attributor=grad_dot"],
     "if_cg": ["attributor=if_cg", "attributor.regularization=0.1", "attributor.max_iter=60", "attributor.tol=1e-4"],
     "trak": ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"],
+    "if_datainf": ["attributor=if_datainf"],
+    "if_ekfac": ["attributor=if_ekfac"],
 }
 
 
