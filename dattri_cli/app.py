@@ -22,12 +22,13 @@ log = logging.getLogger("dattri_cli")
 @hydra.main(version_base="1.3", config_path="pkg://dattri_cli.configs", config_name="run")
 def main(cfg: DictConfig) -> None:
     """Run one attribution job with the composed config."""
-    from dattri_cli import pipeline, summary  # noqa: PLC0415 - keep `--help` fast
+    from dattri_cli import distributed, pipeline, summary  # noqa: PLC0415 - keep `--help` fast
 
     hydra_cfg = HydraConfig.get()
     choices = {k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
     # inside the Hydra job: Hydra would otherwise print its own multi-line report
     with reported(debug=os.environ.get("HYDRA_FULL_ERROR") == "1"):
         result = pipeline.run(cfg, output_dir=Path(hydra_cfg.runtime.output_dir), choices=choices)
+    distributed.shutdown()
     if result.metadata:  # under torchrun only rank 0 writes (and reports) the result
         summary.print_summary(result)

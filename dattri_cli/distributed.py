@@ -99,6 +99,19 @@ def gather_rows(block: Tensor) -> List[Tensor]:
     return [p for p in parts if p is not None]  # type: ignore[misc]
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a torchrun job (a no-op otherwise).
+
+    Every rank waits for the others first: a rank tearing gloo down while another is
+    still finishing can abort that process at exit.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for all ranks (no-op in one process)."""
     import torch.distributed as dist  # noqa: PLC0415

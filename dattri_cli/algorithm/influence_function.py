@@ -12,6 +12,7 @@ checkpoint in one batched solve. Their diagnostics land in ``self.diagnostics``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -189,6 +190,46 @@ class _CachedFullTrain(BaseInnerProductAttributor):
     def _loss(self, ckpt_idx: int) -> Func:
         return self.task.get_loss_func(self.layer_name, ckpt_idx)
 
+    def _cached_stage(
+        self,
+        kind: str,
+        ckpt_idx: int,
+        settings: Dict[str, Any],
+        names: List[str],
+        compute: Callable[[], Dict[str, Tensor]],
+    ) -> Dict[str, Tensor]:
+        """Tensors ``names`` of one train-side stage, read from the runner's feature cache or computed.
+
+        The store key covers the checkpoint, the training data and the layers (see the
+        runner) plus ``settings``; without a store, or under torchrun (where the ranks
+        compute together through collectives, so a hit on one rank alone would hang),
+        the stage is simply computed.
+        """
+        if self.feature_store is None or distributed.world()[1] > 1:
+            return compute()
+        # sums over the loader depend on its batching in the last bits: key on it too, so a
+        # run's bytes never depend on which earlier run filled the cache
+        batching = {"cache_batch_size": getattr(self.full_train_dataloader, "batch_size", None)}
+        store = self.feature_store(kind, ckpt_idx, {**settings, **batching})
+        stored = {n: store.get(n) for n in names}
+        if all(v is not None for v in stored.values()):
+            store.hits += 1
+            return {k: v.to(self.device) for k, v in stored.items()}
+        store.misses += 1
+        blocks = compute()
+        for name in names:
+            store.put(name, blocks[name])
+        return blocks
+
+
+def _json_tensor(value: Any) -> Tensor:
+    """A JSON-serialisable value as a uint8 tensor (diagnostics kept beside cached tensors)."""
+    return torch.tensor(list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def _from_json_tensor(tensor: Tensor) -> Any:
+    return json.loads(bytes(tensor.to("cpu").tolist()).decode())
+
 
 class IFAttributorExplicit(_CachedFullTrain):
     """Influence with the exact Hessian, formed and inverted densely (small models)."""
@@ -214,7 +255,10 @@ class IFAttributorExplicit(_CachedFullTrain):
         if ckpt_idx not in self._inverse:
             # keep one checkpoint's factorization at a time: memory is P^2, not K * P^2
             self._inverse = {}
-            hess = explicit_hessian(self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device)
+            hess = self._cached_stage(
+                "hessian", ckpt_idx, {}, ["hessian"],
+                lambda: {"hessian": explicit_hessian(self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device)},
+            )["hessian"]
             inverse = symmetric_inverse(hess, self.regularization)
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = inverse.diagnostics
             self._inverse[ckpt_idx] = inverse
@@ -336,11 +380,24 @@ class IFAttributorArnoldi(_CachedFullTrain):
         used = math.ceil(len(full_train_dataloader) * self.precompute_data_ratio)
         batches = [b for i, b in enumerate(full_train_dataloader) if i < used]
         self._eigen = {}
+        settings = {
+            "proj_dim": self.proj_dim, "max_iter": self.max_iter, "tol": self.tol,
+            "regularization": self.regularization, "seed": self.seed, "batches_used": used,
+        }
         for ckpt_idx in range(len(self.task.get_checkpoints())):
-            eig = arnoldi_eigen(
-                self._loss(ckpt_idx), self._params(ckpt_idx), batches, self.device,
-                proj_dim=self.proj_dim, max_iter=self.max_iter, norm_constant=self.norm_constant,
-                tol=self.tol, regularization=self.regularization, seed=self.seed,
+
+            def compute(k: int = ckpt_idx) -> Dict[str, Tensor]:
+                eig = arnoldi_eigen(
+                    self._loss(k), self._params(k), batches, self.device,
+                    proj_dim=self.proj_dim, max_iter=self.max_iter, norm_constant=self.norm_constant,
+                    tol=self.tol, regularization=self.regularization, seed=self.seed,
+                )
+                return {"eigenvalues": eig.eigenvalues, "eigenvectors": eig.eigenvectors,
+                        "diagnostics": _json_tensor(eig.diagnostics)}
+
+            blocks = self._cached_stage("arnoldi", ckpt_idx, settings, ["eigenvalues", "eigenvectors", "diagnostics"], compute)
+            eig = ArnoldiEigen(
+                blocks["eigenvalues"], blocks["eigenvectors"], self.norm_constant, _from_json_tensor(blocks["diagnostics"])
             )
             self._eigen[ckpt_idx] = eig
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = dict(eig.diagnostics)
@@ -549,34 +606,22 @@ class IFAttributorEKFAC(_CachedFullTrain):
     def _fit_or_load(self, ckpt_idx: int, params: Dict[str, Tensor], loader: DataLoader) -> Tuple[Dict[str, Any], int]:
         """Fit one checkpoint's factors, or read them from the train-side cache when the runner set one.
 
-        The cache key covers the checkpoint, the training data, the layers and the
-        Fisher kind, so another test set or another damping reuses the factors.
+        Damping is applied at transform time, so another damping (or test set) reuses them.
         """
         from dattri_cli.func import kfac
 
-        def fit() -> Tuple[Dict[str, Any], int]:
-            return kfac.fit_factors(
+        def fit() -> Dict[str, Tensor]:
+            factors, count = kfac.fit_factors(
                 self.task.original_loss_func, params, loader, self.task.get_model(),
                 self.module_name, fisher=self.fisher, correct=self.correct_eigenvalues, device=self.device,
                 progress=track,
             )
+            return kfac.factors_to_blocks(factors, count)
 
-        # under torchrun the ranks fit together (collectives): a cache hit on one rank only would hang
-        if self.feature_store is None or distributed.world()[1] > 1:
-            return fit()
-        kind = "ekfac" if self.correct_eigenvalues else "kfac"
-        store = self.feature_store(f"{kind}_factors", ckpt_idx, {"fisher": self.fisher, "modules": list(self.module_name)})
-        has_bias = kfac.bias_of(self.task.get_model(), self.module_name)
+        kind = "ekfac_factors" if self.correct_eigenvalues else "kfac_factors"
         names = kfac.factor_block_names(self.module_name, self.correct_eigenvalues)
-        stored = {n: store.get(n) for n in names}
-        if all(v is not None for v in stored.values()):
-            store.hits += 1
-            return kfac.factors_from_blocks({k: v.to(self.device) for k, v in stored.items()}, self.module_name, has_bias)
-        store.misses += 1
-        factors, count = fit()
-        for name, block in kfac.factors_to_blocks(factors, count).items():
-            store.put(name, block)
-        return factors, count
+        blocks = self._cached_stage(kind, ckpt_idx, {"fisher": self.fisher, "modules": list(self.module_name)}, names, fit)
+        return kfac.factors_from_blocks(blocks, self.module_name, kfac.bias_of(self.task.get_model(), self.module_name))
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:
         if not self.factors:

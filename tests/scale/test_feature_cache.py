@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dattri_cli import pipeline
@@ -67,3 +68,25 @@ def test_sigkill_mid_run_resumes_to_identical_bytes(tmp_path):
     assert resumed.path.read_bytes() == fresh.path.read_bytes()
     sidecar = json.loads((tmp_path / "k.run.json").read_text())
     assert sidecar["timings"]["feature_cache_hits"] == 3
+
+
+@pytest.mark.parametrize(
+    ("attributor", "changed"),
+    [
+        ("if_explicit", "attributor.regularization=0.5"),  # the Hessian is reused, its damping is not cached
+        ("if_arnoldi", "dataset.n_test=7"),  # the eigenpairs are reused by another test set
+    ],
+)
+def test_influence_factors_are_reused_and_change_nothing(small_run, attributor, changed):
+    plain = pipeline.run(small_run(f"attributor={attributor}", "feature_cache=false", "attributor.regularization=0.1", out="plain.safetensors"))
+    first = pipeline.run(small_run(f"attributor={attributor}", "feature_cache=true", "attributor.regularization=0.1", out="first.safetensors"))
+    again = pipeline.run(small_run(f"attributor={attributor}", "feature_cache=true", "attributor.regularization=0.1", out="again.safetensors"))
+    # (the session's cache may already hold these factors from earlier tests: no claim on `first`)
+    assert again.timings["feature_cache_misses"] == 0 and again.timings["feature_cache_hits"] >= 1
+    assert plain.scores.numpy().tobytes() == first.scores.numpy().tobytes() == again.scores.numpy().tobytes()
+    assert again.metadata["diagnostics"] == plain.metadata["diagnostics"]
+    other = pipeline.run(small_run(f"attributor={attributor}", "feature_cache=true", "attributor.regularization=0.1", changed, out="other.safetensors"))
+    if attributor == "if_explicit":
+        assert other.timings["feature_cache_hits"] >= 1  # regularization is applied after the cached Hessian
+    else:
+        assert other.timings["feature_cache_misses"] == 0
