@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dattri_cli.algorithm.rps import RPSAttributor
+from dattri_cli.algorithm.rps import FinalLayerObjective, RPSAttributor, soft_targets
 from dattri_cli.errors import ConfigError
 from dattri_cli.task import AttributionTask
 
@@ -121,3 +121,27 @@ def test_bad_layer_name_is_a_config_error() -> None:
     train = _data(10, 3, seed=0)
     with pytest.raises(ConfigError, match="not a submodule"):
         RPSAttributor(_task(3, [_checkpoint(3, 1)]), "nope").cache(_loader(train))
+
+
+@pytest.mark.parametrize("classes", [3, 1])
+def test_analytic_objective_derivatives_match_autograd(classes: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    targets = soft_targets(torch.randn(20, classes, generator=gen, dtype=torch.float64))
+    theta = torch.randn(classes, 4, generator=gen, dtype=torch.float64)
+    direction = torch.randn(classes, 4, generator=gen, dtype=torch.float64)
+    objective = FinalLayerObjective(features, targets, 0.05)
+
+    def loss(t: torch.Tensor) -> torch.Tensor:  # written out independently of the module
+        logits = features @ t.T
+        if classes == 1:
+            ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        else:
+            ce = -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
+        return ce + 0.05 * t.square().sum()
+
+    grad, probs = objective.gradient(theta)
+    torch.testing.assert_close(grad, torch.func.grad(loss)(theta))
+    torch.testing.assert_close(objective.loss(theta), float(loss(theta)))
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (theta,), (direction,))
+    torch.testing.assert_close(objective.hvp(probs, direction), hvp)
