@@ -170,8 +170,11 @@ class TRAKAttributor(BaseAttributor):
 
     def _project_batch(self, ckpt_idx: int, params: Tensor, grad_func: Callable, batch: Any, side: str) -> Tensor:
         grads = grad_func(params, to_device(batch, self.device)).detach() / self.norm_scaler
-        check_finite(grads, f"{side} gradients", hint="check the data and the checkpoint")
-        return self.projector.project(grads, ckpt_idx=ckpt_idx).to(torch.float32)
+        projected = self.projector.project(grads, ckpt_idx=ckpt_idx).to(torch.float32)
+        # checked after projection: a NaN/Inf gradient entry reaches every projected
+        # coordinate (the random matrix has no zeros), and the projection is far smaller
+        check_finite(projected, f"{side} gradients", hint="check the data and the checkpoint")
+        return projected
 
     def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
         """Projected, scaled per-sample gradients of the loss (train) or target (test)."""
@@ -189,12 +192,13 @@ class TRAKAttributor(BaseAttributor):
         extra = {"projector_kwargs": self.projector_kwargs, "ckpt_idx": ckpt_idx, "norm_scaler": self.norm_scaler}
         return self.feature_store("trak_features", ckpt_idx, extra)
 
-    def _train_features(self, ckpt_idx: int, loader: DataLoader) -> Tuple[FeatureBlocks, Tensor, int]:
-        """Stream the training set once: feature blocks (stored, resumable) and the kernel sum."""
+    def _train_features(self, ckpt_idx: int, loader: DataLoader) -> Tuple[FeatureBlocks, Tensor, int, Tensor]:
+        """Stream the training set once: feature blocks (stored, resumable), the kernel sum and ``1 - p``."""
         params, grad_func = self._grad_setup(ckpt_idx, target=False)
+        full_params = {k: v.to(self.device) for k, v in self.task.named_parameters(ckpt_idx).items()}
         store = self._store(ckpt_idx)
         ranges: List[Tuple[int, int]] = []
-        kernel = None
+        kernel, q_parts = None, []
         row = self.train_row_offset
         for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
             n = batch_size_of(batch)
@@ -203,33 +207,29 @@ class TRAKAttributor(BaseAttributor):
             ).to(self.device)
             wide = block.to(torch.float64)
             kernel = wide.T @ wide if kernel is None else kernel + wide.T @ wide
+            q_parts.append(self._one_minus_p(full_params, batch))
             ranges.append((row, row + n))
             row += n
         if kernel is None:
             msg = "the training loader is empty"
             raise NumericalError(msg)
-        count = distributed.reduce_count(row - self.train_row_offset, self.device)
-        return FeatureBlocks(store, ranges, kernel.shape[0]), distributed.reduce_sum(kernel), count
-
-    def _one_minus_p(self, ckpt_idx: int, loader: DataLoader) -> Tensor:
-        """``1 - p`` per training sample, from the full parameters of the checkpoint."""
-        params = {k: v.to(self.device) for k, v in self.task.named_parameters(ckpt_idx).items()}
-        probs = [
-            per_sample_value(self.correct_probability_func, params, to_device(batch, self.device)).detach()
-            for batch in loader
-        ]
-        q = 1.0 - torch.cat(probs).to(torch.float64).flatten()
+        q = torch.cat(q_parts)
         check_finite(q, "correct-class probabilities", hint="check correct_probability_func")
-        return q
+        count = distributed.reduce_count(row - self.train_row_offset, self.device)
+        return FeatureBlocks(store, ranges, kernel.shape[0]), distributed.reduce_sum(kernel), count, q
+
+    def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
+        """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""
+        probs = per_sample_value(self.correct_probability_func, params, to_device(batch, self.device)).detach()
+        return 1.0 - probs.to(torch.float64).flatten()
 
     def _train_side(self, loader: DataLoader) -> TrainSide:
         """Features, kernel factors and mean ``1 - p`` over all checkpoints."""
         features, factors, q_sum = [], [], None
         for ckpt_idx in range(len(self.task.get_checkpoints())):
-            phi, kernel, count = self._train_features(ckpt_idx, loader)
+            phi, kernel, count, q = self._train_features(ckpt_idx, loader)
             features.append(phi)
             factors.append(factor_kernel(kernel, count))
-            q = self._one_minus_p(ckpt_idx, loader)
             q_sum = q if q_sum is None else q_sum + q
         return TrainSide(features, factors, q_sum / len(features), self.train_row_offset)
 
