@@ -87,6 +87,25 @@ def reduce_count(count: int, device: str = "cpu") -> int:
     return int(reduce_sum(torch.tensor([count], dtype=torch.int64, device=device)).item())
 
 
+def row_span(count: int, device: str = "cpu") -> Tuple[int, int]:
+    """``(offset, total)``: this rank's first global training row and the rows over all ranks.
+
+    Ranks hold contiguous row blocks in rank order, so the offset is the sum of the
+    lower ranks' counts (an all-gather of the counts; it draws no random numbers).
+    Outside :func:`split_reductions` (and in one process) it is ``(0, count)``.
+    """
+    rank, size = world()
+    if not _SPLIT or size == 1:
+        return 0, count
+    import torch.distributed as dist  # noqa: PLC0415
+
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(counts, mine)
+    per_rank = [int(c.item()) for c in counts]
+    return sum(per_rank[:rank]), sum(per_rank)
+
+
 def gather_rows(block: Tensor) -> List[Tensor]:
     """Every rank's row block, in rank order, on rank 0 (an empty list elsewhere)."""
     import torch.distributed as dist  # noqa: PLC0415

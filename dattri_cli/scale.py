@@ -25,8 +25,8 @@ from dattri_cli.feature_cache import BlockStore, train_fingerprint
 
 #: attributors whose full-training-set quantities are all-reduced under torchrun
 DISTRIBUTED_OK = (
-    "TracInAttributor", "TRAKAttributor", "IFAttributorExplicit", "IFAttributorCG", "IFAttributorArnoldi",
-    "IFAttributorDataInf", "IFAttributorEKFAC", "IFAttributorKFAC",
+    "TracInAttributor", "TRAKAttributor", "IFAttributorExplicit", "IFAttributorCG", "IFAttributorLiSSA",
+    "IFAttributorArnoldi", "IFAttributorDataInf", "IFAttributorEKFAC", "IFAttributorKFAC",
 )
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
 from dattri_cli.algorithm.base import BaseAttributor, BaseInnerProductAttributor, stream_train_scores
-from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples, to_device
+from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, num_samples, to_device
 from dattri_cli.errors import ConfigError
 from dattri_cli.func.fisher import DataInfAccumulator, check_datainf_regularization, layer_sizes_from_map
 from dattri_cli.func.hessian import (
@@ -110,11 +110,16 @@ def ihvp_lissa(
 
     Afterwards one full-data Hessian-vector product measures how far the estimate
     is from solving that system (``relative_residual``); a poor value is logged
-    as a warning rather than returned silently.
+    as a warning rather than returned silently. Under torchrun (inside
+    :func:`distributed.split_reductions`) ``loader`` holds this rank's rows; the
+    minibatches are drawn over the global rows and their HVPs all-reduced, so the
+    ranks step in lockstep through the single-process recursion.
     """
     check_mode(mode)
     data = stack_loader(loader, device)
-    sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn)
+    # under torchrun ``data`` is this rank's block: every rank draws the same global minibatches
+    offset, total = distributed.row_span(batch_size_of(data), str(data[0].device))
+    sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn, offset, total)
     result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
     hvp = loader_hvp(func, params, [data], device, mode, damping * scaling)
     residual = float((hvp(result.solution) - rhs).norm() / rhs.norm().clamp_min(1e-30))

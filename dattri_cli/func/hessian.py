@@ -443,21 +443,65 @@ def minibatch_hvp_sampler(
     batch_size: int,
     mode: str = "rev-rev",
     collate_fn: Callable | None = None,
+    offset: int = 0,
+    total: int | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """``V -> V @ H_b`` on a fresh random minibatch of ``data`` (no replacement) per call.
+    """``V -> V @ H_b`` on a fresh random minibatch (no replacement) per call.
 
     ``collate_fn([params, *sampled_tensors]) -> (params, batch)`` may reshape the
     sample before use (LiSSA's ``lissa_collate_fn``); without it the sampled tensors
     are the batch. Uses the global torch random generator.
+
+    ``data`` may be one block of a larger training set: global rows
+    ``[offset, offset + len(data))`` of ``total`` (default: all of it). Every holder
+    of a block then draws the same global minibatch (the same generator calls as one
+    process holding everything), takes the batch-mean HVP of the sampled rows it
+    holds weighted by their share of the minibatch (zero when it holds none), and the
+    parts are summed by :func:`distributed.reduce_sum`, so the sum is the minibatch
+    mean. With the whole set in ``data`` this is the single-process sampler, bit for bit.
     """
     num = batch_size_of(data)
-    size = min(max(int(batch_size), 1), num)
+    total = num if total is None else int(total)
+    if offset < 0 or offset + num > total:
+        msg = f"rows [{offset}, {offset + num}) do not lie within the {total} training rows"
+        raise ValueError(msg)
+    size = min(max(int(batch_size), 1), total)
 
     def sample(vectors: Tensor) -> Tensor:
-        idx = torch.randperm(num)[:size].to(data[0].device)
-        picked = [t.index_select(0, idx) for t in data]
-        p, batch = collate_fn([params, *picked]) if collate_fn else (params, tuple(picked))
+        idx = torch.randperm(total)[:size]
+        local = _owned_rows(idx, offset, num).to(data[0].device)
         work = vectors.to(params.dtype)
-        return batch_hvp(func, p, tuple(batch), mode)(work).detach().to(vectors.dtype)
+        part = _weighted_hvp(func, params, data, local, size, mode, collate_fn, work)
+        return distributed.reduce_sum(part).to(vectors.dtype)
 
     return sample
+
+
+def _owned_rows(idx: Tensor, offset: int, num: int) -> Tensor:
+    """The global rows ``idx`` that lie in ``[offset, offset + num)``, as local rows, in draw order."""
+    owned = (idx >= offset) & (idx < offset + num)
+    return idx[owned] - offset
+
+
+def _weighted_hvp(
+    func: Func,
+    params: Tensor,
+    data: Tuple[Tensor, ...],
+    rows: Tensor,
+    size: int,
+    mode: str,
+    collate_fn: Callable | None,
+    work: Tensor,
+) -> Tensor:
+    """``work @ H`` of the batch mean over ``rows`` of ``data``, times ``len(rows) / size``.
+
+    Holding all ``size`` sampled rows gives the plain minibatch product (no rescaling,
+    so one process computes exactly what it always did); holding none gives zeros.
+    """
+    held = rows.numel()
+    if held == 0:
+        return torch.zeros_like(work)
+    picked = [t.index_select(0, rows) for t in data]
+    p, batch = collate_fn([params, *picked]) if collate_fn else (params, tuple(picked))
+    product = batch_hvp(func, p, tuple(batch), mode)(work).detach()
+    return product if held == size else product * (held / size)

@@ -145,6 +145,32 @@ def test_lissa_divergence_is_detected(problem: dict) -> None:
         lissa(sampler, problem["v"], recursion_depth=500, scaling=0.01)
 
 
+@pytest.mark.parametrize("batch_size", [1, 4, 10])
+def test_sampler_blocks_sum_to_the_whole_set_sampler(problem: dict, batch_size: int) -> None:
+    """Row blocks (as torchrun ranks hold them) weighted by their share add up to one process."""
+    x, t, v = problem["x"], problem["t"], problem["v"]
+    whole = minibatch_hvp_sampler(loss, problem["w"], (x, t), batch_size)
+    bounds = [(0, 12), (12, 18), (18, N)]
+    parts = [minibatch_hvp_sampler(loss, problem["w"], (x[a:b], t[a:b]), batch_size, offset=a, total=N) for a, b in bounds]
+    empty_parts = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        expected = whole(v)
+        got = []
+        for part in parts:  # every rank starts from the same generator state
+            torch.manual_seed(seed)
+            got.append(part(v))
+        empty_parts += sum(int(not g.any()) for g in got)
+        torch.testing.assert_close(sum(got), expected, rtol=1e-10, atol=1e-12)
+    if batch_size == 1:  # two of the three blocks hold none of each minibatch and add zeros
+        assert empty_parts == 2 * 8
+
+
+def test_sampler_refuses_a_block_outside_the_set(problem: dict) -> None:
+    with pytest.raises(ValueError, match="do not lie within"):
+        minibatch_hvp_sampler(loss, problem["w"], (problem["x"], problem["t"]), 4, offset=5, total=N)
+
+
 def test_arnoldi_with_full_dimension_is_the_exact_inverse(problem: dict) -> None:
     hvp = loader_hvp(loss, problem["w"], batches(problem, 7))
     eig = arnoldi(hvp, P, proj_dim=P, max_iter=P, round_off=1e-15)

@@ -19,6 +19,9 @@ from tests.conftest import compose_run
 CASES = {
     "grad_dot": ["attributor=grad_dot"],
     "if_cg": ["attributor=if_cg", "attributor.regularization=0.1", "attributor.max_iter=60", "attributor.tol=1e-4"],
+    # minibatches of 8 from 60 rows split 32 / 28: most draw rows of both ranks
+    "if_lissa": ["attributor=if_lissa", "attributor.recursion_depth=30", "attributor.batch_size=8",
+                 "attributor.scaling=5", "attributor.damping=0.02"],
     "trak": ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"],
     "if_datainf": ["attributor=if_datainf"],
     "if_ekfac": ["attributor=if_ekfac"],
