@@ -26,7 +26,7 @@ from dattri_cli.feature_cache import BlockStore, train_fingerprint
 #: attributors whose full-training-set quantities are all-reduced under torchrun
 DISTRIBUTED_OK = (
     "TracInAttributor", "TRAKAttributor", "IFAttributorExplicit", "IFAttributorCG", "IFAttributorLiSSA",
-    "IFAttributorArnoldi", "IFAttributorDataInf", "IFAttributorEKFAC", "IFAttributorKFAC",
+    "IFAttributorArnoldi", "IFAttributorDataInf", "IFAttributorEKFAC", "IFAttributorKFAC", "RPSAttributor",
 )
 
 

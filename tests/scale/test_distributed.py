@@ -25,6 +25,7 @@ CASES = {
     "trak": ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"],
     "if_datainf": ["attributor=if_datainf"],
     "if_ekfac": ["attributor=if_ekfac"],
+    "rps": ["attributor=rps"],  # the final-layer fit sums over both ranks' rows
 }
 
 
