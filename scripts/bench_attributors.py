@@ -90,7 +90,9 @@ ATTRIBUTORS: Dict[str, Dict[str, Any]] = {
         "kwargs": {"batch_size": 32, "num_repeat": 1, "recursion_depth": 100, "damping": IF_REG / 50.0, "scaling": 50.0},
         "deterministic": False,
     },
-    "if_arnoldi": {"kwargs": {"proj_dim": 100, "max_iter": 100, "regularization": IF_REG, "seed": 0}, "deterministic": True},
+    # the Grad-Dot floor (train and test per-sample gradients) bounds every gradient-based method
+    "if_arnoldi": {"kwargs": {"proj_dim": 100, "max_iter": 100, "regularization": IF_REG, "seed": 0}, "deterministic": True,
+                   "floor": True},
     "if_datainf": {"kwargs": {"regularization": 0.1}, "deterministic": True},
     "tracin": {"kwargs": {"normalized_grad": False}, "trajectory": True, "deterministic": True},
     "grad_dot": {"kwargs": {"normalized_grad": False}, "deterministic": True, "floor": True},
