@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.functional import normalize
 from torch.utils.data import DataLoader
 
-from dattri_cli.algorithm.base import BaseAttributor
+from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered
 from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples
 from dattri_cli.errors import ConfigError
 from dattri_cli.progress import track
@@ -107,6 +107,9 @@ def finetune_final_layer(
 class RPSAttributor(BaseAttributor):
     """Representer point selection on the final linear layer, averaged over checkpoints."""
 
+    #: dtype the scores are accumulated in before the float32 result (for memory estimates)
+    accumulator_dtype = torch.float64
+
     def __init__(
         self,
         task: AttributionTask,
@@ -129,6 +132,8 @@ class RPSAttributor(BaseAttributor):
         self.full_train_dataloader: Optional[DataLoader] = None
         self.finetuned_theta: List[Tensor] = []
         self.num_full_train = 0
+        #: test-side final-layer features kept across calls (set by a run writing row blocks; None: none kept)
+        self.test_side_memo: Optional[TestSideMemo] = None
         self.diagnostics: Dict[str, Any] = {}
 
     # -- features ------------------------------------------------------------------------------
@@ -219,7 +224,7 @@ class RPSAttributor(BaseAttributor):
 
     def _checkpoint_scores(self, ckpt_idx: int, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
         train = self._layer_io(ckpt_idx, train_loader)
-        test = self._layer_io(ckpt_idx, test_loader)
+        test = remembered(self.test_side_memo, ckpt_idx, test_loader, lambda: self._layer_io(ckpt_idx, test_loader))
         alpha = self.representer_weights(ckpt_idx, train)
         if alpha.shape[1] > 1:
             alpha = alpha[:, test.labels]  # the test sample's label picks the class
