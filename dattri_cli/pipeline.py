@@ -255,33 +255,38 @@ def write_row_blocks(
     make_metadata: Callable[[], Dict[str, Any]],
     with_self_influence: bool,
     timings: Dict[str, float],
-) -> List[Path]:
+) -> Tuple[List[Path], Dict[str, Any]]:
     """Cache once on the full training set, then score, write and free one block of rows at a time.
 
     Each file is exactly the shard file ``shard.index=i shard.count=len(blocks)`` would
     write. The test side is computed on the first block and kept (per checkpoint) for
-    the others; self-influence is computed right after the first block, where an
-    unblocked run computes it (same random state), and sliced per file.
+    the others. The metadata and self-influence are taken right after the first block,
+    where a single-file run takes them (same diagnostics, same random state); the
+    self-influence is sliced per file. Returns the files and the run's metadata.
     """
     train_loader, test_loader = loaders
-    paths = [shard_path(out, b.index, b.count) for b in blocks]
-    scale.align_row_offset(attributor, scale.RowPlan(0, 1, 0, split.x_train.shape[0], split.x_train.shape[0], "full"))
+    n_train = split.x_train.shape[0]
+    scale.align_row_offset(attributor, scale.RowPlan(0, 1, 0, n_train, n_train, "full"))
     run_cache(attributor, train_loader, timings)
     timings["attribute_s"] = 0.0
+    metadata: Dict[str, Any] = {}
     self_scores: Optional[torch.Tensor] = None
+    paths = []
     with scale.remember_test_side(attributor):
-        for block, path in zip(blocks, paths):
+        for block in blocks:
             start = time.perf_counter()
             rows_loader = scale.row_loader(split, block.start, block.stop, train_loader.batch_size)
             scores = scale.score_rows(attributor, rows_loader, test_loader, block).detach().to("cpu", torch.float32)
             timings["attribute_s"] += time.perf_counter() - start
-            if with_self_influence and self_scores is None:
-                self_scores = self_influence(attributor, train_loader)
+            if not metadata:
+                metadata = make_metadata()
+                self_scores = self_influence(attributor, train_loader) if with_self_influence else None
             extra = {} if self_scores is None else {"self_influence": self_scores[block.start : block.stop]}
-            metadata = {**make_metadata(), "shard": block.metadata()}
-            save_scores(path, scores, split.train_indices[block.start : block.stop], split.test_indices, metadata, extra)
+            paths.append(shard_path(out, block.index, block.count))
+            train_indices = split.train_indices[block.start : block.stop]
+            save_scores(paths[-1], scores, train_indices, split.test_indices, {**metadata, "shard": block.metadata()}, extra)
             del scores  # one block in memory at a time
-    return paths
+    return paths, metadata
 
 
 def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]) -> None:
@@ -361,10 +366,9 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     if len(blocks) > 1:
         for block in blocks:  # before any heavy work
             check_writable(shard_path(out, block.index, block.count), overwrite=bool(resolved.get("overwrite", True)))
-        files = write_row_blocks(
+        files, metadata = write_row_blocks(
             attributor, split, (train_loader, test_loader), blocks, out, make_metadata, bool(runner.get("self_influence")), timings
         )
-        metadata = make_metadata()
         finish_run(out, [str(f) for f in files], metadata["config_hash"], timings, store_stats)
         return RunResult(files[0], None, metadata, timings, files)
     if not plan.partial:

@@ -202,10 +202,10 @@ def rows_per_file_setting(output_cfg: Optional[Mapping[str, Any]], shard_cfg: Op
     return rows
 
 
-def available_memory() -> Optional[int]:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None where it cannot be read."""
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> Optional[int]:
+    """``MemAvailable`` of ``meminfo`` in bytes, or None where it cannot be read (not Linux, old kernel)."""
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        lines = Path(meminfo).read_text().splitlines()
     except OSError:
         return None
     for line in lines:
@@ -223,16 +223,23 @@ def score_bytes(attributor: Any, param_dtype: torch.dtype) -> int:
 
 def _size(num_bytes: float) -> str:
     """``1536 * 2**20`` -> ``"1.5 GiB"``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.1f} {unit}"
+    for unit, unit_bytes in (("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= unit_bytes:
+            return f"{num_bytes / unit_bytes:.1f} {unit}"
     return f"{num_bytes / 2**10:.1f} KiB"
+
+
+def _auto_rows(need: int, memory: Optional[int], n_test: int, bytes_per_score: int) -> Optional[int]:
+    """Rows per file under ``auto``: None (one file) unless ``need`` bytes exceed the memory budget."""
+    if memory is None or need <= memory * MEMORY_FRACTION:
+        return None
+    return max(1, int(memory * MEMORY_FRACTION) // max(1, n_test * bytes_per_score))
 
 
 def _warn_one_file(plan: RowPlan, need: int, memory: int) -> None:
     """A shard or a torchrun job keeps one file; say so when it may not fit."""
     if plan.mode == "rank":
-        advice = "rank 0 gathers every row; use shard.index/shard.count runs, which can write row blocks"
+        advice = "rank 0 gathers every row; run shards (shard.index/shard.count) instead, each holding only its rows"
     else:
         advice = "raise shard.count for smaller shards"
     log.warning("the score matrix needs about %s but %s of memory is available; %s", _size(need), _size(memory), advice)
@@ -244,22 +251,23 @@ def plan_files(rows_per_file: Optional[int], plan: RowPlan, batch_size: int, n_t
     ``rows_per_file=None`` (auto) keeps one file unless the estimated matrix exceeds
     :data:`MEMORY_FRACTION` of ``memory`` (unknown: one file). Blocks are whole training
     batches (at least one) laid out like ``shard.count`` shards, so every file equals
-    the shard file of that index.
+    the shard file of that index. Shards and torchrun ranks keep one file (a warning
+    when it may not fit).
     """
     held = (plan.stop - plan.start) if plan.mode == "shard" else plan.n_train  # rank 0 gathers every row
     need = held * n_test * bytes_per_score
-    budget = None if memory is None else int(memory * MEMORY_FRACTION)
+    auto_rows = _auto_rows(need, memory, n_test, bytes_per_score)
     if plan.mode != "full":
-        if budget is not None and need > budget:
-            _warn_one_file(plan, need, memory)
+        if auto_rows is not None:
+            _warn_one_file(plan, need, memory or 0)
         return [plan]
-    if rows_per_file is None:
-        if budget is None or need <= budget:
-            return [plan]
-        rows_per_file = max(1, budget // max(1, n_test * bytes_per_score))
-        reason = f"the score matrix needs about {_size(need)}, more than {MEMORY_FRACTION:.0%} of the {_size(memory)} available"
-    else:
+    if rows_per_file is not None:
         reason = f"output.rows_per_file={rows_per_file}"
+    elif auto_rows is not None:
+        rows_per_file = auto_rows
+        reason = f"the score matrix needs about {_size(need)}, more than {MEMORY_FRACTION:.0%} of the {_size(memory or 0)} available"
+    else:
+        return [plan]
     count = math.ceil(math.ceil(plan.n_train / batch_size) / max(1, rows_per_file // batch_size))
     if count == 1:
         return [plan]
