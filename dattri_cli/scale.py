@@ -258,7 +258,7 @@ def plan_files(rows_per_file: Optional[int], plan: RowPlan, batch_size: int, n_t
     need = held * n_test * bytes_per_score
     auto_rows = _auto_rows(need, memory, n_test, bytes_per_score)
     if plan.mode != "full":
-        if auto_rows is not None:
+        if auto_rows is not None and (plan.mode == "shard" or plan.index == 0):  # rank 0 only says it
             _warn_one_file(plan, need, memory or 0)
         return [plan]
     if rows_per_file is not None:
