@@ -52,7 +52,9 @@ class RunResult:
 
     A run that wrote its rows as several files (``output.rows_per_file``) lists them
     in ``files`` (``path`` is the first) and holds no ``scores``: read them with
-    :func:`dattri_cli.io.open_score_set` or merge them.
+    :func:`dattri_cli.io.open_score_set` or merge them. It keeps ``first_test_scores``
+    (column 0, one value per training row) for the summary, which would otherwise
+    read every file back.
     """
 
     path: Path
@@ -60,6 +62,7 @@ class RunResult:
     metadata: Dict[str, Any]
     timings: Dict[str, float] = field(default_factory=dict)
     files: List[Path] = field(default_factory=list)
+    first_test_scores: Optional[torch.Tensor] = None
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
@@ -255,14 +258,15 @@ def write_row_blocks(
     make_metadata: Callable[[], Dict[str, Any]],
     with_self_influence: bool,
     timings: Dict[str, float],
-) -> Tuple[List[Path], Dict[str, Any]]:
+) -> Tuple[List[Path], Dict[str, Any], torch.Tensor]:
     """Cache once on the full training set, then score, write and free one block of rows at a time.
 
     Each file is exactly the shard file ``shard.index=i shard.count=len(blocks)`` would
     write. The test side is computed on the first block and kept (per checkpoint) for
     the others. The metadata and self-influence are taken right after the first block,
     where a single-file run takes them (same diagnostics, same random state); the
-    self-influence is sliced per file. Returns the files and the run's metadata.
+    self-influence is sliced per file. Returns the files, the run's metadata and the
+    scores of test column 0.
     """
     train_loader, test_loader = loaders
     n_train = split.x_train.shape[0]
@@ -271,7 +275,7 @@ def write_row_blocks(
     timings["attribute_s"] = 0.0
     metadata: Dict[str, Any] = {}
     self_scores: Optional[torch.Tensor] = None
-    paths = []
+    paths, first_column = [], []
     with scale.remember_test_side(attributor):
         for block in blocks:
             start = time.perf_counter()
@@ -285,8 +289,9 @@ def write_row_blocks(
             paths.append(shard_path(out, block.index, block.count))
             train_indices = split.train_indices[block.start : block.stop]
             save_scores(paths[-1], scores, train_indices, split.test_indices, {**metadata, "shard": block.metadata()}, extra)
+            first_column.append(scores[:, 0].clone())
             del scores  # one block in memory at a time
-    return paths, metadata
+    return paths, metadata, torch.cat(first_column)
 
 
 def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]) -> None:
@@ -366,11 +371,11 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     if len(blocks) > 1:
         for block in blocks:  # before any heavy work
             check_writable(shard_path(out, block.index, block.count), overwrite=bool(resolved.get("overwrite", True)))
-        files, metadata = write_row_blocks(
+        files, metadata, first_test_scores = write_row_blocks(
             attributor, split, (train_loader, test_loader), blocks, out, make_metadata, bool(runner.get("self_influence")), timings
         )
         finish_run(out, [str(f) for f in files], metadata["config_hash"], timings, store_stats)
-        return RunResult(files[0], None, metadata, timings, files)
+        return RunResult(files[0], None, metadata, timings, files, first_test_scores)
     if not plan.partial:
         scores = call_attributor(attributor, train_loader, test_loader, timings)
     else:

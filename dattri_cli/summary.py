@@ -13,14 +13,14 @@ from dattri_cli.pipeline import RunResult
 
 
 def _written(result: RunResult) -> Tuple[str, Tuple[int, int], torch.Tensor]:
-    """What was written, the score shape and the scores of test column 0 (read lazily from row blocks)."""
+    """What was written, the score shape and the scores of test column 0."""
     if result.scores is not None:
         column = result.scores[:, 0] if result.scores.numel() else result.scores.new_zeros(0)
         return str(result.path), tuple(result.scores.shape), column
-    shards = open_score_set(result.files)
-    column = shards.column(0) if shards.shape[1] else torch.zeros(0)
+    shape = open_score_set(result.files).shape  # file headers only
+    column = result.first_test_scores if result.first_test_scores is not None else torch.zeros(0)
     where = f"{len(result.files)} row-block files {result.files[0].parent / result.files[0].name.replace('-00000-of-', '-*-of-')}"
-    return where, shards.shape, column
+    return where, shape, column
 
 
 def print_summary(result: RunResult, top_k: int = 3) -> None:

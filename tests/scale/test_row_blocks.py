@@ -72,6 +72,7 @@ def test_self_influence_sidecar_show_and_eval(small_run, tmp_path, capsys):
     assert tensors["scores"].equal(full.scores) and meta == full.metadata
     cli_main(["show", str(blocked.files[0]), "--json", "--no-labels"])
     assert json.loads(capsys.readouterr().out)["shape"] == [60, 12]
+    assert blocked.first_test_scores.equal(full.scores[:, 0])
     summary.print_summary(blocked)
     assert "3 row-block files" in capsys.readouterr().err
 
