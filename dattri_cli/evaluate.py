@@ -18,7 +18,7 @@ from torch import Tensor
 from dattri_cli import metric
 from dattri_cli.errors import ConfigError, DattriError
 from dattri_cli.groundtruth import _RUN_ONLY_TRAIN_KEYS, groundtruth_key, load_groundtruth
-from dattri_cli.io import load_scores
+from dattri_cli.io import load_score_set
 
 ARG_KEYS = ("scores", "groundtruth", "out", "bootstrap", "level", "seed")
 
@@ -50,7 +50,7 @@ def _strip(group: str, node: Optional[Mapping[str, Any]]) -> Optional[Dict[str, 
 
 def evaluate(scores_path: Path, gt_path: Path, bootstrap: int = 1000, level: float = 0.95, seed: int = 0) -> Dict[str, Any]:
     """Every metric the two files allow, as a JSON-ready dictionary."""
-    st, sm = load_scores(scores_path)
+    st, sm = load_score_set(scores_path)
     gt, gm = load_groundtruth(gt_path)
     check_compatible(scores_path, gt_path, st, sm, gt, gm)
     scores = st["scores"]
@@ -135,7 +135,9 @@ HELP = """usage: dattri eval scores=PATH groundtruth=PATH [--json] [out=PATH] [b
 How well a score file predicts retraining: LDS (mean Spearman over test samples, with a
 bootstrap confidence interval), LOO correlation (mean Pearson) when the ground truth has
 leave-one-out retrainings, and mislabel-detection AUC when labels were flipped.
-Refuses files whose train/test indices or configs do not belong together.
+Refuses files whose train/test indices or configs do not belong together. scores= may
+also name row-block shards (their folder, a quoted glob or one shard file): they are
+assembled in memory, like `dattri merge` would.
 
 examples:
   dattri groundtruth model=lr num_subsets=50 out=gt.safetensors

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -187,12 +188,14 @@ class ShardedScores:
 
         self.paths = _expand(sources)
         entries = []
+        per_row: Optional[Set[str]] = None  # optional tensor names held by every shard
         for path in self.paths:
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     raw = handle.metadata() or {}
                     test_indices = handle.get_tensor(TEST_INDICES)
                     rows = handle.get_slice(SCORES).get_shape()[0]
+                    names = set(handle.keys()) - {SCORES, TRAIN_INDICES, TEST_INDICES}
             except Exception as exc:  # noqa: BLE001 - any parse failure means a malformed file
                 msg = f"{path} is not a readable safetensors score file ({exc})"
                 raise DattriError(msg) from exc
@@ -208,6 +211,7 @@ class ShardedScores:
                 msg = f"{path} holds {rows} rows but its metadata says {shard['rows']}"
                 raise DattriError(msg)
             entries.append((shard["rows"][0], shard["rows"][1], path, meta, test_indices))
+            per_row = names if per_row is None else per_row & names
         entries.sort(key=lambda e: (e[0], e[1]))
         first = entries[0][3]
         for start, stop, path, meta, test_indices in entries:
@@ -229,6 +233,8 @@ class ShardedScores:
             msg = f"shards cover rows 0-{expected} of {n_train}: rows {expected}-{n_train} are missing; run the missing shard(s)"
             raise DattriError(msg)
         self.entries = [(start, stop, path) for start, stop, path, _, _ in entries]
+        #: optional per-row tensors every shard holds (e.g. ``self_influence``)
+        self.extra_names = sorted(per_row or ())
         self.metadata = {k: v for k, v in first.items() if k not in (SHARD_KEY, "schema_version")}
         self.test_indices = entries[0][4]
         self.shape = (n_train, int(self.test_indices.numel()))
@@ -259,10 +265,54 @@ class ShardedScores:
         """All training scores of test column ``j``."""
         return torch.cat([self._read(p, SCORES, slice(None), slice(j, j + 1)).flatten() for _, _, p in self.entries])
 
+    def extra(self, name: str) -> Tensor:
+        """The per-row tensor ``name`` (one of :attr:`extra_names`) of all rows, in row order."""
+        return torch.cat([self._read(p, name) for _, _, p in self.entries])
+
+    def load(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """The whole set in memory, as :func:`load_scores` returns a single file."""
+        tensors = {SCORES: self.rows(0, self.shape[0]), TRAIN_INDICES: self.train_indices, TEST_INDICES: self.test_indices}
+        tensors.update({name: self.extra(name) for name in self.extra_names})
+        return tensors, dict(self.metadata)
+
 
 def open_score_set(sources: Any) -> ShardedScores:
     """Lazily open shard files (paths, a directory or a glob): for ``dattri show`` and ``eval``."""
     return ShardedScores(sources)
+
+
+def is_score_set(path: Path) -> bool:
+    """True for what names a shard set: a folder, a glob, or one shard file (``*-of-*``)."""
+    path = Path(path)
+    return path.is_dir() or any(ch in str(path) for ch in "*?[") or "-of-" in path.name
+
+
+def score_set_source(path: Path) -> str:
+    """What :func:`open_score_set` is given for ``path``; one shard's name stands for its whole set."""
+    path = Path(path)
+    if path.is_file():  # scores-00001-of-00004 -> scores-*-of-00004
+        return str(path.parent / re.sub(r"-\d+-of-(\d+)", r"-*-of-\1", path.name))
+    return str(path)
+
+
+def _is_shard_file(path: Path) -> bool:
+    """True when the file's metadata (header only) has a ``shard`` entry."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+        return raw is not None and SHARD_KEY in json.loads(raw)
+    except Exception:  # noqa: BLE001 - load_scores reports an unreadable file
+        return False
+
+
+def load_score_set(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """A score file, or a shard set assembled in memory (its metadata without the ``shard`` entry)."""
+    path = Path(path)
+    if not is_score_set(path) or (path.is_file() and not _is_shard_file(path)):
+        return load_scores(path)
+    return open_score_set(score_set_source(path)).load()
 
 
 def merge_shards(sources: Any, out: Path, overwrite: bool = True) -> Path:
@@ -270,6 +320,7 @@ def merge_shards(sources: Any, out: Path, overwrite: bool = True) -> Path:
     shards = ShardedScores(sources)
     out = Path(out).expanduser()
     check_writable(out, overwrite=overwrite)
-    scores = shards.rows(0, shards.shape[0])
-    save_scores(out, scores, shards.train_indices, shards.test_indices, shards.metadata)
+    tensors, metadata = shards.load()
+    extra = {name: tensors[name] for name in shards.extra_names}
+    save_scores(out, tensors[SCORES], tensors[TRAIN_INDICES], tensors[TEST_INDICES], metadata, extra)
     return out

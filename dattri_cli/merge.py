@@ -10,8 +10,9 @@ from dattri_cli.errors import ConfigError
 
 USAGE = """usage: dattri merge SHARD_FILE... out=PATH [overwrite=false]
 
-Assemble the shard files written by `dattri run ... shard.index=i shard.count=N`
-(paths, a directory holding them, or a quoted glob) into one score file. The shards
+Assemble the shard files written by `dattri run ... shard.index=i shard.count=N`, or
+by one run with output.rows_per_file (paths, a directory holding them, or a quoted
+glob) into one score file. The shards
 must share one config hash and cover every training row exactly once; the merged
 file is written atomically and equals the file an unsharded run writes.
 

@@ -7,6 +7,7 @@ recorded in its metadata, and a hash of it identifies results that belong togeth
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -16,7 +17,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -38,20 +39,30 @@ from dattri_cli.task import AttributionTask, load_state_dict_file
 log = logging.getLogger("dattri_cli")
 
 # keys of the run config that change how a run looks, never what it computes
-# (shard.*: which rows a process scores; feature_cache: whether train-side blocks are kept on disk)
-NON_RESULT_KEYS = ("out", "progress", "overwrite", "cache_dir", "shard", "feature_cache")
+# (shard.*: which rows a process scores; output.*: how the rows are laid out in files;
+# feature_cache: whether train-side blocks are kept on disk)
+NON_RESULT_KEYS = ("out", "progress", "overwrite", "cache_dir", "shard", "output", "feature_cache")
 CHECKPOINT_CHOICES = ("final", "trajectory")
 WEIGHT_CHOICES = ("ones", "learning_rates")
 
 
 @dataclass
 class RunResult:
-    """What a run produced: the score file, its shape and the time per stage."""
+    """What a run produced: the score file(s), the scores and the time per stage.
+
+    A run that wrote its rows as several files (``output.rows_per_file``) lists them
+    in ``files`` (``path`` is the first) and holds no ``scores``: read them with
+    :func:`dattri_cli.io.open_score_set` or merge them. It keeps ``first_test_scores``
+    (column 0, one value per training row) for the summary, which would otherwise
+    read every file back.
+    """
 
     path: Path
-    scores: torch.Tensor
+    scores: Optional[torch.Tensor]
     metadata: Dict[str, Any]
     timings: Dict[str, float] = field(default_factory=dict)
+    files: List[Path] = field(default_factory=list)
+    first_test_scores: Optional[torch.Tensor] = None
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
@@ -238,6 +249,66 @@ def build_metadata(
     }
 
 
+def write_row_blocks(
+    attributor: Any,
+    split: Split,
+    loaders: Tuple[Any, Any],
+    blocks: List[scale.RowPlan],
+    out: Path,
+    make_metadata: Callable[[], Dict[str, Any]],
+    with_self_influence: bool,
+    timings: Dict[str, float],
+) -> Tuple[List[Path], Dict[str, Any], torch.Tensor]:
+    """Cache once on the full training set, then score, write and free one block of rows at a time.
+
+    Each file is exactly the shard file ``shard.index=i shard.count=len(blocks)`` would
+    write. The test side is computed on the first block and kept (per checkpoint) for
+    the others. The metadata and self-influence are taken right after the first block,
+    where a single-file run takes them (same diagnostics, same random state); the
+    self-influence is sliced per file. Returns the files, the run's metadata and the
+    scores of test column 0.
+    """
+    train_loader, test_loader = loaders
+    n_train = split.x_train.shape[0]
+    scale.align_row_offset(attributor, scale.RowPlan(0, 1, 0, n_train, n_train, "full"))
+    run_cache(attributor, train_loader, timings)
+    timings["attribute_s"] = 0.0
+    metadata: Dict[str, Any] = {}
+    self_scores: Optional[torch.Tensor] = None
+    paths, first_column = [], []
+    with scale.remember_test_side(attributor):
+        for block in blocks:
+            start = time.perf_counter()
+            rows_loader = scale.row_loader(split, block.start, block.stop, train_loader.batch_size)
+            scores = scale.score_rows(attributor, rows_loader, test_loader, block).detach().to("cpu", torch.float32)
+            timings["attribute_s"] += time.perf_counter() - start
+            if not metadata:
+                metadata = make_metadata()
+                self_scores = self_influence(attributor, train_loader) if with_self_influence else None
+            extra = {} if self_scores is None else {"self_influence": self_scores[block.start : block.stop]}
+            paths.append(shard_path(out, block.index, block.count))
+            train_indices = split.train_indices[block.start : block.stop]
+            save_scores(paths[-1], scores, train_indices, split.test_indices, {**metadata, "shard": block.metadata()}, extra)
+            first_column.append(scores[:, 0].clone())
+            del scores  # one block in memory at a time
+    return paths, metadata, torch.cat(first_column)
+
+
+def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]) -> None:
+    """Feature-cache counts and peak memory into ``timings``, then the sidecar ``run.json`` beside ``out``."""
+    if store_stats:
+        timings["feature_cache_hits"] = sum(s.hits for stores in store_stats.values() for s in stores)
+        timings["feature_cache_misses"] = sum(s.misses for stores in store_stats.values() for s in stores)
+    timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_sidecar(sidecar_path(out), {
+        "scores": written,
+        "timings": timings,
+        "host": platform.node(),
+        "finished_unix": time.time(),
+        "config_hash": config_hash_value,
+    })
+
+
 def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file."""
     resolved = builders.to_dict(cfg)
@@ -249,6 +320,7 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     device = check_device(distributed.local_device(str(resolved.get("device", "cpu"))))
     rank, world = distributed.init_from_env(device)
     shard_cfg = resolved.get("shard") or {}
+    rows_per_file = scale.rows_per_file_setting(resolved.get("output"), shard_cfg, world)
     if shard_cfg.get("index") is not None or int(shard_cfg.get("count") or 1) > 1:
         out = shard_path(out, int(shard_cfg.get("index") or 0), int(shard_cfg.get("count") or 1))
     check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
@@ -291,6 +363,19 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         )
 
     torch.manual_seed(seed)
+    blocks = scale.plan_files(
+        rows_per_file, plan, int(loader_cfg["train_batch_size"]), int(split.test_indices.numel()),
+        scale.score_bytes(attributor, task.get_param(0)[0].dtype), scale.available_memory(),
+    )
+    make_metadata = functools.partial(build_metadata, resolved, attributor_cfg, runner, choices, checkpoints, checkpoint_hashes, attributor)
+    if len(blocks) > 1:
+        for block in blocks:  # before any heavy work
+            check_writable(shard_path(out, block.index, block.count), overwrite=bool(resolved.get("overwrite", True)))
+        files, metadata, first_test_scores = write_row_blocks(
+            attributor, split, (train_loader, test_loader), blocks, out, make_metadata, bool(runner.get("self_influence")), timings
+        )
+        finish_run(out, [str(f) for f in files], metadata["config_hash"], timings, store_stats)
+        return RunResult(files[0], None, metadata, timings, files, first_test_scores)
     if not plan.partial:
         scores = call_attributor(attributor, train_loader, test_loader, timings)
     else:
@@ -308,7 +393,7 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
             return RunResult(out, scores, {}, timings)
         scores = torch.cat(parts)
 
-    metadata = build_metadata(resolved, attributor_cfg, runner, choices, checkpoints, checkpoint_hashes, attributor)
+    metadata = make_metadata()
     train_indices = split.train_indices
     extra = {}
     if runner.get("self_influence"):  # for `dattri eval` mislabel detection
@@ -317,16 +402,6 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         metadata["shard"] = plan.metadata()
         train_indices = train_indices[plan.start : plan.stop]
         extra = {k: v[plan.start : plan.stop] for k, v in extra.items()}
-    if store_stats:
-        timings["feature_cache_hits"] = sum(s.hits for stores in store_stats.values() for s in stores)
-        timings["feature_cache_misses"] = sum(s.misses for stores in store_stats.values() for s in stores)
     save_scores(out, scores, train_indices, split.test_indices, metadata, extra)
-    timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    write_sidecar(sidecar_path(out), {
-        "scores": str(out),
-        "timings": timings,
-        "host": platform.node(),
-        "finished_unix": time.time(),
-        "config_hash": metadata["config_hash"],
-    })
-    return RunResult(out, scores, metadata, timings)
+    finish_run(out, str(out), metadata["config_hash"], timings, store_stats)
+    return RunResult(out, scores, metadata, timings, [out])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -14,7 +13,16 @@ from torch import Tensor
 
 from dattri_cli.data import Split
 from dattri_cli.errors import DattriError
-from dattri_cli.io import SCORES, TEST_INDICES, TRAIN_INDICES, ShardedScores, load_scores, open_score_set
+from dattri_cli.io import (
+    SCORES,
+    TEST_INDICES,
+    TRAIN_INDICES,
+    ShardedScores,
+    is_score_set,
+    load_scores,
+    open_score_set,
+    score_set_source,
+)
 
 EXAMPLES = """examples:
   dattri show outputs/2026-11-30/12-00-00_grad_dot_digits_lr/scores.safetensors
@@ -56,17 +64,11 @@ class ScoreFile:
             yield self.shards.rows(start, min(start + rows, self.shape[0]))
 
 
-def _is_shard_set(path: Path) -> bool:
-    return path.is_dir() or any(ch in str(path) for ch in "*?[") or "-of-" in path.name
-
-
 def open_score_file(path: Path, with_data: bool = True) -> ScoreFile:
     """Load ``path`` (a file, or shards: a folder, a glob or one shard's name); rebuild the dataset for labels."""
     path = Path(path)
-    if _is_shard_set(path):
-        # one shard's name stands for its whole set: scores-00001-of-00004 -> scores-*-of-00004
-        source = path.parent / re.sub(r"-\d+-of-(\d+)", r"-*-of-\1", path.name) if path.is_file() else path
-        shards = open_score_set(str(source))
+    if is_score_set(path):
+        shards = open_score_set(score_set_source(path))
         meta = shards.metadata
         split = _rebuild_split(meta) if with_data else None
         return ScoreFile(path, shards.train_indices, shards.test_indices, meta, split, shards=shards)

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from dattri_cli.io import open_score_set
 from dattri_cli.pipeline import RunResult
+
+
+def _written(result: RunResult) -> Tuple[str, Tuple[int, int], torch.Tensor]:
+    """What was written, the score shape and the scores of test column 0."""
+    if result.scores is not None:
+        column = result.scores[:, 0] if result.scores.numel() else result.scores.new_zeros(0)
+        return str(result.path), tuple(result.scores.shape), column
+    shape = open_score_set(result.files).shape  # file headers only
+    column = result.first_test_scores if result.first_test_scores is not None else torch.zeros(0)
+    where = f"{len(result.files)} row-block files {result.files[0].parent / result.files[0].name.replace('-00000-of-', '-*-of-')}"
+    return where, shape, column
 
 
 def print_summary(result: RunResult, top_k: int = 3) -> None:
     """Output path, shape, time per stage, and the strongest proponents/opponents of test 0."""
     console = Console(stderr=True)
-    scores = result.scores
-    console.print(f"[bold green]wrote[/] {result.path}  scores {tuple(scores.shape)} (train x test)")
+    where, shape, column = _written(result)
+    console.print(f"[bold green]wrote[/] {where}  scores {shape} (train x test)")
     stages = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in result.timings.items() if k.endswith("_s"))
     console.print(f"time: {stages}; peak memory {result.timings.get('peak_rss_mib', 0):.0f} MiB")
-    if scores.numel() == 0:
+    if column.numel() == 0:
         return
-    column = scores[:, 0]
     k = min(top_k, column.numel())
     table = Table(title="test sample 0: strongest training samples (row = position in train set)")
     table.add_column("proponents (help)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +27,8 @@ from dattri_cli.algorithm.utils import (
 from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
+
+T = TypeVar("T")
 
 
 class BaseAttributor(ABC):
@@ -80,6 +82,44 @@ def stream_train_scores(
         row += block.shape[0]
 
 
+class TestSideMemo:
+    """Test-side results per checkpoint, kept while the training rows are scored block by block.
+
+    A run that writes its scores as row blocks calls ``attribute`` once per block with
+    the same test loader; the test gradients and their transform (an inverse-Hessian
+    solve, TRAK's kernel solve) do not depend on the rows, so they are computed on the
+    first block and reused. Entries are keyed by checkpoint index and the test loader's
+    identity; the loader is held, so its ``id`` cannot be reused by another object.
+    """
+
+    __test__ = False  # a name pytest would otherwise try to collect
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self._entries: Dict[Tuple[int, int], Tuple[Any, Any]] = {}
+
+    def get(self, ckpt_idx: int, test_dataloader: Any, compute: Callable[[], T]) -> T:
+        """The value kept for ``(ckpt_idx, test_dataloader)``, computed by ``compute()`` on first use."""
+        key = (ckpt_idx, id(test_dataloader))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is test_dataloader:
+            return entry[1]
+        value = compute()
+        self._entries[key] = (test_dataloader, value)
+        return value
+
+    def __len__(self) -> int:
+        """Number of kept entries."""
+        return len(self._entries)
+
+
+def remembered(memo: Optional[TestSideMemo], ckpt_idx: int, test_dataloader: Any, compute: Callable[[], T]) -> T:
+    """``compute()``, through ``memo`` when one is set (an attributor's ``test_side_memo``)."""
+    if memo is None:
+        return compute()
+    return memo.get(ckpt_idx, test_dataloader, compute)
+
+
 class BaseInnerProductAttributor(BaseAttributor):
     """Scores as inner products of (transformed) train and test representations."""
 
@@ -101,6 +141,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.feature_store: Optional[Callable[..., BlockStore]] = None
         #: absolute train row of the first sample of the loader given to attribute()
         self.train_row_offset = 0
+        #: test-side results kept across ``attribute`` calls (set by a run writing row blocks; None: none kept)
+        self.test_side_memo: Optional[TestSideMemo] = None
 
     # -- representations ----------------------------------------------------------
     def _params(self, ckpt_idx: int) -> Tensor:
@@ -148,7 +190,13 @@ class BaseInnerProductAttributor(BaseAttributor):
             self.cache(train_dataloader)
 
     def _test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
-        """Transformed test representations for all test samples of one checkpoint."""
+        """Transformed test representations for all test samples of one checkpoint (memoised if asked)."""
+        return remembered(
+            self.test_side_memo, ckpt_idx, test_dataloader, lambda: self._compute_test_matrix(ckpt_idx, test_dataloader)
+        )
+
+    def _compute_test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
+        """Test gradients of one checkpoint, batched through ``transform_test_rep`` once."""
         reps = [
             self.generate_test_rep(ckpt_idx, tuple(t.unsqueeze(0) for t in to_device(b, self.device))).detach()
             for b in track(test_dataloader, "test gradients")

@@ -34,7 +34,7 @@ from torch.nn.functional import normalize
 from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.base import BaseAttributor
+from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered
 from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples
 from dattri_cli.errors import ConfigError
 from dattri_cli.func.hessian import batched_cg
@@ -165,6 +165,9 @@ def _backtrack(objective: FinalLayerObjective, theta: Tensor, step: Tensor, slop
 class RPSAttributor(BaseAttributor):
     """Representer point selection on the final linear layer, averaged over checkpoints."""
 
+    #: dtype the scores are accumulated in before the float32 result (for memory estimates)
+    accumulator_dtype = torch.float64
+
     def __init__(
         self,
         task: AttributionTask,
@@ -187,6 +190,8 @@ class RPSAttributor(BaseAttributor):
         self.full_train_dataloader: Optional[DataLoader] = None
         self.finetuned_theta: List[Tensor] = []
         self.num_full_train = 0
+        #: test-side final-layer features kept across calls (set by a run writing row blocks; None: none kept)
+        self.test_side_memo: Optional[TestSideMemo] = None
         self.diagnostics: Dict[str, Any] = {}
 
     # -- features ------------------------------------------------------------------------------
@@ -277,7 +282,7 @@ class RPSAttributor(BaseAttributor):
 
     def _checkpoint_scores(self, ckpt_idx: int, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
         train = self._layer_io(ckpt_idx, train_loader)
-        test = self._layer_io(ckpt_idx, test_loader)
+        test = remembered(self.test_side_memo, ckpt_idx, test_loader, lambda: self._layer_io(ckpt_idx, test_loader))
         alpha = self.representer_weights(ckpt_idx, train)
         if alpha.shape[1] > 1:
             alpha = alpha[:, test.labels]  # the test sample's label picks the class

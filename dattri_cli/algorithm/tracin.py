@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn.functional import normalize
 from torch.utils.data import DataLoader
 
-from dattri_cli.algorithm.base import BaseAttributor, stream_train_scores
+from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered, stream_train_scores
 from dattri_cli.algorithm.utils import (
     check_finite,
     check_not_shuffled,
@@ -57,6 +57,8 @@ class TracInAttributor(BaseAttributor):
         self.feature_store: Optional[Callable[..., BlockStore]] = None
         #: absolute train row of the first sample of the loader given to attribute()
         self.train_row_offset = 0
+        #: test gradients kept across ``attribute`` calls (set by a run writing row blocks; None: none kept)
+        self.test_side_memo: Optional[TestSideMemo] = None
 
     def cache(self) -> None:
         """Nothing to precompute: gradients are streamed in ``attribute``."""
@@ -91,6 +93,17 @@ class TracInAttributor(BaseAttributor):
     def _rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
         return self._normalize(self._raw_rep(ckpt_idx, batch, target))
 
+    def _test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
+        """(Projected, normalised) test gradients of one checkpoint, memoised if asked."""
+
+        def compute() -> Tensor:
+            reps = [self._rep(ckpt_idx, b, target=True) for b in track(test_dataloader, "test gradients")]
+            test_rep = torch.cat(reps)
+            check_finite(test_rep, "test gradients", hint="check the test data and the checkpoint")
+            return test_rep
+
+        return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
+
     def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
         """Scores ``(num_train, num_test)``: the weighted sum over checkpoints."""
         check_not_shuffled(train_dataloader, "train_dataloader")
@@ -104,10 +117,7 @@ class TracInAttributor(BaseAttributor):
             raise ConfigError(msg)
         scores = None
         for ckpt_idx in range(num_ckpts):
-            test_rep = torch.cat(
-                [self._rep(ckpt_idx, b, target=True) for b in track(test_dataloader, "test gradients")]
-            )
-            check_finite(test_rep, "test gradients", hint="check the test data and the checkpoint")
+            test_rep = self._test_matrix(ckpt_idx, test_dataloader)
             if scores is None:  # the representations' dtype, never a hard-coded one
                 shape = (num_samples(train_dataloader), num_samples(test_dataloader))
                 scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)

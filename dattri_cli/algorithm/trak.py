@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dattri_cli.algorithm.base import BaseAttributor
+from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered
 from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, to_device
 from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
@@ -124,6 +124,9 @@ def factor_kernel(kernel: Tensor, num_train: int) -> Tensor:
 class TRAKAttributor(BaseAttributor):
     """TRAK over the task's checkpoints (one per independently trained model)."""
 
+    #: dtype the scores are accumulated in before the float32 result (for memory estimates)
+    accumulator_dtype = torch.float64
+
     def __init__(
         self,
         task: AttributionTask,
@@ -158,6 +161,8 @@ class TRAKAttributor(BaseAttributor):
         self.feature_store: Optional[Callable[..., BlockStore]] = None
         #: absolute train row of the first sample of the loader given to cache()
         self.train_row_offset = 0
+        #: kernel-solved test features kept across calls (set by a run writing row blocks; None: none kept)
+        self.test_side_memo: Optional[TestSideMemo] = None
         self.diagnostics: Dict[str, Any] = {}
 
     # -- per-checkpoint pieces ---------------------------------------------------------
@@ -278,14 +283,22 @@ class TRAKAttributor(BaseAttributor):
         side = self._resolve_train_side(None)
         return self._attribute(side, test_dataloader, start, stop)
 
+    def _solved_test_side(self, ckpt_idx: int, factor: Tensor, test_dataloader: DataLoader) -> Tensor:
+        """``(Phi_k^T Phi_k)^-1 Psi_k^T`` (``d x n_test``, float64), memoised if asked."""
+
+        def compute() -> Tensor:
+            psi = self._features(ckpt_idx, test_dataloader, target=True).to(torch.float64)
+            return torch.cholesky_solve(psi.T, factor)
+
+        return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
+
     def _attribute(self, side: TrainSide, test_dataloader: DataLoader, start: int, stop: int) -> Tensor:
         check_not_shuffled(test_dataloader, "test_dataloader")
         scores = None
         for ckpt_idx, (phi, factor) in enumerate(zip(side.features, side.factors)):
-            psi = self._features(ckpt_idx, test_dataloader, target=True).to(torch.float64)
-            solved = torch.cholesky_solve(psi.T, factor)
+            solved = self._solved_test_side(ckpt_idx, factor, test_dataloader)
             if scores is None:
-                scores = torch.zeros(stop - start, psi.shape[0], dtype=torch.float64, device=solved.device)
+                scores = torch.zeros(stop - start, solved.shape[1], dtype=torch.float64, device=solved.device)
             covered = 0
             for lo, hi, block in phi.blocks(start, stop):
                 scores[lo - start : hi - start] += block.to(solved.device, torch.float64) @ solved

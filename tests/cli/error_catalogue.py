@@ -87,6 +87,7 @@ CATALOGUE: List[BadInput] = [
     BadInput("LiSSA divergence", ["run", *FAST, "attributor=if_lissa", "attributor.scaling=0.001", "attributor.recursion_depth=200"], "scaling", "raise attributor.scaling or attributor.damping"),
     BadInput("GPU asked for on a machine without one", ["run", *FAST, "device=cuda"], "sees no CUDA GPU", "use device=cpu, or a CUDA build of torch on a GPU machine"),
     BadInput("bad progress mode", ["run", *FAST, "progress=loud"], "progress must be one of", "use off, log, rich or auto"),
+    BadInput("row count per score file of zero", ["run", *FAST, "output.rows_per_file=0"], "output.rows_per_file must be auto or a positive", "give auto or a positive number of training rows per file"),
     BadInput("unwritable output path", ["run", *FAST, "out=/proc/dattri/scores.safetensors"], "cannot write", "choose a writable out=PATH"),
     BadInput("existing output without overwrite", ["run", *FAST, "overwrite=false", "out={tmp}/exists.safetensors"], "already exists", "pass overwrite=true or another out=PATH", _existing_output),
     BadInput("malformed score file given to show", ["show", "{tmp}/bad.safetensors"], "not a readable safetensors score file", "give a file written by `dattri run`", _bad_score_file),
