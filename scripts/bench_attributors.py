@@ -84,20 +84,23 @@ MAX_LOADER_BATCH = 1000  # attribute-time loader batch size: min(n, this), both 
 # Attributor settings, identical on both sides. "lr_only" ones need a small P.
 ATTRIBUTORS: Dict[str, Dict[str, Any]] = {
     "if_explicit": {"kwargs": {"regularization": IF_REG}, "lr_only": True, "deterministic": True},
-    "if_cg": {"kwargs": {"max_iter": 10, "tol": 1e-7, "regularization": IF_REG}, "deterministic": True},
+    "if_cg": {"kwargs": {"max_iter": 10, "tol": 1e-7, "regularization": IF_REG}, "deterministic": True,
+              "floor": {"hvp_steps": 10}},
     "if_lissa": {
         # damping * scaling = 0.01 (= IF_REG); batches of 32, depth 100; random minibatches
         "kwargs": {"batch_size": 32, "num_repeat": 1, "recursion_depth": 100, "damping": IF_REG / 50.0, "scaling": 50.0},
         "deterministic": False,
+        "floor": {"hvp_steps": 100, "hvp_batch": 32},
     },
     # the Grad-Dot floor (train and test per-sample gradients) bounds every gradient-based method
     "if_arnoldi": {"kwargs": {"proj_dim": 100, "max_iter": 100, "regularization": IF_REG, "seed": 0}, "deterministic": True,
-                   "floor": True},
+                   "floor": {}},
     "if_datainf": {"kwargs": {"regularization": 0.1}, "deterministic": True},
     "tracin": {"kwargs": {"normalized_grad": False}, "trajectory": True, "deterministic": True},
-    "grad_dot": {"kwargs": {"normalized_grad": False}, "deterministic": True, "floor": True},
+    "grad_dot": {"kwargs": {"normalized_grad": False}, "deterministic": True, "floor": {}},
     "grad_cos": {"kwargs": {"normalized_grad": True}, "deterministic": True},
-    "trak_proj": {"proj": {"proj_dim": 512, "proj_type": "normal", "proj_seed": 0}, "deterministic": False, "floor": True},
+    "trak_proj": {"proj": {"proj_dim": 512, "proj_type": "normal", "proj_seed": 0}, "deterministic": False,
+                  "floor": {"proj_dim": 512}},
     "trak_identity": {"proj": {"proj_type": "identity"}, "lr_only": True, "deterministic": True},
     "rps": {"kwargs": {"l2_strength": 0.003, "epoch": 3000}, "deterministic": True},
     # dattri's EK-FAC fits the empirical Fisher with a fixed damping: ours is told to do the same
@@ -322,16 +325,19 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
     raise ValueError(msg)
 
 
-def floor_seconds(model: nn.Module, ckpt: Dict[str, Tensor], ld: Dict, proj_dim: Optional[int] = None) -> float:
+def floor_seconds(model: nn.Module, ckpt: Dict[str, Tensor], ld: Dict, floor: Dict[str, Any]) -> float:
     """Seconds of the work any implementation must do, written as plainly as possible.
 
-    Grad-Dot (``proj_dim`` None): one batched per-sample-gradient pass over train and
-    test plus one matrix product. TRAK (``proj_dim`` given): the same gradient pass,
-    one Gaussian ``P x proj_dim`` matrix, every gradient projected in one large
-    float32 product (the fastest way to multiply, ignoring batch-size invariance),
-    the float32 kernel ``Phi^T Phi``, one solve and the score product.
+    Always: one batched per-sample-gradient pass over train and test plus the score
+    product (the Grad-Dot floor). ``floor["proj_dim"]`` (TRAK): one Gaussian
+    ``P x proj_dim`` matrix, every gradient projected in one large float32 product
+    (the fastest way to multiply, ignoring batch-size invariance), the float32 kernel
+    ``Phi^T Phi`` and one solve. ``floor["hvp_steps"]`` (CG, LiSSA): that many
+    Hessian-vector products of all test vectors at once (forward-over-reverse, vmapped
+    over the vectors) on the whole training batch, or on ``floor["hvp_batch"]`` random
+    training samples per step: the products a solver with these hyperparameters needs.
     """
-    from torch.func import grad, vmap  # noqa: PLC0415
+    from torch.func import grad, jvp, vmap  # noqa: PLC0415
 
     model.load_state_dict(ckpt)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -345,15 +351,31 @@ def floor_seconds(model: nn.Module, ckpt: Dict[str, Tensor], ld: Dict, proj_dim:
             rows.append(torch.cat([t.reshape(t.shape[0], -1) for t in g.values()], dim=1))
         return torch.cat(rows)
 
+    def hvps(vectors: Tensor, data: Tuple[Tensor, Tensor]) -> Tensor:
+        sizes = [p.numel() for p in params.values()]
+
+        def one(vector: Tensor) -> Tensor:
+            tangent = {k: t.view_as(p) for (k, p), t in zip(params.items(), vector.split(sizes))}
+            _, out = jvp(lambda q: grad(loss)(q, data), (params,), (tangent,))
+            return torch.cat([t.reshape(-1) for t in out.values()])
+
+        return vmap(one)(vectors)
+
     start = time.perf_counter()
     train, test = flat_grads(loss, ld["train"]), flat_grads(target, ld["test"])
-    if proj_dim is None:
-        scores = train @ test.T
-    else:
-        sketch = torch.randn(train.shape[1], proj_dim)
+    if floor.get("proj_dim"):
+        sketch = torch.randn(train.shape[1], floor["proj_dim"])
         phi = torch.cat([train, test]) @ sketch
         phi_train, phi_test = phi[: train.shape[0]], phi[train.shape[0] :]
         scores = phi_train @ torch.linalg.solve(phi_train.T @ phi_train, phi_test.T)
+    else:
+        solved = test
+        x_all, y_all = ld["train"].dataset.tensors
+        for _ in range(int(floor.get("hvp_steps", 0))):
+            picked = torch.randperm(len(x_all))[: floor["hvp_batch"]] if floor.get("hvp_batch") else slice(None)
+            solved = hvps(solved, (x_all[picked], y_all[picked]))
+            solved = solved / solved.norm(dim=1, keepdim=True).clamp_min(1e-30)  # keep the values in range
+        scores = train @ solved.T
     elapsed = time.perf_counter() - start
     assert scores.shape[0] == len(ld["train"].dataset)
     return elapsed
@@ -410,8 +432,8 @@ def worker(job: Dict[str, Any]) -> None:
         "shape": list(scores.shape),
         "finite": bool(torch.isfinite(scores).all()),
     }
-    if job.get("floor"):
-        result["floor_seconds"] = floor_seconds(model, ckpts[-1], ld, job.get("floor_proj_dim"))
+    if job.get("floor") is not None:
+        result["floor_seconds"] = floor_seconds(model, ckpts[-1], ld, job["floor"])
     if job.get("scores_path"):
         torch.save(scores, job["scores_path"])
     Path(job["result_path"]).write_text(json.dumps(result))
@@ -628,8 +650,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "workload": workload, "attributor": name, "side": side, "threads": args.threads,
                         "work": str(work), "result_path": f"{stem}.json", "loader_batch": args.loader_batch,
                         "scores_path": f"{stem}.pt" if rep == 0 else None,
-                        "floor": bool(conf.get("floor")) and side == "ours",
-                        "floor_proj_dim": (conf.get("proj") or {}).get("proj_dim"),
+                        "floor": conf.get("floor") if side == "ours" else None,
                     }
                     Path(job["result_path"]).unlink(missing_ok=True)
                     python = sys.executable if side == "ours" else dattri_python
