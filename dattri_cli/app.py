@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,11 @@ from dattri_cli.errors import reported
 log = logging.getLogger("dattri_cli")
 
 
+def _log_warning(message: Warning | str, category: type, filename: str, lineno: int, file: object = None, line: object = None) -> None:  # noqa: ARG001
+    """Show a Python warning as one log line (console and the run's log file), not file:line + source."""
+    log.warning("%s", message)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://dattri_cli.configs", config_name="run")
 def main(cfg: DictConfig) -> None:
     """Run one attribution job with the composed config."""
@@ -27,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     choices = {k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
     # inside the Hydra job: Hydra would otherwise print its own multi-line report
-    with reported(debug=os.environ.get("HYDRA_FULL_ERROR") == "1"):
+    with reported(debug=os.environ.get("HYDRA_FULL_ERROR") == "1"), warnings.catch_warnings():
+        warnings.showwarning = _log_warning  # restored when the block ends
         result = pipeline.run(cfg, output_dir=Path(hydra_cfg.runtime.output_dir), choices=choices)
     distributed.shutdown()
     if result.metadata:  # under torchrun only rank 0 writes (and reports) the result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Tuple
 
 import pytest
@@ -119,3 +120,15 @@ def test_singular_kernel_is_a_numerical_error() -> None:
     attributor = _attributor([_checkpoint(3)], IDENTITY)
     with pytest.raises(NumericalError, match="singular even with a small ridge"):
         attributor.cache(_loader(dead, y, batch_size=6))
+
+
+def test_ill_conditioned_kernel_warns_and_a_healthy_one_does_not() -> None:
+    x, y = TRAIN
+    faint = x.clone()
+    faint[:, 2] *= 1e-3  # this weight's gradient is tiny for every sample
+    attributor = _attributor([_checkpoint(3)], IDENTITY)
+    with pytest.warns(RuntimeWarning, match="ill-conditioned"):
+        attributor.cache(_loader(faint, y, batch_size=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _cached_scores([_checkpoint(3)], IDENTITY)
