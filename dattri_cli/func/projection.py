@@ -12,8 +12,11 @@ Design choices:
   only on ``proj_dim``, so the numbers do not depend on memory settings.
 * The projection of one sample depends only on the seed, the checkpoint index
   and its gradient: samples are projected in row blocks of exactly
-  ``proj_max_batch_size`` rows (short blocks are zero padded), because BLAS may
-  round a 1-row product differently from a 64-row one.
+  ``proj_max_batch_size`` rows, because BLAS may round a 1-row product differently
+  from a 64-row one, while in a product of fixed shape a row's result does not
+  depend on the other rows. :meth:`RandomProjector.project_stream` fills these
+  blocks across a whole stream of batches (a loader's), so only the stream's last
+  block is zero padded; :meth:`RandomProjector.project` is a stream of one batch.
 * ``proj_type="identity"`` skips the projection (exact scores; useful for tests
   and small models).
 
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from collections import deque
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -43,6 +47,9 @@ DEFAULT_PROJECTOR_KWARGS: Dict[str, Any] = {
     "device": None,
     "use_half_precision": False,
 }
+
+#: The caller's label of a streamed item (returned untouched).
+Key = TypeVar("Key")
 
 PROJ_TYPES = {"normal": "normal", "gaussian": "normal", "rademacher": "rademacher", "identity": "identity"}
 
@@ -146,30 +153,66 @@ class RandomProjector:
 
     # -- projection ---------------------------------------------------------------------
     def project(self, grads: Tensor, ckpt_idx: int = 0) -> Tensor:
-        """``grads @ R_ckpt / sqrt(proj_dim)`` as float32 on ``grads``' device."""
-        if grads.dim() != 2:
-            msg = f"expected a (batch, num_params) gradient matrix, got shape {tuple(grads.shape)}"
-            raise ValueError(msg)
-        if self.proj_type == "identity":
-            return grads
-        device = torch.device(self.device) if self.device is not None else grads.device
-        num_rows, num_params = grads.shape
-        out = torch.zeros(num_rows, self.proj_dim, dtype=torch.float32, device=device)
-        blocks = [(s, min(s + self.block_rows, num_rows)) for s in range(0, num_rows, self.block_rows)]
-        padded = [self._padded_block(grads, s, e, device) for s, e in blocks]
-        for start, stop, chunk in self._chunks(ckpt_idx, num_params, device):
-            for (s, e), block in zip(blocks, padded):
-                out[s:e] += (block[:, start:stop] @ chunk)[: e - s].float()
-        out /= math.sqrt(self.proj_dim)
-        return out.to(grads.device)
+        """``grads @ R_ckpt / sqrt(proj_dim)`` as float32 on ``grads``' device (a one-item stream)."""
+        ((_, projected),) = self.project_stream([(None, grads)], ckpt_idx)
+        return projected
 
-    def _padded_block(self, grads: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
-        """Rows ``start:stop`` zero padded to ``block_rows`` rows (fixed GEMM shape)."""
-        block = grads[start:stop].to(device=device, dtype=self.dtype)
-        missing = self.block_rows - block.shape[0]
-        if missing:
-            block = torch.cat([block, block.new_zeros(missing, block.shape[1])])
-        return block
+    def project_stream(self, items: Iterable[Tuple[Key, Tensor]], ckpt_idx: int = 0) -> Iterator[Tuple[Key, Tensor]]:
+        """Project ``(key, grads)`` items; yield ``(key, projected)`` in the same order.
+
+        Rows are buffered across items and multiplied in blocks of exactly
+        ``block_rows`` rows; only the last block of the whole stream is zero padded.
+        A row's result does not depend on how rows are grouped into items, so a
+        loader's batches are projected without padding each batch. An item comes out
+        once all its rows are projected, possibly after later items were consumed.
+        Items without rows pass through in order (to interleave results from elsewhere).
+        """
+        if self.proj_type == "identity":
+            for key, grads in items:
+                _check_matrix(grads)
+                yield key, grads
+            return
+        rows, projected = _RowQueue(), _RowQueue()
+        pending: Deque[Tuple[Key, int, torch.device]] = deque()  # (key, rows, output device)
+        for key, grads in items:
+            _check_matrix(grads)
+            pending.append((key, grads.shape[0], grads.device))
+            rows.push(grads.detach().to(device=self._device_for(grads), dtype=self.dtype))
+            if rows.count >= self.block_rows:
+                projected.push(self._project_blocks(rows, ckpt_idx, rows.count // self.block_rows))
+            yield from self._finished(pending, projected)
+        if rows.count:
+            projected.push(self._project_blocks(rows, ckpt_idx, 1))
+        yield from self._finished(pending, projected)
+
+    def _device_for(self, grads: Tensor) -> torch.device:
+        """The device the projection runs on: the configured one, else the gradients'."""
+        return torch.device(self.device) if self.device is not None else grads.device
+
+    def _finished(
+        self, pending: Deque[Tuple[Key, int, torch.device]], projected: "_RowQueue"
+    ) -> Iterator[Tuple[Key, Tensor]]:
+        """Pop and yield, in order, the pending items whose rows have all been projected."""
+        while pending and pending[0][1] <= projected.count:
+            key, num_rows, device = pending.popleft()
+            out = projected.take(num_rows, pad_to=0)
+            if out is None:
+                out = torch.zeros(0, self.proj_dim, dtype=torch.float32)
+            yield key, out.to(device)
+
+    def _project_blocks(self, rows: "_RowQueue", ckpt_idx: int, num_blocks: int) -> Tensor:
+        """Take ``num_blocks`` blocks of ``block_rows`` rows (the last zero padded) and project them.
+
+        One GEMM of fixed shape per block and chunk of ``R``, so a row's result does
+        not depend on its neighbours: BLAS may round a 1-row product differently.
+        """
+        blocks = [rows.take(self.block_rows, pad_to=self.block_rows) for _ in range(num_blocks)]
+        device = blocks[0].device
+        out = [torch.zeros(self.block_rows, self.proj_dim, dtype=torch.float32, device=device) for _ in blocks]
+        for start, stop, chunk in self._chunks(ckpt_idx, blocks[0].shape[1], device):
+            for acc, block in zip(out, blocks):
+                acc += (block[:, start:stop] @ chunk).float()
+        return torch.cat(out).div_(math.sqrt(self.proj_dim))
 
     def __call__(self, grads: Tensor, ckpt_idx: int = 0) -> Tensor:
         """Alias of :meth:`project`."""
@@ -184,3 +227,49 @@ def make_projector(projector_kwargs: Optional[Dict[str, Any]]) -> RandomProjecto
 def project(grads: Tensor, ckpt_idx: int = 0, **projector_kwargs: Any) -> Tensor:
     """One-off projection of ``grads`` (builds a projector; prefer :class:`RandomProjector` in loops)."""
     return make_projector(projector_kwargs).project(grads, ckpt_idx)
+
+
+def _check_matrix(grads: Tensor) -> None:
+    """ValueError unless ``grads`` is a ``(batch, num_params)`` matrix."""
+    if grads.dim() != 2:
+        msg = f"expected a (batch, num_params) gradient matrix, got shape {tuple(grads.shape)}"
+        raise ValueError(msg)
+
+
+class _RowQueue:
+    """Rows of 2-D tensors, first in, first out; rows are copied only when taken."""
+
+    def __init__(self) -> None:
+        """An empty queue."""
+        self.pieces: Deque[Tensor] = deque()
+        self.count = 0
+
+    def push(self, rows: Tensor) -> None:
+        """Append the rows of ``rows`` (all rows must have the same width)."""
+        if not rows.shape[0]:
+            return
+        if self.pieces and rows.shape[1] != self.pieces[0].shape[1]:
+            msg = f"rows of width {rows.shape[1]} streamed after rows of width {self.pieces[0].shape[1]}"
+            raise ValueError(msg)
+        self.pieces.append(rows)
+        self.count += rows.shape[0]
+
+    def take(self, num_rows: int, pad_to: int) -> Optional[Tensor]:
+        """The first ``num_rows`` rows (fewer if fewer are queued) as a new tensor, zero padded to ``pad_to`` rows.
+
+        None when nothing is taken and nothing padded.
+        """
+        parts, missing = [], num_rows
+        while missing and self.pieces:
+            head = self.pieces.popleft()
+            if head.shape[0] > missing:
+                self.pieces.appendleft(head[missing:])
+                head = head[:missing]
+            parts.append(head)
+            missing -= head.shape[0]
+        taken = num_rows - missing
+        self.count -= taken
+        if pad_to > taken and parts:
+            parts.append(parts[0].new_zeros(pad_to - taken, parts[0].shape[1]))
+        # torch.cat always allocates: every block is a fresh, aligned, contiguous tensor
+        return torch.cat(parts) if parts else None

@@ -43,6 +43,51 @@ def test_same_projection_for_any_batch_size(proj_type: str) -> None:
     assert torch.equal(RandomProjector(proj_dim=48, proj_type=proj_type, proj_max_batch_size=16).project(x, 3), full)
 
 
+def _stream(proj: RandomProjector, x: torch.Tensor, sizes: list, ckpt_idx: int = 0) -> list:
+    """``project_stream`` over ``x`` cut into items of ``sizes`` rows, keyed by their start row."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return list(proj.project_stream(((s, x[s : s + n]) for s, n in zip(starts, sizes)), ckpt_idx))
+
+
+@pytest.mark.parametrize("sizes", [[100, 100], [3, 197], [200], [1] * 200, [31, 1, 32, 33, 64, 39], [0, 200, 0]])
+def test_stream_rows_do_not_depend_on_the_grouping(sizes: list) -> None:
+    x = _vectors(n=200, p=901)
+    proj = RandomProjector(proj_dim=40, proj_max_batch_size=32)
+    expected = proj.project(x, ckpt_idx=2)
+    out = _stream(proj, x, sizes, ckpt_idx=2)
+    assert [key for key, _ in out] == [sum(sizes[:i]) for i in range(len(sizes))]  # every key, in order
+    assert [rows.shape for _, rows in out] == [(n, 40) for n in sizes]
+    assert torch.equal(torch.cat([rows for _, rows in out]), expected)
+
+
+def test_stream_projects_only_full_blocks_until_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    proj = RandomProjector(proj_dim=8, proj_max_batch_size=16)
+    calls = []
+    original = proj._project_blocks
+    monkeypatch.setattr(proj, "_project_blocks", lambda rows, k, n: calls.append(n) or original(rows, k, n))
+    x = _vectors(n=100, p=50)
+    seen = []
+    for key, _ in proj.project_stream((s, x[s : s + 10]) for s in range(0, 100, 10)):
+        seen.append((key, list(calls)))
+    assert calls == [1, 1, 1, 1, 1, 1, 1]  # 6 full blocks of 16 as they fill, then the padded last 4 rows
+    # an item comes out as soon as its rows are projected: rows 10-19 wait for the second block
+    assert seen[:3] == [(0, [1]), (10, [1, 1]), (20, [1, 1])]
+
+
+def test_stream_keeps_empty_items_in_place_and_identity_passes_through() -> None:
+    x = _vectors(n=5, p=30)
+    proj = RandomProjector(proj_dim=6, proj_max_batch_size=4)
+    items = [("a", x[:3]), ("cached", torch.empty(0, 0)), ("b", x[3:])]
+    out = list(proj.project_stream(items))
+    assert [k for k, _ in out] == ["a", "cached", "b"]
+    assert out[1][1].shape == (0, 6)
+    assert torch.equal(torch.cat([out[0][1], out[2][1]]), proj.project(x))
+    same = list(RandomProjector(proj_type="identity").project_stream(items))
+    assert all(a is b for (_, a), (_, b) in zip(items, same))
+    with pytest.raises(ValueError, match="width"):
+        list(proj.project_stream([("a", x[:1]), ("b", torch.zeros(1, 7))]))
+
+
 def test_chunked_generation_matches_cached_and_is_memory_independent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(projection, "CHUNK_ELEMENTS", 40 * 32)  # 40-row chunks of a 32-column matrix
     x = _vectors(n=5, p=1000)
