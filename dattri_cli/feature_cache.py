@@ -98,13 +98,20 @@ class BlockStore:
         if limit and self._written >= int(limit):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def lookup(self, name: str) -> Optional[Tensor]:
+        """:meth:`get`, counted as a hit, or as a miss when the block must be computed (and put)."""
+        block = self.get(name)
+        if block is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return block
+
     def get_or_compute(self, name: str, compute: Callable[[], Tensor], device: str = "cpu") -> Tensor:
         """The stored block, or ``compute()`` stored and returned."""
-        block = self.get(name)
+        block = self.lookup(name)
         if block is not None:
-            self.hits += 1
             return block.to(device)
-        self.misses += 1
         block = compute()
         self.put(name, block)
         return block

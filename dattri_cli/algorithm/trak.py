@@ -179,23 +179,29 @@ class TRAKAttributor(BaseAttributor):
             return params, self.task.get_grad_target_func(self.layer_name, ckpt_idx)
         return params, self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
 
-    def _project_batch(self, ckpt_idx: int, params: Tensor, grad_func: Callable, batch: Any, side: str) -> Tensor:
-        grads = grad_func(params, to_device(batch, self.device)).detach() / self.norm_scaler
-        projected = self.projector.project(grads, ckpt_idx=ckpt_idx).to(torch.float32)
+    def _grads(self, params: Tensor, grad_func: Callable, batch: Any) -> Tensor:
+        """Per-sample gradients of ``batch``, divided by ``sqrt(P)``."""
+        return grad_func(params, to_device(batch, self.device)).detach() / self.norm_scaler
+
+    @staticmethod
+    def _checked(projected: Tensor, side: str) -> Tensor:
+        """``projected`` as float32, refused if not finite."""
+        projected = projected.to(torch.float32)
         # checked after projection: a NaN/Inf gradient entry reaches every projected
         # coordinate (the random matrix has no zeros), and the projection is far smaller
         check_finite(projected, f"{side} gradients", hint="check the data and the checkpoint")
         return projected
 
     def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
-        """Projected, scaled per-sample gradients of the loss (train) or target (test)."""
+        """Projected, scaled per-sample gradients of the loss (train) or target (test).
+
+        The loader's batches form one projection stream: only its last block is padded.
+        """
         params, grad_func = self._grad_setup(ckpt_idx, target)
         side = "test" if target else "train"
-        rows = [
-            self._project_batch(ckpt_idx, params, grad_func, batch, side)
-            for batch in track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
-        ]
-        return torch.cat(rows)
+        batches = track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
+        items = ((None, self._grads(params, grad_func, batch)) for batch in batches)
+        return torch.cat([self._checked(rows, side) for _, rows in self.projector.project_stream(items, ckpt_idx)])
 
     def _store(self, ckpt_idx: int) -> BlockStore:
         if self.feature_store is None:
@@ -203,30 +209,50 @@ class TRAKAttributor(BaseAttributor):
         extra = {"projector_kwargs": self.projector_kwargs, "ckpt_idx": ckpt_idx, "norm_scaler": self.norm_scaler}
         return self.feature_store("trak_features", ckpt_idx, extra)
 
-    def _train_features(self, ckpt_idx: int, loader: DataLoader) -> Tuple[FeatureBlocks, Tensor, int, Tensor]:
-        """Stream the training set once: feature blocks (stored, resumable), the kernel sum and ``1 - p``."""
+    def _train_items(
+        self, ckpt_idx: int, loader: DataLoader, store: BlockStore
+    ) -> Iterator[Tuple[Tuple[Any, int, Optional[Tensor]], Tensor]]:
+        """``((batch, first row, stored block or None), gradients)`` per training batch.
+
+        A batch whose block is stored brings no gradient rows: it only keeps its
+        place in the projection stream, so blocks still come out in batch order.
+        """
         params, grad_func = self._grad_setup(ckpt_idx, target=False)
+        row = self.train_row_offset
+        for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
+            n = batch_size_of(batch)
+            stored = store.lookup(block_name(row, row + n))
+            grads = self._grads(params, grad_func, batch) if stored is None else torch.empty(0, 0)
+            yield (batch, row, stored), grads
+            row += n
+
+    def _train_features(self, ckpt_idx: int, loader: DataLoader) -> Tuple[FeatureBlocks, Tensor, int, Tensor]:
+        """Stream the training set once: feature blocks (stored, resumable), the kernel sum and ``1 - p``.
+
+        Computed batches share one projection stream (no padding per batch); stored
+        and computed blocks alike come out in batch order, so the kernel is summed in
+        the same order (same bytes) whether the run is fresh, resumed or cached.
+        """
         full_params = {k: v.to(self.device) for k, v in self.task.named_parameters(ckpt_idx).items()}
         store = self._store(ckpt_idx)
         ranges: List[Tuple[int, int]] = []
         kernel, q_parts = None, []
-        row = self.train_row_offset
-        for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
+        items = self._train_items(ckpt_idx, loader, store)
+        for (batch, row, stored), projected in self.projector.project_stream(items, ckpt_idx):
             n = batch_size_of(batch)
-            block = store.get_or_compute(
-                block_name(row, row + n), lambda b=batch: self._project_batch(ckpt_idx, params, grad_func, b, "train")
-            ).to(self.device)
-            wide = block.to(torch.float64)
+            if stored is None:
+                stored = self._checked(projected, "train")
+                store.put(block_name(row, row + n), stored)
+            wide = stored.to(self.device, torch.float64)
             kernel = wide.T @ wide if kernel is None else kernel + wide.T @ wide
             q_parts.append(self._one_minus_p(full_params, batch))
             ranges.append((row, row + n))
-            row += n
         if kernel is None:
             msg = "the training loader is empty"
             raise NumericalError(msg)
         q = torch.cat(q_parts)
         check_finite(q, "correct-class probabilities", hint="check correct_probability_func")
-        count = distributed.reduce_count(row - self.train_row_offset, self.device)
+        count = distributed.reduce_count(ranges[-1][1] - self.train_row_offset, self.device)
         return FeatureBlocks(store, ranges, kernel.shape[0]), distributed.reduce_sum(kernel), count, q
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.feature_cache import BlockStore
 from tests.algorithm.binary_logistic import _checkpoint, _data, _task
 
 IDENTITY = {"proj_type": "identity"}
@@ -132,3 +133,59 @@ def test_ill_conditioned_kernel_warns_and_a_healthy_one_does_not() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _cached_scores([_checkpoint(3)], IDENTITY)
+
+
+BIG_TRAIN = _data(230, seed=2)
+
+
+def _row_by_row(attributor: TRAKAttributor) -> None:
+    """Gradients one sample at a time: torch's vectorised kernels may round the last bit of a
+    per-sample gradient differently with the batch size, which is upstream of the projection."""
+    batch_grads = attributor._grads
+
+    def grads(params: Tensor, grad_func, batch: Tuple[Tensor, Tensor]) -> Tensor:
+        rows = [batch_grads(params, grad_func, (x[None], y[None])) for x, y in zip(*batch)]
+        return torch.cat(rows)
+
+    attributor._grads = grads  # type: ignore[method-assign]
+
+
+def _phi_and_scores(batch_size: int, stores: Dict[int, BlockStore] | None = None) -> Tuple[List[Tensor], Tensor]:
+    attributor = _attributor([_checkpoint(3), _checkpoint(4)], {"proj_dim": 5, "proj_max_batch_size": 32})
+    _row_by_row(attributor)
+    if stores is not None:
+        attributor.feature_store = lambda kind, ckpt_idx, extra: stores[ckpt_idx]
+    attributor.cache(_loader(*BIG_TRAIN, batch_size=batch_size))
+    scores = attributor.attribute(_loader(*TEST, batch_size=4))
+    return [f.dense() for f in attributor.train_side.features], scores
+
+
+def test_projected_features_do_not_depend_on_the_train_batch_size() -> None:
+    phi, scores = _phi_and_scores(32)
+    for batch_size in (7, 100):
+        other_phi, other_scores = _phi_and_scores(batch_size)
+        assert all(torch.equal(a, b) for a, b in zip(phi, other_phi))  # bit for bit
+        # the float64 kernel is summed batch by batch: the order differs, the sum agrees closely
+        torch.testing.assert_close(other_scores, scores, rtol=1e-6, atol=1e-9)
+
+
+def test_test_batch_size_does_not_change_a_bit() -> None:
+    attributor = _attributor([_checkpoint(3)], {"proj_dim": 5, "proj_max_batch_size": 4})
+    _row_by_row(attributor)
+    attributor.cache(_loader(*BIG_TRAIN, batch_size=7))
+    first = attributor.attribute(_loader(*TEST, batch_size=9))
+    for batch_size in (1, 2, 5):
+        assert torch.equal(attributor.attribute(_loader(*TEST, batch_size=batch_size)), first)
+
+
+def test_stored_blocks_between_computed_ones_give_identical_bytes() -> None:
+    fresh = {0: BlockStore(), 1: BlockStore()}
+    phi, scores = _phi_and_scores(7, fresh)
+    resumed = {k: BlockStore() for k in fresh}
+    for k, store in fresh.items():
+        for name in sorted(store._memory)[::3]:  # every third block survived an interrupted run
+            resumed[k].put(name, store._memory[name])
+    again_phi, again_scores = _phi_and_scores(7, resumed)
+    assert torch.equal(again_scores, scores)
+    assert all(torch.equal(a, b) for a, b in zip(phi, again_phi))
+    assert (resumed[0].hits, resumed[0].misses) == (11, 22)  # 230 rows in 33 batches
