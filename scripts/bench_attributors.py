@@ -299,7 +299,7 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
         return attributor, run
     if name.startswith("trak"):
         task = AttributionTask(loss_func=loss, model=model, checkpoints=final, target_func=target)
-        proj = dict(conf["proj"], proj_max_batch_size=32)
+        proj = dict(conf["proj"], proj_max_batch_size=128)  # our default (dattri's CPU projector ignores it)
         if "trak_proj_dim" in spec and proj["proj_type"] != "identity":
             proj["proj_dim"] = spec["trak_proj_dim"]
         if proj["proj_type"] == "identity":

@@ -148,7 +148,7 @@ class TRAKAttributor(BaseAttributor):
             correct_probability_func: ``f(params_dict, batch) -> p``, the probability
                 of the correct label, evaluated per sample as a batch of one.
             projector_kwargs: updates to the dattri defaults ``proj_dim=512``,
-                ``proj_max_batch_size=32``, ``proj_seed=0``, ``proj_type="normal"``
+                ``proj_max_batch_size=128`` (dattri: 32), ``proj_seed=0``, ``proj_type="normal"``
                 (``"identity"`` disables the projection).
             layer_name: restrict gradients to these parameters (all if None).
             device: where gradients and kernels are computed.

@@ -37,11 +37,15 @@ from torch import Tensor
 from dattri_cli.errors import ConfigError
 
 #: The same defaults as the public dattri 0.3.0 (``DEFAULT_PROJECTOR_KWARGS``,
-#: plus its ``random_project`` default ``proj_type="normal"``). ``device=None``
-#: means "the device the gradients are on".
+#: plus its ``random_project`` default ``proj_type="normal"``), except
+#: ``proj_max_batch_size``: dattri's CPU projector ignores it, ours multiplies row
+#: blocks of exactly that many rows. 128-row blocks run the projection GEMM ~1.3x
+#: faster than 32-row ones on CPU (MKL, one thread, 26k x 512: ~99 vs ~78 GFLOP/s),
+#: and with :meth:`RandomProjector.project_stream` only a stream's last block is
+#: padded. ``device=None`` means "the device the gradients are on".
 DEFAULT_PROJECTOR_KWARGS: Dict[str, Any] = {
     "proj_dim": 512,
-    "proj_max_batch_size": 32,
+    "proj_max_batch_size": 128,
     "proj_seed": 0,
     "proj_type": "normal",
     "device": None,
@@ -93,7 +97,7 @@ class RandomProjector:
     def __init__(
         self,
         proj_dim: int = 512,
-        proj_max_batch_size: int = 32,
+        proj_max_batch_size: int = 128,
         proj_seed: int = 0,
         proj_type: str = "normal",
         device: Optional[Union[str, torch.device]] = None,
