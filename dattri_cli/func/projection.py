@@ -57,6 +57,10 @@ Key = TypeVar("Key")
 
 PROJ_TYPES = {"normal": "normal", "gaussian": "normal", "rademacher": "rademacher", "identity": "identity"}
 
+#: Most bytes of gradient rows in one projected block: fewer than ``proj_max_batch_size``
+#: rows are used when each row is long (a 10M-parameter model gets 6-row blocks), so the
+#: buffered rows stay bounded. Depends only on the row length, never on the batch size.
+MAX_BLOCK_BYTES = 256 * 2**20
 #: Byte alignment of fresh CPU tensors; a row block at another alignment is copied first.
 ALIGNMENT = 64
 #: Entries of ``R`` generated per chunk (64 MiB in float32), whatever ``proj_dim``.
@@ -167,7 +171,7 @@ class RandomProjector:
         """Project ``(key, grads)`` items; yield ``(key, projected)`` in the same order.
 
         Rows are buffered across items and multiplied in blocks of exactly
-        ``block_rows`` rows; only the last block of the whole stream is zero padded.
+        :meth:`rows_per_block` rows; only the last block of the whole stream is zero padded.
         A row's result does not depend on how rows are grouped into items, so a
         loader's batches are projected without padding each batch. An item comes out
         once all its rows are projected, possibly after later items were consumed.
@@ -180,16 +184,24 @@ class RandomProjector:
             return
         rows, projected = _RowQueue(), _RowQueue()
         pending: Deque[Tuple[Key, int, torch.device]] = deque()  # (key, rows, output device)
+        block = self.block_rows
         for key, grads in items:
             _check_matrix(grads)
+            if grads.shape[0]:  # an empty item (a cached batch) says nothing about row length
+                block = self.rows_per_block(grads.shape[1])
             pending.append((key, grads.shape[0], grads.device))
             rows.push(grads.detach().to(device=self._device_for(grads), dtype=self.dtype))
-            if rows.count >= self.block_rows:
-                projected.push(self._project_blocks(rows, ckpt_idx, rows.count // self.block_rows))
+            if rows.count >= block:
+                projected.push(self._project_blocks(rows, ckpt_idx, rows.count // block, block))
             yield from self._finished(pending, projected)
         if rows.count:
-            projected.push(self._project_blocks(rows, ckpt_idx, 1))
+            projected.push(self._project_blocks(rows, ckpt_idx, 1, block))
         yield from self._finished(pending, projected)
+
+    def rows_per_block(self, num_params: int) -> int:
+        """Rows per projected block: ``proj_max_batch_size``, fewer when rows of ``num_params`` are long."""
+        element_size = torch.tensor([], dtype=self.dtype).element_size()
+        return max(1, min(self.block_rows, MAX_BLOCK_BYTES // max(1, num_params * element_size)))
 
     def _device_for(self, grads: Tensor) -> torch.device:
         """The device the projection runs on: the configured one, else the gradients'."""
@@ -206,15 +218,15 @@ class RandomProjector:
                 out = torch.zeros(0, self.proj_dim, dtype=torch.float32)
             yield key, out.to(device)
 
-    def _project_blocks(self, rows: "_RowQueue", ckpt_idx: int, num_blocks: int) -> Tensor:
-        """Take ``num_blocks`` blocks of ``block_rows`` rows (the last zero padded) and project them.
+    def _project_blocks(self, rows: "_RowQueue", ckpt_idx: int, num_blocks: int, block: int) -> Tensor:
+        """Take ``num_blocks`` blocks of ``block`` rows (the last zero padded) and project them.
 
         One GEMM of fixed shape per block and chunk of ``R``, so a row's result does
         not depend on its neighbours: BLAS may round a 1-row product differently.
         """
-        blocks = [rows.take(self.block_rows, pad_to=self.block_rows, view_if_aligned=True) for _ in range(num_blocks)]
+        blocks = [rows.take(block, pad_to=block, view_if_aligned=True) for _ in range(num_blocks)]
         device = blocks[0].device
-        out = [torch.zeros(self.block_rows, self.proj_dim, dtype=torch.float32, device=device) for _ in blocks]
+        out = [torch.zeros(block, self.proj_dim, dtype=torch.float32, device=device) for _ in blocks]
         for start, stop, chunk in self._chunks(ckpt_idx, blocks[0].shape[1], device):
             for acc, block in zip(out, blocks):
                 acc += (block[:, start:stop] @ chunk).float()

@@ -64,7 +64,7 @@ def test_stream_projects_only_full_blocks_until_the_end(monkeypatch: pytest.Monk
     proj = RandomProjector(proj_dim=8, proj_max_batch_size=16)
     calls = []
     original = proj._project_blocks
-    monkeypatch.setattr(proj, "_project_blocks", lambda rows, k, n: calls.append(n) or original(rows, k, n))
+    monkeypatch.setattr(proj, "_project_blocks", lambda rows, k, n, b: calls.append(n) or original(rows, k, n, b))
     x = _vectors(n=100, p=50)
     seen = []
     for key, _ in proj.project_stream((s, x[s : s + 10]) for s in range(0, 100, 10)):
@@ -136,3 +136,16 @@ def test_defaults_follow_dattri_and_bad_kwargs_are_config_errors() -> None:
         make_projector({"proj_type": "sjlt"})
     with pytest.raises(ConfigError, match="proj_dim"):
         make_projector({"proj_dim": 0})
+
+
+def test_long_rows_get_smaller_blocks_and_the_same_numbers() -> None:
+    proj = RandomProjector(proj_dim=8, proj_max_batch_size=128)
+    assert proj.rows_per_block(1000) == 128
+    assert proj.rows_per_block(projection.MAX_BLOCK_BYTES // 4 // 5) == 5  # five float32 rows fit
+    assert proj.rows_per_block(projection.MAX_BLOCK_BYTES) == 1
+    grads = torch.randn(23, 40, generator=torch.Generator().manual_seed(0))
+    small = RandomProjector(proj_dim=8, proj_max_batch_size=128)
+    small.block_rows = 4  # as if rows were long: blocks of four rows, grouping still irrelevant
+    whole = small.project(grads)
+    parts = [out for _, out in small.project_stream([(i, grads[i : i + 1]) for i in range(23)])]
+    assert torch.equal(torch.cat(parts), whole)
