@@ -140,7 +140,7 @@ def per_sample_targets(model: torch.nn.Module, x: Tensor, y: Tensor, weight_deca
     """The run's target function (test cross-entropy) on each test sample, as a batch of one."""
     from dattri_cli.models.train import make_loss_funcs  # noqa: PLC0415
 
-    _, target_func = make_loss_funcs(model, weight_decay)
+    _, target_func = make_loss_funcs(model, weight_decay, x.dim() - 1)
     params = {k: v.detach() for k, v in model.named_parameters()}
     with torch.no_grad():
         values = [target_func(params, (x[j : j + 1], y[j : j + 1])) for j in range(x.shape[0])]

@@ -340,14 +340,15 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     checkpoints = select_checkpoints(all_ckpts, runner.get("checkpoints", "final"))
     timings["checkpoints_s"] = time.perf_counter() - start
 
-    loss_func, target_func = make_loss_funcs(model, settings.weight_decay)
+    sample_ndim = split.x_train.dim() - 1  # one sample's input dimensions (dattri's per-sample calls)
+    loss_func, target_func = make_loss_funcs(model, settings.weight_decay, sample_ndim)
     task = AttributionTask(loss_func, model, [str(c.path) for c in checkpoints], target_func=target_func)
     task.get_param(0)  # load the first checkpoint now: a mismatch fails before any heavy work
     runtime = {
         "task": task,
         "device": device,
         "weight_list": checkpoint_weights(checkpoints, runner.get("weights", "ones")),
-        "correct_probability_func": correct_probability(model),
+        "correct_probability_func": correct_probability(model, sample_ndim),
         "final_linear_layer_name": getattr(model, "final_layer", None),
     }
     attributor = builders.build(attributor_cfg, "attributor", runtime)

@@ -1,31 +1,34 @@
 """AttributionTask: the model, its checkpoints and the loss/target functions.
 
-Conventions (the same for every attributor in this package):
+Conventions (those of dattri 0.3.0, so code written for it runs unchanged):
 
 * ``loss_func(params, data)`` and ``target_func(params, data)`` take a dictionary
-  of parameters (as for ``torch.func.functional_call``) and a tuple of tensors with
-  a leading batch dimension, and return a scalar: the *mean* loss over the batch.
-* Per-sample quantities present each sample as a batch of one, so one function
-  serves per-sample gradients and full-batch losses (Hessians, Fisher).
+  of parameters (as for ``torch.func.functional_call``) and data shaped as the
+  loader yields it (a tuple, list or dictionary of tensors, or one tensor), and
+  return a scalar.
+* TracIn, Grad-Dot, Grad-Cos and TRAK call them (and TRAK's
+  ``correct_probability_func``) on one sample *without* a batch dimension, vmapped
+  over the batch (``in_dims=(None, 0)``). The influence-function attributors call
+  them on whole batches (Hessians, Fisher) and, for per-sample gradients, on each
+  sample as a batch of one (``in_dims=(None, 1)`` over data of shape
+  ``(1, batch_size, ...)``). See :mod:`dattri_cli.func.batch`.
 * Parameters are handled as one flat vector per checkpoint; ``layer_name``
   restricts that vector to the named entries of ``model.named_parameters()``.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vmap
 
 from dattri_cli.errors import CheckpointError
-from dattri_cli.func.utils import (
-    LayerName,
-    normalize_layer_name,
-    per_sample_grad,
-    unflatten_params,
-)
+from dattri_cli.func.batch import BATCH_OF_ONE_IN_DIMS
+from dattri_cli.func.utils import LayerName, normalize_layer_name, unflatten_params
 
 Checkpoint = Union[str, Path, Dict[str, Tensor]]
 
@@ -157,21 +160,24 @@ class AttributionTask:
         ckpt_idx: int = 0,
         layer_name: LayerName = None,
         layer_split: bool = False,
+        param_layer_map: Optional[List[int]] = None,
     ) -> Tuple[Union[Tensor, Tuple[Tensor, ...]], Optional[List[int]]]:
         """Flat parameters of checkpoint ``ckpt_idx`` (restricted to ``layer_name``).
 
         With ``layer_split`` the result is a tuple of per-parameter flat tensors and
-        a map from each to its layer index (parameters sharing a module prefix).
+        a map from each to its layer index: parameters sharing a module prefix, or
+        ``param_layer_map`` when given (one entry per parameter).
         """
         params = self._load(ckpt_idx)
         names = self.selected_names(layer_name, ckpt_idx)
         if layer_split:
-            layer_of, layers = [], []
-            for name in names:
-                prefix = name.rsplit(".", 1)[0] if "." in name else name
-                if not layers or layers[-1] != prefix:
-                    layers.append(prefix)
-                layer_of.append(len(layers) - 1)
+            if param_layer_map:
+                if len(param_layer_map) != len(names):
+                    msg = f"param_layer_map has {len(param_layer_map)} entries for {len(names)} parameters"
+                    raise ValueError(msg)
+                layer_of = list(param_layer_map)
+            else:
+                layer_of = layer_index_map(names)
             return tuple(params[n].reshape(-1) for n in names), layer_of
         return torch.cat([params[n].reshape(-1) for n in names]), None
 
@@ -182,33 +188,96 @@ class AttributionTask:
 
     # -- functions of the flat parameter vector ---------------------------------
     def _flat_func(self, func: Callable, layer_name: LayerName, ckpt_idx: Optional[int]) -> Callable:
+        """``func`` as a function of the flat vector of the ``layer_name`` parameters.
+
+        The other parameters stay at their values in checkpoint ``ckpt_idx`` (the
+        first when None); with ``layer_name=None`` every trainable parameter comes
+        from the flat vector, which may also be given as a name -> tensor dictionary.
+        """
         idx = 0 if ckpt_idx is None else ckpt_idx
         full = self._load(idx)
         names = self.selected_names(layer_name, idx)
         shapes = {n: full[n].shape for n in names}
         fixed = {k: v for k, v in full.items() if k not in shapes}
 
-        def flat_func(flat: Tensor, data: Tuple[Tensor, ...]) -> Tensor:
+        @functools.wraps(func)
+        def flat_func(flat: Union[Tensor, Dict[str, Tensor]], data: Any) -> Tensor:
+            if isinstance(flat, dict):
+                return func({**fixed, **flat}, data)
             params = dict(fixed)
             params.update(unflatten_params(flat, shapes))
             return func(params, data)
 
         return flat_func
 
-    def get_loss_func(self, layer_name: LayerName = None, ckpt_idx: Optional[int] = None) -> Callable:
-        """``f(flat_params, batch) -> mean loss``; parameters outside ``layer_name`` fixed."""
-        return self._flat_func(self.original_loss_func, layer_name, ckpt_idx)
+    def _func(self, func: Callable, flatten: bool, layer_name: LayerName, ckpt_idx: Optional[int]) -> Callable:
+        if not flatten:
+            if layer_name is not None:
+                msg = "layer_name needs flatten=True: the unflattened function takes every parameter"
+                raise NotImplementedError(msg)
+            return func
+        return self._flat_func(func, layer_name, ckpt_idx)
 
-    def get_target_func(self, layer_name: LayerName = None, ckpt_idx: Optional[int] = None) -> Callable:
-        """``f(flat_params, batch) -> mean target``; parameters outside ``layer_name`` fixed."""
-        return self._flat_func(self.original_target_func, layer_name, ckpt_idx)
+    def get_loss_func(
+        self,
+        flatten: bool = True,
+        layer_name: LayerName = None,
+        ckpt_idx: Optional[int] = None,
+    ) -> Callable:
+        """``f(flat_params, data) -> loss``; parameters outside ``layer_name`` fixed.
 
-    def get_grad_loss_func(self, layer_name: LayerName = None, ckpt_idx: Optional[int] = None) -> Callable:
-        """``g(flat_params, batch) -> (batch_size, num_params)`` per-sample loss gradients."""
-        func = self.get_loss_func(layer_name, ckpt_idx)
-        return lambda flat, data: per_sample_grad(func, flat, data)
+        With ``flatten=False`` the user's own ``loss_func`` (taking a dictionary).
+        """
+        return self._func(self.original_loss_func, flatten, layer_name, ckpt_idx)
 
-    def get_grad_target_func(self, layer_name: LayerName = None, ckpt_idx: Optional[int] = None) -> Callable:
-        """``g(flat_params, batch) -> (batch_size, num_params)`` per-sample target gradients."""
-        func = self.get_target_func(layer_name, ckpt_idx)
-        return lambda flat, data: per_sample_grad(func, flat, data)
+    def get_target_func(
+        self,
+        flatten: bool = True,
+        layer_name: LayerName = None,
+        ckpt_idx: Optional[int] = None,
+    ) -> Callable:
+        """``f(flat_params, data) -> target``; parameters outside ``layer_name`` fixed.
+
+        With ``flatten=False`` the user's own ``target_func`` (taking a dictionary).
+        """
+        return self._func(self.original_target_func, flatten, layer_name, ckpt_idx)
+
+    def get_grad_loss_func(
+        self,
+        in_dims: Tuple[Optional[int], ...] = BATCH_OF_ONE_IN_DIMS,
+        layer_name: LayerName = None,
+        ckpt_idx: Optional[int] = None,
+    ) -> Callable:
+        """Per-sample loss gradients: ``g(flat_params, data) -> (batch_size, num_params)``.
+
+        ``vmap(grad(loss), in_dims)``: with the default ``(None, 1)`` the data has a
+        leading dimension of one, ``(1, batch_size, ...)``, and the loss sees each sample
+        as a batch of one; with ``(None, 0)`` it sees each sample without a batch dimension.
+        """
+        return vmap(grad(self.get_loss_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different")
+
+    def get_grad_target_func(
+        self,
+        in_dims: Tuple[Optional[int], ...] = BATCH_OF_ONE_IN_DIMS,
+        layer_name: LayerName = None,
+        ckpt_idx: Optional[int] = None,
+    ) -> Callable:
+        """Per-sample target gradients, as :meth:`get_grad_loss_func` for ``target_func``."""
+        return vmap(grad(self.get_target_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different")
+
+    def register_forward_hook(self, layer_name: Union[str, List[str]]) -> None:
+        """Not offered (as in dattri 0.3.0); attributors that need layer inputs hook the model themselves."""
+        msg = f"register_forward_hook({layer_name!r}) is not implemented"
+        raise NotImplementedError(msg)
+
+
+def layer_index_map(names: List[str]) -> List[int]:
+    """For each parameter name, the index of its layer (consecutive names with one module prefix)."""
+    layer_of: List[int] = []
+    layers: List[str] = []
+    for name in names:
+        prefix = name.rsplit(".", 1)[0] if "." in name else ""
+        if not layers or layers[-1] != prefix:
+            layers.append(prefix)
+        layer_of.append(len(layers) - 1)
+    return layer_of

@@ -210,9 +210,9 @@ def prepare(work: Path, workload: str) -> Dict[str, Any]:
 def loss_funcs(model: nn.Module, unsqueeze: bool) -> Tuple[Callable, Callable, Callable]:
     """(train loss = CE + L2, test target = CE, p(correct)) as ``f(params_dict, data)``.
 
-    Ours and dattri's IF classes pass a batch with a leading dimension (one sample is a
-    batch of one). dattri's TracIn / TRAK vmap over dim 0 without a batch dimension,
-    so there ``unsqueeze`` adds it back. Labels are cast to long because dattri's LiSSA
+    Both libraries' IF classes pass a batch with a leading dimension (one sample is a
+    batch of one); their TracIn / TRAK vmap over dim 0 without a batch dimension, so
+    there ``unsqueeze`` adds it back. The same functions serve both sides. Labels are cast to long because dattri's LiSSA
     collate function turns every data tensor into float.
     """
     from torch.func import functional_call  # noqa: PLC0415
@@ -267,8 +267,8 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
         from dattri.algorithm.trak import TRAKAttributor  # noqa: PLC0415
         from dattri.task import AttributionTask  # noqa: PLC0415
 
-    # dattri's TracIn / TRAK vmap over samples without a batch dimension
-    unsqueeze = side == "dattri" and (name.startswith("trak") or name in ("tracin", "grad_dot", "grad_cos"))
+    # both libraries call TracIn / TRAK functions on samples without a batch dimension
+    unsqueeze = name.startswith("trak") or name in ("tracin", "grad_dot", "grad_cos")
     loss, target, correct_probability = loss_funcs(model, unsqueeze)
     final = ckpts[-1]
     if name.startswith("if_"):

@@ -55,7 +55,7 @@ def build():
 
 
 def attributors(model: nn.Module) -> Dict[str, Callable]:
-    cp = correct_probability(model)
+    cp = correct_probability(model, sample_ndim=1)
     return {
         "if_ekfac (config: auto damping)": lambda t: IFAttributorEKFAC(t, damping=None),
         "if_kfac (config: auto damping)": lambda t: IFAttributorKFAC(t, damping=None),
@@ -155,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split, model, state = build()
-    loss_func, target_func = make_loss_funcs(model, SETTINGS.weight_decay)
+    loss_func, target_func = make_loss_funcs(model, SETTINGS.weight_decay, split.x_train.dim() - 1)
     train_loader, test_loader = split.loaders(64, 64)
     results, all_scores = {}, {}
     for name, make in attributors(model).items():

@@ -29,9 +29,10 @@ from dattri_cli.groundtruth import compose
 VARIANTS: Dict[str, List[str]] = {
     "tracin": ["train=trajectory"],
     "trak": [],
+    # digits has constant pixels: without a ridge the TRAK kernel is nearly singular and its
+    # inverse is noise (dattri's default regularization=0); the config's default ridge fixes it
+    "trak-r0": ["attributor=trak", "attributor.regularization=0"],
     "trak-5": ["attributor=trak", "train.num_models=5"],
-    # digits has constant pixels: with 512 projected dims the unregularised TRAK kernel is
-    # nearly singular and its inverse is noise; 128 dims keep it well conditioned
     "trak-5-d128": ["attributor=trak", "train.num_models=5", "attributor.projector_kwargs.proj_dim=128"],
     # the MLP's Hessian is indefinite at the trained point: CG and Arnoldi need a damping term
     "if_cg-r0.01": ["attributor=if_cg", "attributor.regularization=0.01"],
@@ -45,7 +46,7 @@ def available_attributors() -> List[str]:
     folder = resources.files("dattri_cli.configs") / "attributor"
     names = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
     if "trak" in names:
-        names[names.index("trak") + 1 : names.index("trak") + 1] = ["trak-5", "trak-5-d128"]
+        names[names.index("trak") + 1 : names.index("trak") + 1] = ["trak-r0", "trak-5", "trak-5-d128"]
     for base in ("if_cg", "if_arnoldi"):
         if base in names:
             names.insert(names.index(base) + 1, f"{base}-r0.01")

@@ -21,7 +21,7 @@ def test_smoke_table(tmp_path, capsys):
     by_name = {r["attributor"]: r for r in rows}
     assert set(by_name) == {"grad_dot", "if_explicit", "trak"}
     assert -1.0 <= by_name["if_explicit"]["lds"] <= 1.0
-    assert by_name["trak"]["lds"] is None and by_name["trak"]["note"].startswith("failed")  # 512 dims > 40 samples
+    assert -1.0 <= by_name["trak"]["lds"] <= 1.0  # 512 dims > 40 samples: the default ridge keeps it solvable
     saved = json.loads((tmp_path / "lds_table.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert "LDS on digits" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from dattri_cli.algorithm.utils import (
     to_device,
 )
 from dattri_cli.feature_cache import BlockStore, block_name
+from dattri_cli.func.batch import add_leading_dim
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
 
@@ -57,8 +58,11 @@ def stream_train_scores(
     store: Optional[BlockStore] = None,
     row_offset: int = 0,
     finish: Optional[Callable[[Tensor], Tensor]] = None,
+    row_weights: Optional[Tensor] = None,
 ) -> None:
     """Add ``weight * finish(train_rep_func(batch)) @ test_rep.T`` into the rows of ``out``.
+
+    ``row_weights`` (one per row of ``out``) scale each training row's scores.
 
     Rows follow the loader's order; ``out`` has one row per training sample. With a
     ``store``, ``train_rep_func(batch)`` is looked up (or computed and kept) under the
@@ -78,6 +82,8 @@ def stream_train_scores(
         block = train_rep @ test_rep.T
         if weight != 1.0:
             block = block * weight
+        if row_weights is not None:
+            block = block * row_weights[row : row + block.shape[0], None].to(block.dtype)
         out[row : row + block.shape[0]] += block.to(out.dtype)
         row += block.shape[0]
 
@@ -152,20 +158,20 @@ class BaseInnerProductAttributor(BaseAttributor):
     def generate_test_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-sample gradients of the target function, ``(batch_size, num_params)``.
 
-        ``data`` tensors have shape ``(1, batch_size, ...)`` as in the reference API.
+        ``data`` tensors have shape ``(1, batch_size, ...)`` as in the reference API:
+        the target function sees each sample as a batch of one.
         """
-        batch = tuple(t.squeeze(0) for t in data)
-        grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
-        return grad_func(self._params(ckpt_idx), batch)
+        grad_func = self.task.get_grad_target_func(layer_name=self.layer_name, ckpt_idx=ckpt_idx)
+        return grad_func(self._params(ckpt_idx), data)
 
     def generate_train_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-sample gradients of the loss function, ``(batch_size, num_params)``.
 
-        ``data`` tensors have shape ``(1, batch_size, ...)`` as in the reference API.
+        ``data`` tensors have shape ``(1, batch_size, ...)`` as in the reference API:
+        the loss function sees each sample as a batch of one.
         """
-        batch = tuple(t.squeeze(0) for t in data)
-        grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
-        return grad_func(self._params(ckpt_idx), batch)
+        grad_func = self.task.get_grad_loss_func(layer_name=self.layer_name, ckpt_idx=ckpt_idx)
+        return grad_func(self._params(ckpt_idx), data)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:  # noqa: ARG002
         """Transform test representations (identity here; e.g. inverse Hessian in IF)."""
@@ -198,7 +204,7 @@ class BaseInnerProductAttributor(BaseAttributor):
     def _compute_test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
         """Test gradients of one checkpoint, batched through ``transform_test_rep`` once."""
         reps = [
-            self.generate_test_rep(ckpt_idx, tuple(t.unsqueeze(0) for t in to_device(b, self.device))).detach()
+            self.generate_test_rep(ckpt_idx, add_leading_dim(to_device(b, self.device))).detach()
             for b in track(test_dataloader, "test gradients")
         ]
         test_rep = torch.cat(reps)
@@ -211,7 +217,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         return self.transform_train_rep(ckpt_idx, self._raw_train_rep(ckpt_idx, batch)).detach()
 
     def _raw_train_rep(self, ckpt_idx: int, batch: Tuple[Tensor, ...]) -> Tensor:
-        data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
+        data = add_leading_dim(to_device(batch, self.device))
         return self.generate_train_rep(ckpt_idx, data).detach()
 
     def _grad_store(self, ckpt_idx: int) -> Optional[BlockStore]:
@@ -222,7 +228,9 @@ class BaseInnerProductAttributor(BaseAttributor):
         """
         if self.feature_store is None or type(self).generate_train_rep is not BaseInnerProductAttributor.generate_train_rep:
             return None
-        return self.feature_store("train_grads", ckpt_idx, {"projection": None})
+        # keyed by the calling convention too: TracIn's per-sample calls run the user's function
+        # differently (and may differ in the last bits), so the two never share gradients
+        return self.feature_store("train_grads", ckpt_idx, {"projection": None, "calls": "batch_of_one"})
 
     def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
         """Scores ``(num_train, num_test)`` averaged over the task's checkpoints."""
@@ -244,10 +252,15 @@ class BaseInnerProductAttributor(BaseAttributor):
                 store=self._grad_store(ckpt_idx),
                 row_offset=self.train_row_offset,
                 finish=lambda rep, k=ckpt_idx: self.transform_train_rep(k, rep).detach(),
+                row_weights=self._row_weights(ckpt_idx, train_dataloader),
             )
         scores /= num_ckpts
         check_finite(scores, "scores", hint="increase `regularization`")
         return scores
+
+    def _row_weights(self, ckpt_idx: int, train_dataloader: DataLoader) -> Optional[Tensor]:  # noqa: ARG002
+        """Per-training-row factors on one checkpoint's scores (None: all ones; RelatIF divides)."""
+        return None
 
     def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
         """Self-influence ``score(i, i)`` of every training sample, shape ``(num_train,)``.
@@ -260,12 +273,16 @@ class BaseInnerProductAttributor(BaseAttributor):
         out = torch.zeros(num_samples(train_dataloader), dtype=self._params(0).dtype, device=self.device)
         for ckpt_idx in range(num_ckpts):
             row = 0
+            weights = self._row_weights(ckpt_idx, train_dataloader)
             for batch in track(train_dataloader, "self-influence"):
-                data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
+                data = add_leading_dim(to_device(batch, self.device))
                 train_rep = self._train_rep(ckpt_idx, batch)
                 test_rep = self.transform_test_rep(ckpt_idx, self.generate_test_rep(ckpt_idx, data).detach())
                 n = batch_size_of(batch)
-                out[row : row + n] += (train_rep * test_rep).sum(dim=1)
+                values = (train_rep * test_rep).sum(dim=1)
+                if weights is not None:
+                    values = values * weights[row : row + n].to(values.dtype)
+                out[row : row + n] += values
                 row += n
         out /= num_ckpts
         check_finite(out, "self-influence scores", hint="increase `regularization`")

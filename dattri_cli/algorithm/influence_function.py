@@ -12,11 +12,12 @@ checkpoint in one batched solve. Their diagnostics land in ``self.diagnostics``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,6 +41,7 @@ from dattri_cli.func.hessian import (
     stack_loader,
     symmetric_inverse,
 )
+from dattri_cli.func.batch import add_leading_dim, first_batches, tensor_leaves
 from dattri_cli.func.utils import flatten_params, per_sample_grad, unflatten_params
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
@@ -47,6 +49,8 @@ from dattri_cli.task import AttributionTask
 log = logging.getLogger("dattri_cli")
 Func = Callable[[Tensor, Tuple[Tensor, ...]], Tensor]
 Diagnostics = Dict[str, Any]
+#: ``relatif_method`` values: None (plain influence), "l" and "theta" (RelatIF normalisations)
+RELATIF_METHODS = (None, "l", "theta")
 
 
 # -- shared solvers: (func, params, loader, device, rhs, **hyper) -> (solution, diagnostics)
@@ -118,7 +122,7 @@ def ihvp_lissa(
     check_mode(mode)
     data = stack_loader(loader, device)
     # under torchrun ``data`` is this rank's block: every rank draws the same global minibatches
-    offset, total = distributed.row_span(batch_size_of(data), str(data[0].device))
+    offset, total = distributed.row_span(batch_size_of(data), str(tensor_leaves(data)[0].device))
     sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn, offset, total)
     result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
     hvp = loader_hvp(func, params, [data], device, mode, damping * scaling)
@@ -192,8 +196,53 @@ class _CachedFullTrain(BaseInnerProductAttributor):
             raise ValueError(msg)
         return self.full_train_dataloader
 
+    # -- RelatIF (dattri 0.3.0's ``relatif_method``) ------------------------------------
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader, relatif_method: Optional[str] = None) -> Tensor:
+        """Scores ``(num_train, num_test)``; with ``relatif_method`` each training row is normalised.
+
+        ``"l"`` divides by ``sqrt(g_target_i^T H^-1 g_i)``, ``"theta"`` by ``||H^-1 g_i||``
+        (RelatIF, Barshan et al. 2020), per checkpoint, as dattri 0.3.0 does.
+        """
+        with self._relatif(relatif_method):
+            return super().attribute(train_dataloader, test_dataloader)
+
+    def self_attribute(self, train_dataloader: DataLoader, relatif_method: Optional[str] = None) -> Tensor:
+        """Self-influence ``(num_train,)``, normalised per row as in :meth:`attribute` when asked."""
+        with self._relatif(relatif_method):
+            return super().self_attribute(train_dataloader)
+
+    @contextlib.contextmanager
+    def _relatif(self, method: Optional[str]) -> Iterator[None]:
+        if method not in RELATIF_METHODS:
+            msg = f"relatif_method must be one of {', '.join(repr(m) for m in RELATIF_METHODS)}, got {method!r}"
+            raise ConfigError(msg)
+        self._relatif_method = method
+        try:
+            yield
+        finally:
+            self._relatif_method = None
+
+    def _row_weights(self, ckpt_idx: int, train_dataloader: DataLoader) -> Optional[Tensor]:
+        method = getattr(self, "_relatif_method", None)
+        if method is None:
+            return None
+        parts = []
+        for batch in track(train_dataloader, "RelatIF denominators"):
+            data = add_leading_dim(to_device(batch, self.device))
+            solved = self._inverse_hessian_rows(ckpt_idx, self.generate_train_rep(ckpt_idx, data).detach())
+            if method == "l":
+                target = self.generate_test_rep(ckpt_idx, data).detach()
+                parts.append((target * solved).sum(dim=1).clamp_min(1e-12).sqrt())
+            else:
+                parts.append(solved.norm(dim=1).clamp_min(1e-12))
+        return 1.0 / torch.cat(parts)
+
+    def _inverse_hessian_rows(self, ckpt_idx: int, rows: Tensor) -> Tensor:
+        """``H^-1 g`` for every row ``g`` (the test-side transform, for the solvers where it is that)."""
+        return self.transform_test_rep(ckpt_idx, rows)
+
     def _loss(self, ckpt_idx: int) -> Func:
-        return self.task.get_loss_func(self.layer_name, ckpt_idx)
+        return self.task.get_loss_func(layer_name=self.layer_name, ckpt_idx=ckpt_idx)
 
     def _cached_stage(
         self,
@@ -424,6 +473,10 @@ class IFAttributorArnoldi(_CachedFullTrain):
         """The same projection as the test side, so inner products give ``g^T H^-1 g'``."""
         return self._projector(ckpt_idx).project(train_rep)
 
+    def _inverse_hessian_rows(self, ckpt_idx: int, rows: Tensor) -> Tensor:
+        """``V diag(1/lambda) V^T g`` in parameter space (the projection only gives coordinates)."""
+        return self._projector(ckpt_idx).apply(rows)
+
 
 class IFAttributorDataInf(_CachedFullTrain):
     """Influence with DataInf's layer-wise closed-form inverse of the damped empirical Fisher."""
@@ -434,15 +487,22 @@ class IFAttributorDataInf(_CachedFullTrain):
         layer_name: Optional[Union[str, List[str]]] = None,
         device: Optional[str] = "cpu",
         regularization: float = 0.0,
+        fim_estimate_data_ratio: float = 1.0,
     ) -> None:
         """``regularization`` damps every per-sample Fisher; it must be positive.
 
         The reference default 0.0 is kept for signature compatibility, but it makes
         every rank-one per-sample Fisher singular, so it is refused here with the fix.
+        The Fisher is estimated on the first ``ceil(fim_estimate_data_ratio * batches)``
+        batches of the cached training loader (dattri 0.3.0's option).
         """
         super().__init__(task, layer_name, device)
         check_datainf_regularization(regularization)
+        if not (isinstance(fim_estimate_data_ratio, (int, float)) and 0.0 < fim_estimate_data_ratio <= 1.0):
+            msg = f"fim_estimate_data_ratio must be in (0, 1], got {fim_estimate_data_ratio!r}"
+            raise ConfigError(msg)
         self.regularization = regularization
+        self.fim_estimate_data_ratio = float(fim_estimate_data_ratio)
 
     def _layer_sizes(self, ckpt_idx: int) -> List[int]:
         pieces, layer_of = self.task.get_param(ckpt_idx, layer_name=self.layer_name, layer_split=True)
@@ -451,9 +511,10 @@ class IFAttributorDataInf(_CachedFullTrain):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """Stream training gradients once; never store them all, never form ``P x P``."""
         acc = DataInfAccumulator(test_rep, self._layer_sizes(ckpt_idx), self.regularization)
-        for batch in track(self._loader(), "DataInf training gradients"):
-            data = tuple(t.unsqueeze(0) for t in to_device(batch, self.device))
-            acc.add(self.generate_train_rep(ckpt_idx, data).detach())
+        loader = self._loader()
+        used = math.ceil(len(loader) * self.fim_estimate_data_ratio)
+        for batch in track(first_batches(loader, used), "DataInf training gradients"):
+            acc.add(self.generate_train_rep(ckpt_idx, add_leading_dim(to_device(batch, self.device))).detach())
         return acc.result()
 
 
@@ -591,14 +652,23 @@ class IFAttributorEKFAC(_CachedFullTrain):
         self.layer_name = self.selection.param_names
         self.factors: Dict[int, Dict[str, Any]] = {}
 
-    def cache(self, full_train_dataloader: DataLoader) -> None:
-        """Fit (or read from the train-side cache) the factors of every checkpoint."""
+    def cache(self, full_train_dataloader: DataLoader, max_iter: Optional[int] = None) -> None:
+        """Fit (or read from the train-side cache) the factors of every checkpoint.
+
+        ``max_iter`` (dattri 0.3.0's option) fits them on the first ``max_iter``
+        batches only; None uses every batch.
+        """
         super().cache(full_train_dataloader)
+        if max_iter is not None and not (isinstance(max_iter, int) and max_iter > 0):
+            msg = f"max_iter must be a positive number of batches or None, got {max_iter!r}"
+            raise ConfigError(msg)
+        self.fit_batches = len(full_train_dataloader) if max_iter is None else min(max_iter, len(full_train_dataloader))
         self.factors = {}
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             params = self.task.named_parameters(ckpt_idx)
             params = {k: v.to(self.device) for k, v in params.items()}
-            factors, count = self._fit_or_load(ckpt_idx, params, full_train_dataloader)
+            loader = first_batches(full_train_dataloader, self.fit_batches)
+            factors, count = self._fit_or_load(ckpt_idx, params, loader)
             self.factors[ckpt_idx] = factors
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = {
                 "method": "ekfac" if self.correct_eigenvalues else "kfac",
@@ -625,7 +695,10 @@ class IFAttributorEKFAC(_CachedFullTrain):
 
         kind = "ekfac_factors" if self.correct_eigenvalues else "kfac_factors"
         names = kfac.factor_block_names(self.module_name, self.correct_eigenvalues)
-        blocks = self._cached_stage(kind, ckpt_idx, {"fisher": self.fisher, "modules": list(self.module_name)}, names, fit)
+        settings: Dict[str, Any] = {"fisher": self.fisher, "modules": list(self.module_name)}
+        if len(loader) != len(self.full_train_dataloader):  # only a prefix of the batches (max_iter)
+            settings["fit_batches"] = len(loader)
+        blocks = self._cached_stage(kind, ckpt_idx, settings, names, fit)
         return kfac.factors_from_blocks(blocks, self.module_name, kfac.bias_of(self.task.get_model(), self.module_name))
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:

@@ -23,6 +23,7 @@ from dattri_cli.algorithm.utils import (
 )
 from dattri_cli.errors import ConfigError
 from dattri_cli.feature_cache import BlockStore
+from dattri_cli.func.batch import SAMPLE_IN_DIMS
 from dattri_cli.func.projection import make_projector
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
@@ -70,12 +71,12 @@ class TracInAttributor(BaseAttributor):
         return self.projector.project(grads, ckpt_idx=ckpt_idx)
 
     def _store(self, ckpt_idx: int) -> Optional[BlockStore]:
-        """Projected (not normalised) train gradients: shared by Grad-Dot, Grad-Cos, TracIn and IF."""
+        """Projected (not normalised) train gradients: shared by Grad-Dot, Grad-Cos and TracIn."""
         if self.feature_store is None:
             return None
-        extra: Dict[str, Any] = {"projection": None}
+        extra: Dict[str, Any] = {"projection": None, "calls": "sample"}
         if self.projector is not None:  # the projection is seeded by the checkpoint index
-            extra = {"projection": self.projector_kwargs, "ckpt_idx": ckpt_idx}
+            extra = {"projection": self.projector_kwargs, "ckpt_idx": ckpt_idx, "calls": "sample"}
         return self.feature_store("train_grads", ckpt_idx, extra)
 
     def _normalize(self, rep: Tensor) -> Tensor:
@@ -84,10 +85,9 @@ class TracInAttributor(BaseAttributor):
     def _raw_rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
         params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
         params = params.to(self.device)
-        if target:
-            grad_func = self.task.get_grad_target_func(self.layer_name, ckpt_idx)
-        else:
-            grad_func = self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+        # dattri's convention: the functions see one sample without a batch dimension
+        getter = self.task.get_grad_target_func if target else self.task.get_grad_loss_func
+        grad_func = getter(in_dims=SAMPLE_IN_DIMS, layer_name=self.layer_name, ckpt_idx=ckpt_idx)
         return self._project(ckpt_idx, grad_func(params, to_device(batch, self.device)).detach())
 
     def _rep(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:

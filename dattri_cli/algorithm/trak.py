@@ -13,9 +13,10 @@ averaged over checkpoints separately and multiplied at the end::
 
     scores = mean_k(Phi_k (Phi_k^T Phi_k)^-1 Psi_k^T) * mean_k(Q_k)[:, None]
 
-with shape ``(n_train, n_test)``. The kernel is factored once per checkpoint by
-Cholesky (float64, a tiny relative ridge); ``cache`` keeps ``Phi_k``, the factors
-and ``mean Q`` so that ``attribute`` only computes test gradients.
+with shape ``(n_train, n_test)``. ``regularization`` (dattri 0.3.0's ridge) is added
+to the kernel's diagonal; it is then factored once per checkpoint by Cholesky
+(float64, plus a tiny relative ridge); ``cache`` keeps ``Phi_k``, the factors and
+``mean Q`` so that ``attribute`` only computes test gradients.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_sh
 from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.feature_cache import BlockStore, block_name
+from dattri_cli.func.batch import SAMPLE_IN_DIMS
 from dattri_cli.func.projection import RandomProjector, resolve_projector_kwargs
 from dattri_cli.func.utils import per_sample_value
 from dattri_cli.progress import track
@@ -49,6 +51,11 @@ SINGULAR_PIVOTS = 10.0
 #: dominated by it (on digits, ``proj_dim=512`` gives 3e-8 on LR and 2e-5 on the MLP with
 #: LDS 0.17 / 0.10, ``proj_dim=128`` gives 2e-2 / 9e-3 with LDS 0.55 / 0.33).
 ILL_CONDITIONED_PIVOT = 1e-4
+#: Eigenvalues of a singular kernel below this times ``dim x`` the largest are treated as zero
+#: (the features are float32: their products carry about that much rounding).
+PSEUDO_INVERSE_RTOL = 1.2e-7
+#: A ridge value that messages suggest (the CLI's default in configs/attributor/trak.yaml).
+DEFAULT_REGULARIZATION_HINT = 1e-3
 
 
 @dataclass
@@ -62,7 +69,7 @@ class TrainSide:
     """
 
     features: List["FeatureBlocks"]
-    factors: List[Tensor]  # Cholesky factor of Phi_k^T Phi_k + ridge, (d, d) float64
+    factors: List[KernelSolver]  # (Phi_k^T Phi_k + regularization I)^-1, one per checkpoint
     q: Tensor  # mean over checkpoints of 1 - p, (cached rows,) float64
     row_offset: int = 0  # absolute train row of the first cached row
 
@@ -95,36 +102,70 @@ class FeatureBlocks:
         return (self.ranges[-1][1] - self.ranges[0][0], self.dim)
 
 
-def kernel_cholesky(features: Tensor) -> Tensor:
-    """Lower Cholesky factor of ``features^T features`` plus a tiny ridge; NumericalError if singular."""
-    features = features.to(torch.float64)
-    return factor_kernel(features.T @ features, features.shape[0])
+@dataclass
+class KernelSolver:
+    """``(Phi^T Phi + regularization I)^-1`` of one checkpoint, applied to columns.
+
+    A Cholesky factor when the kernel is positive definite; otherwise (no ridge and
+    a singular kernel, e.g. fewer training rows than projected dimensions) the
+    pseudo-inverse from its eigendecomposition: the limit of the ridge solution as
+    the ridge goes to zero, the minimum-norm least-squares fit.
+    """
+
+    factor: Optional[Tensor] = None  # lower Cholesky factor, (d, d) float64
+    basis: Optional[Tensor] = None  # kept eigenvectors (pseudo-inverse), (d, r) float64
+    inverse_values: Optional[Tensor] = None  # their inverse eigenvalues, (r,)
+    min_pivot_relative: float = 0.0  # smallest pivot (or eigenvalue) over the mean diagonal
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``K^-1 rhs`` (or ``K^+ rhs``) for a float64 ``(d, m)`` right-hand side."""
+        if self.factor is not None:
+            return torch.cholesky_solve(rhs, self.factor)
+        return self.basis @ (self.inverse_values[:, None] * (self.basis.T @ rhs))
 
 
-def factor_kernel(kernel: Tensor, num_train: int) -> Tensor:
-    """Cholesky factor of the float64 kernel ``Phi^T Phi`` (summed over ``num_train`` rows) plus a ridge."""
+def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -> KernelSolver:
+    """Factor the float64 kernel ``Phi^T Phi + regularization I`` (summed over ``num_train`` rows).
+
+    A tiny relative ridge keeps Cholesky stable. When the kernel is singular all the
+    same (only possible without ``regularization``), the pseudo-inverse is used and a
+    warning names the overrides that make the kernel invertible.
+    """
     dim = kernel.shape[0]
-    if num_train < dim:
-        msg = (
-            f"the TRAK kernel Phi^T Phi is singular: {num_train} training samples for {dim} projected "
-            f"dimensions; set projector_kwargs.proj_dim to at most {num_train} (or use more training data)"
-        )
-        raise NumericalError(msg)
     kernel = kernel.clone()
     scale = kernel.diagonal().mean()
     if not bool(torch.isfinite(scale)) or scale <= 0:
         msg = "the TRAK kernel Phi^T Phi is zero or non-finite: all training gradients vanish; check the checkpoint and the loss"
         raise NumericalError(msg)
+    if regularization > 0:  # dattri 0.3.0: added to the kernel's diagonal before the solve
+        kernel.diagonal().add_(regularization)
     ridge = RELATIVE_RIDGE * scale
-    kernel.diagonal().add_(ridge)
-    factor, info = torch.linalg.cholesky_ex(kernel)
-    if int(info) != 0 or bool(factor.diagonal().square().min() < SINGULAR_PIVOTS * ridge):
-        msg = (
-            "the TRAK kernel Phi^T Phi is singular even with a small ridge (some projected gradient "
-            "direction never varies); lower projector_kwargs.proj_dim or choose a different layer_name"
-        )
-        raise NumericalError(msg)
-    return factor
+    with_ridge = kernel.clone()
+    with_ridge.diagonal().add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(with_ridge)
+    if int(info) == 0 and bool(factor.diagonal().square().min() >= SINGULAR_PIVOTS * ridge):
+        pivots = factor.diagonal().square()
+        return KernelSolver(factor=factor, min_pivot_relative=float(pivots.min() / factor.square().sum(dim=1).mean()))
+    why = (
+        f"{num_train} training samples for {dim} projected dimensions"
+        if num_train < dim
+        else "some projected gradient direction never varies"
+    )
+    warnings.warn(
+        f"the TRAK kernel Phi^T Phi is singular ({why}); using its pseudo-inverse. Add a ridge "
+        f"(regularization, e.g. attributor.regularization={DEFAULT_REGULARIZATION_HINT}) or lower "
+        f"projector_kwargs.proj_dim (e.g. attributor.projector_kwargs.proj_dim="
+        f"{_power_of_two_at_most(min(num_train, max(dim // 4, 1)))})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    values, vectors = torch.linalg.eigh(kernel)
+    keep = values > values.max() * dim * PSEUDO_INVERSE_RTOL
+    return KernelSolver(basis=vectors[:, keep], inverse_values=1.0 / values[keep], min_pivot_relative=0.0)
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << max(int(n).bit_length() - 1, 0)
 
 
 class TRAKAttributor(BaseAttributor):
@@ -140,19 +181,29 @@ class TRAKAttributor(BaseAttributor):
         projector_kwargs: Optional[Dict[str, Any]] = None,
         layer_name: Optional[Union[str, List[str]]] = None,
         device: str = "cpu",
+        regularization: float = 0.0,
     ) -> None:
         """Set up the projector; no gradients are computed here.
 
         Args:
-            task: the model, its checkpoints and the loss (train) / target (test).
-            correct_probability_func: ``f(params_dict, batch) -> p``, the probability
-                of the correct label, evaluated per sample as a batch of one.
+            task: the model, its checkpoints and the loss (train) / target (test),
+                called on one sample without a batch dimension, as in dattri.
+            correct_probability_func: ``f(params_dict, sample) -> p``, the probability
+                of the correct label of one sample (no batch dimension), vmapped over
+                the batch as in dattri.
             projector_kwargs: updates to the dattri defaults ``proj_dim=512``,
                 ``proj_max_batch_size=128`` (dattri: 32), ``proj_seed=0``, ``proj_type="normal"``
                 (``"identity"`` disables the projection).
             layer_name: restrict gradients to these parameters (all if None).
             device: where gradients and kernels are computed.
+            regularization: ridge added to the kernel ``Phi^T Phi`` before it is
+                inverted (as dattri 0.3.0 adds it); makes the kernel invertible for
+                any ``proj_dim`` and data size.
         """
+        if not (isinstance(regularization, (int, float)) and math.isfinite(regularization) and regularization >= 0):
+            msg = f"regularization must be a finite number >= 0, got {regularization!r}"
+            raise ConfigError(msg)
+        self.regularization = float(regularization)
         self.task = task
         self.correct_probability_func = correct_probability_func
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs)
@@ -175,9 +226,9 @@ class TRAKAttributor(BaseAttributor):
     def _grad_setup(self, ckpt_idx: int, target: bool) -> Tuple[Tensor, Callable]:
         params, _ = self.task.get_param(ckpt_idx, layer_name=self.layer_name)
         params = params.to(self.device)
-        if target:
-            return params, self.task.get_grad_target_func(self.layer_name, ckpt_idx)
-        return params, self.task.get_grad_loss_func(self.layer_name, ckpt_idx)
+        # dattri's convention: the functions see one sample without a batch dimension
+        getter = self.task.get_grad_target_func if target else self.task.get_grad_loss_func
+        return params, getter(in_dims=SAMPLE_IN_DIMS, layer_name=self.layer_name, ckpt_idx=ckpt_idx)
 
     def _grads(self, params: Tensor, grad_func: Callable, batch: Any) -> Tensor:
         """Per-sample gradients of ``batch``, divided by ``sqrt(P)``."""
@@ -257,7 +308,7 @@ class TRAKAttributor(BaseAttributor):
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
         """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""
-        probs = per_sample_value(self.correct_probability_func, params, to_device(batch, self.device)).detach()
+        probs = per_sample_value(self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False).detach()
         return 1.0 - probs.to(torch.float64).flatten()
 
     def _train_side(self, loader: DataLoader) -> TrainSide:
@@ -266,7 +317,7 @@ class TRAKAttributor(BaseAttributor):
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             phi, kernel, count, q = self._train_features(ckpt_idx, loader)
             features.append(phi)
-            factors.append(factor_kernel(kernel, count))
+            factors.append(factor_kernel(kernel, count, self.regularization))
             q_sum = q if q_sum is None else q_sum + q
         return TrainSide(features, factors, q_sum / len(features), self.train_row_offset)
 
@@ -279,23 +330,29 @@ class TRAKAttributor(BaseAttributor):
         # Smallest Cholesky pivot over the mean kernel diagonal: a cheap conditioning indicator.
         self.diagnostics = {
             "kernel_min_pivot_relative": [
-                float(f.diagonal().square().min() / f.square().sum(dim=1).mean()) for f in self.train_side.factors
+                f.min_pivot_relative for f in self.train_side.factors
             ],
             "proj_dim": self.train_side.features[0].dim,
         }
         worst = min(self.diagnostics["kernel_min_pivot_relative"])
-        if worst < ILL_CONDITIONED_PIVOT:
+        if worst < ILL_CONDITIONED_PIVOT and all(f.factor is not None for f in self.train_side.factors):
             warnings.warn(
                 f"the TRAK kernel Phi^T Phi is ill-conditioned (smallest pivot {worst:.1e} of the mean): the "
                 f"training gradients barely vary in some of the {self.diagnostics['proj_dim']} projected "
-                "directions and will dominate the scores; a smaller projector_kwargs.proj_dim usually "
-                "attributes better (check with `dattri eval`)",
+                "directions and will dominate the scores; a ridge (regularization, e.g. "
+                f"attributor.regularization={DEFAULT_REGULARIZATION_HINT}) or a smaller projector_kwargs.proj_dim "
+                "usually attributes better (check with `dattri eval`)",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
     def _resolve_train_side(self, train_dataloader: Optional[DataLoader]) -> TrainSide:
-        """The cached train side, or one computed from ``train_dataloader`` (not both, not neither)."""
+        """The cached train side, or one computed from ``train_dataloader`` (not both, not neither).
+
+        Passing the very loader given to ``cache`` again counts as passing none.
+        """
+        if train_dataloader is not None and train_dataloader is self.full_train_dataloader:
+            train_dataloader = None
         if train_dataloader is not None and self.train_side is not None:
             msg = (
                 "a training loader was cached with cache() and another was passed to attribute(); "
@@ -325,12 +382,12 @@ class TRAKAttributor(BaseAttributor):
         side = self._resolve_train_side(None)
         return self._attribute(side, test_dataloader, start, stop)
 
-    def _solved_test_side(self, ckpt_idx: int, factor: Tensor, test_dataloader: DataLoader) -> Tensor:
+    def _solved_test_side(self, ckpt_idx: int, factor: KernelSolver, test_dataloader: DataLoader) -> Tensor:
         """``(Phi_k^T Phi_k)^-1 Psi_k^T`` (``d x n_test``, float64), memoised if asked."""
 
         def compute() -> Tensor:
             psi = self._features(ckpt_idx, test_dataloader, target=True).to(torch.float64)
-            return torch.cholesky_solve(psi.T, factor)
+            return factor.solve(psi.T)
 
         return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
 
@@ -364,11 +421,11 @@ class TRAKAttributor(BaseAttributor):
         total = None
         for blocks, factor in zip(side.features, side.factors):
             phi = blocks.dense().to(torch.float64)
-            leverage = (phi * torch.cholesky_solve(phi.T, factor).T).sum(dim=1)
+            leverage = (phi * factor.solve(phi.T).T).sum(dim=1)
             total = leverage if total is None else total + leverage
         out = total / len(side.features) * side.q
         check_finite(out, "TRAK self-influence", hint="lower projector_kwargs.proj_dim")
         return out.to(torch.float32)
 
 
-__all__: Tuple[str, ...] = ("FeatureBlocks", "TRAKAttributor", "TrainSide", "factor_kernel", "kernel_cholesky")
+__all__: Tuple[str, ...] = ("FeatureBlocks", "KernelSolver", "TRAKAttributor", "TrainSide", "factor_kernel")

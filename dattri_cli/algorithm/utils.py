@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
-
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
 from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.func.batch import batch_size_of, to_device
+
+__all__ = ["batch_size_of", "check_finite", "check_not_shuffled", "num_samples", "to_device"]
 
 
 def check_not_shuffled(loader: DataLoader, name: str) -> None:
@@ -21,19 +22,6 @@ def check_not_shuffled(loader: DataLoader, name: str) -> None:
 def num_samples(loader: DataLoader) -> int:
     """Number of samples a loader yields."""
     return len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
-
-
-def to_device(batch: Union[Tensor, Sequence[Tensor]], device: Union[str, torch.device]) -> Tuple[Tensor, ...]:
-    """A batch as a tuple of tensors on ``device``."""
-    if isinstance(batch, Tensor):
-        batch = (batch,)
-    return tuple(t.to(device) for t in batch)
-
-
-def batch_size_of(batch: Union[Tensor, Sequence[Tensor]]) -> int:
-    """Leading dimension of a batch."""
-    first = batch if isinstance(batch, Tensor) else batch[0]
-    return int(first.shape[0])
 
 
 def check_finite(tensor: Tensor, stage: str, hint: str) -> None:

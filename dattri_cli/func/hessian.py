@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.utils import batch_size_of, check_finite, to_device
+from dattri_cli.algorithm.utils import check_finite
+from dattri_cli.func.batch import batch_size_of, concat_batches, index_batch, tensor_leaves, to_device
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.progress import track
 
@@ -423,17 +424,13 @@ def _ritz_pairs(
     return ArnoldiEigen(kept_values, kept_vectors, norm_constant, diagnostics)
 
 
-def stack_loader(loader: Iterable, device: str = "cpu", max_batches: int | None = None) -> Tuple[Tensor, ...]:
-    """Concatenate (the first ``max_batches``) batches of a loader into one tuple of tensors."""
-    parts: List[Tuple[Tensor, ...]] = []
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        parts.append(to_device(batch, device))
+def stack_loader(loader: Iterable, device: str = "cpu") -> Any:
+    """Concatenate the batches of a loader into one batch (tuple, dict or tensor, as yielded)."""
+    parts: List[Any] = [to_device(batch, device) for batch in loader]
     if not parts:
         msg = "the training loader is empty"
         raise NumericalError(msg)
-    return tuple(torch.cat(column) for column in zip(*parts))
+    return concat_batches(parts)
 
 
 def minibatch_hvp_sampler(
@@ -469,7 +466,7 @@ def minibatch_hvp_sampler(
 
     def sample(vectors: Tensor) -> Tensor:
         idx = torch.randperm(total)[:size]
-        local = _owned_rows(idx, offset, num).to(data[0].device)
+        local = _owned_rows(idx, offset, num).to(tensor_leaves(data)[0].device)
         work = vectors.to(params.dtype)
         part = _weighted_hvp(func, params, data, local, size, mode, collate_fn, work)
         return distributed.reduce_sum(part).to(vectors.dtype)
@@ -501,7 +498,9 @@ def _weighted_hvp(
     held = rows.numel()
     if held == 0:
         return torch.zeros_like(work)
-    picked = [t.index_select(0, rows) for t in data]
-    p, batch = collate_fn([params, *picked]) if collate_fn else (params, tuple(picked))
-    product = batch_hvp(func, p, tuple(batch), mode)(work).detach()
+    picked = index_batch(data, rows)
+    if collate_fn is not None:  # dattri's LiSSA collate takes [params, *tensors]
+        params, picked = collate_fn([params, *picked])
+        picked = tuple(picked)
+    product = batch_hvp(func, params, picked, mode)(work).detach()
     return product if held == size else product * (held / size)

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.func.batch import batch_size_of, to_device
 
 FISHER_CHOICES = ("gauss_newton", "empirical")
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
@@ -267,7 +268,7 @@ def layer_statistics(
     if fisher not in FISHER_CHOICES:
         msg = f"fisher must be one of {', '.join(FISHER_CHOICES)}, got {fisher!r}"
         raise ConfigError(msg)
-    n = batch[0].shape[0]
+    n = batch_size_of(batch)
     live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with _Recorder(model, names) as rec:
         loss = loss_func(live, batch) * n  # the sum of the per-sample losses
@@ -382,7 +383,7 @@ def factors_from_blocks(
 
 def _batches(loader: Iterable, device: str) -> Iterable[Tuple[Tensor, ...]]:
     for batch in loader:
-        yield tuple(t.to(device) for t in batch)
+        yield to_device(batch, device)
 
 
 def fit_factors(
@@ -417,7 +418,7 @@ def fit_factors(
             else:
                 factors[nm].a_cov += a_sum
                 factors[nm].s_cov += s_sum
-        count += batch[0].shape[0]
+        count += batch_size_of(batch)
     # under torchrun each rank saw its own training rows: sum the factors over ranks
     count = distributed.reduce_count(count, device)
     if count == 0:

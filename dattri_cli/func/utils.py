@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from dattri_cli.func.batch import BATCH_OF_ONE_IN_DIMS, SAMPLE_IN_DIMS, add_leading_dim
+
 LayerName = Optional[Union[str, List[str]]]
 
 
@@ -109,21 +111,24 @@ def partial_param(
     return decorator
 
 
-def per_sample_grad(func: Callable, params: Tensor, data: Tuple[Tensor, ...]) -> Tensor:
-    """Gradients of ``func(params, sample_batch)`` for every sample of ``data``.
+def per_sample_grad(func: Callable, params: Any, data: Any, batch_of_one: bool = True) -> Tensor:
+    """Gradients of ``func(params, ...)`` for every sample of the batch ``data``.
 
-    ``func`` takes a batch (leading batch dimension) and returns a scalar; each
-    sample is presented to it as a batch of one, so the same function serves for
-    per-sample gradients and for full-batch losses (Hessians).
-
-    Returns a ``(batch_size, num_params)`` tensor.
+    With ``batch_of_one`` each sample is presented as a batch of one (the
+    influence-function convention: one function serves per-sample gradients and
+    full-batch Hessians); otherwise as one sample without a batch dimension (the
+    TracIn / TRAK convention). Returns a ``(batch_size, num_params)`` tensor for a
+    flat ``params``.
     """
-    one = tuple(t.unsqueeze(1) for t in data)
-    return vmap(grad(func), in_dims=(None, 0), randomness="different")(params, one)
+    if batch_of_one:
+        return vmap(grad(func), in_dims=BATCH_OF_ONE_IN_DIMS, randomness="different")(params, add_leading_dim(data))
+    return vmap(grad(func), in_dims=SAMPLE_IN_DIMS, randomness="different")(params, data)
 
 
-def per_sample_value(func: Callable, params: Any, data: Tuple[Tensor, ...]) -> Tensor:
-    """``func(params, sample)`` for every sample, each as a batch of one, flattened."""
-    one = tuple(t.unsqueeze(1) for t in data)
-    values = vmap(func, in_dims=(None, 0), randomness="different")(params, one)
+def per_sample_value(func: Callable, params: Any, data: Any, batch_of_one: bool = True) -> Tensor:
+    """``func(params, sample)`` for every sample of ``data`` (conventions as :func:`per_sample_grad`), flattened."""
+    if batch_of_one:
+        values = vmap(func, in_dims=BATCH_OF_ONE_IN_DIMS, randomness="different")(params, add_leading_dim(data))
+    else:
+        values = vmap(func, in_dims=SAMPLE_IN_DIMS, randomness="different")(params, data)
     return values.reshape(values.shape[0], -1)[:, 0] if values.dim() > 1 else values

@@ -73,33 +73,39 @@ def l2_penalty(params: Dict[str, Tensor], weight_decay: float) -> Tensor:
     return 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
 
 
-def make_loss_funcs(model: nn.Module, weight_decay: float) -> tuple[Callable, Callable]:
-    """Training loss (cross-entropy + L2, batch mean) and test target (cross-entropy).
+def make_loss_funcs(model: nn.Module, weight_decay: float, sample_ndim: int) -> tuple[Callable, Callable]:
+    """Training loss (cross-entropy + L2) and test target (cross-entropy), in dattri's convention.
 
-    The L2 term is the one the optimiser minimised, so the Hessian of the mean
-    training loss is the curvature the model was actually trained on.
+    Both take ``(params_dict, (x, y))``. ``x`` is a batch, or one sample without a
+    batch dimension (``x.dim() == sample_ndim``: how TracIn and TRAK call them), in
+    which case the sample is made a batch of one; the value is the batch mean. The
+    L2 term is the one the optimiser minimised, so the Hessian of the mean training
+    loss is the curvature the model was actually trained on.
     """
 
-    def loss_func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
+    def logits_and_labels(params: Dict[str, Tensor], batch: tuple) -> tuple[Tensor, Tensor]:
         x, y = batch
-        logits = torch.func.functional_call(model, params, (x,))
+        if x.dim() == sample_ndim:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        return torch.func.functional_call(model, params, (x,)), y
+
+    def loss_func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
+        logits, y = logits_and_labels(params, batch)
         return nn.functional.cross_entropy(logits, y) + l2_penalty(params, weight_decay)
 
     def target_func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
-        x, y = batch
-        logits = torch.func.functional_call(model, params, (x,))
+        logits, y = logits_and_labels(params, batch)
         return nn.functional.cross_entropy(logits, y)
 
     return loss_func, target_func
 
 
-def correct_probability(model: nn.Module) -> Callable:
-    """``p(correct label)`` of a batch-of-one sample, for TRAK's ``1 - p`` weights."""
+def correct_probability(model: nn.Module, sample_ndim: int) -> Callable:
+    """``p(correct label)`` of one sample (no batch dimension, as TRAK calls it), for ``1 - p``."""
+    _, target_func = make_loss_funcs(model, 0.0, sample_ndim)
 
-    def func(params: Dict[str, Tensor], batch: tuple) -> Tensor:
-        x, y = batch
-        logits = torch.func.functional_call(model, params, (x,))
-        return torch.exp(-nn.functional.cross_entropy(logits, y))
+    def func(params: Dict[str, Tensor], sample: tuple) -> Tensor:
+        return torch.exp(-target_func(params, sample))
 
     return func
 

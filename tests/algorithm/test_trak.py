@@ -112,15 +112,23 @@ def test_train_loader_rules() -> None:
         attributor.attribute(_loader(*TEST, batch_size=4), _loader(*TRAIN, batch_size=6))
 
 
-def test_singular_kernel_is_a_numerical_error() -> None:
-    with pytest.raises(NumericalError, match="proj_dim to at most 23"):
+def test_singular_kernel_uses_the_pseudo_inverse_and_says_how_to_avoid_it() -> None:
+    with pytest.warns(RuntimeWarning, match=r"23 training samples for 64 .*attributor\.regularization=.*proj_dim=16"):
         _cached_scores([_checkpoint(3)], {"proj_dim": 64})
     x, y = TRAIN
     dead = x.clone()
-    dead[:, 2] = 0.0  # this weight's gradient is zero for every sample
+    dead[:, 2] = 0.0  # this weight's gradient is zero for every sample: a null direction of the kernel
     attributor = _attributor([_checkpoint(3)], IDENTITY)
-    with pytest.raises(NumericalError, match="singular even with a small ridge"):
+    with pytest.warns(RuntimeWarning, match="never varies"):
         attributor.cache(_loader(dead, y, batch_size=6))
+    ckpt = _checkpoint(3)
+    g = _grads(ckpt, dead, y)
+    expected = g @ torch.linalg.pinv(g.T @ g) @ _grads(ckpt, *TEST).T * _one_minus_p(ckpt, dead, y)[:, None]
+    torch.testing.assert_close(attributor.attribute(_loader(*TEST, batch_size=4)).double(), expected, rtol=1e-4, atol=1e-6)
+    with warnings.catch_warnings():  # a ridge makes the same kernel invertible
+        warnings.simplefilter("error")
+        regularised = TRAKAttributor(_task([ckpt]), _correct_probability, IDENTITY, regularization=1e-3)
+        regularised.cache(_loader(dead, y, batch_size=6))
 
 
 def test_ill_conditioned_kernel_warns_and_a_healthy_one_does_not() -> None:

@@ -83,7 +83,6 @@ CATALOGUE: List[BadInput] = [
     BadInput("NaN in the data", ["run", *FAST, "dataset=file", "dataset.path={tmp}/nan.npz"], "contains NaN or Inf", "clean the data file", _nan_data),
     BadInput("empty dataset", ["run", *FAST, "dataset=file", "dataset.path={tmp}/empty.npz"], "is empty", "give a file with samples", _empty_data),
     BadInput("singular Hessian without regularization", ["run", *FAST, "attributor=if_explicit", "train.weight_decay=0"], "singular", "set attributor.regularization to a positive value"),
-    BadInput("singular TRAK kernel", ["run", *FAST, "attributor=trak"], "singular", "lower attributor.projector_kwargs.proj_dim below the number of training samples"),
     BadInput("LiSSA divergence", ["run", *FAST, "attributor=if_lissa", "attributor.scaling=0.001", "attributor.recursion_depth=200"], "scaling", "raise attributor.scaling or attributor.damping"),
     BadInput("GPU asked for on a machine without one", ["run", *FAST, "device=cuda"], "sees no CUDA GPU", "use device=cpu, or a CUDA build of torch on a GPU machine"),
     BadInput("bad progress mode", ["run", *FAST, "progress=loud"], "progress must be one of", "use off, log, rich or auto"),

@@ -102,7 +102,7 @@ def test_compare_refuses_different_samples(files, tmp_path, capsys):
     assert code == 2 and "different samples" in err
 
 
-@pytest.mark.parametrize("attributor", ["grad_dot", "if_explicit"])
+@pytest.mark.parametrize("attributor", ["grad_dot", "if_explicit", "trak"])
 def test_saved_self_influence_gives_a_second_mislabel_auc(files, tmp_path, cache_dir, attributor):
     _, _, truth = files
     cfg = compose_run([*SHARED, f"attributor={attributor}", "+attributor.runner.self_influence=true", f"cache_dir={cache_dir}", f"out={tmp_path / 's.safetensors'}"])

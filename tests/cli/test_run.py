@@ -31,6 +31,17 @@ def test_default_run_writes_complete_score_file(small_run, tmp_path):
     assert "attribute_s" in sidecar["timings"]
 
 
+def test_trak_default_works_with_fewer_training_rows_than_projected_dimensions(small_run):
+    """60 training rows, 512 projected dimensions: the default ridge keeps the kernel invertible."""
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # neither singular nor ill-conditioned
+        result = pipeline.run(small_run("attributor=trak"))
+    assert result.metadata["attributor"]["kwargs"]["regularization"] > 0
+    assert bool(torch.isfinite(result.scores).all()) and float(result.scores.abs().max()) > 0
+
+
 @pytest.mark.parametrize("attributor", ["grad_dot", "if_explicit"])
 def test_same_config_twice_gives_identical_bytes(small_run, tmp_path, attributor):
     first = pipeline.run(small_run(f"attributor={attributor}", out="a.safetensors"))
