@@ -73,7 +73,7 @@ CATALOGUE: List[BadInput] = [
     BadInput("unknown keyword argument", ["run", *FAST, "+attributor.bogus=1"], "unknown option(s) attributor.bogus", "use only the keyword arguments the message lists as accepted"),
     BadInput("wrong value type", ["run", *FAST, "train.epochs=abc"], "train.epochs must be an integer", "give a value of the stated type"),
     BadInput("n_train larger than the dataset", ["run", *FAST, "dataset.n_train=5000"], "fewer than n_train + n_test", "lower dataset.n_train / dataset.n_test"),
-    BadInput("n_test of zero", ["run", *FAST, "dataset.n_test=0"], "must be at least 1", "ask for at least one train and one test sample"),
+    BadInput("n_test of zero", ["run", *FAST, "dataset.n_test=0"], "dataset.n_test must be an integer >= 1", "ask for at least one train and one test sample"),
     BadInput("missing checkpoint file", ["run", *FAST, "checkpoint={tmp}/none.safetensors"], "checkpoint file not found", "fix the path, or leave `checkpoint` unset to train one"),
     BadInput("checkpoint that does not fit the model", ["run", *FAST, "checkpoint={tmp}/wrong.safetensors"], "checkpoint does not fit the model", "choose the model the checkpoint was saved from", _wrong_checkpoint),
     BadInput("unreadable checkpoint", ["run", *FAST, "checkpoint={tmp}/corrupt.pt"], "could not read checkpoint", "save the state dict with safetensors or torch.save", _corrupt_checkpoint),
