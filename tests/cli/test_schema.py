@@ -259,3 +259,11 @@ def test_eval_paths_are_taken_as_written():
 
     opts = parse_args(["scores=1e3", "groundtruth=null", "bootstrap=10", "level=0.9"])
     assert opts["scores"] == "1e3" and opts["groundtruth"] == "null" and opts["bootstrap"] == 10 and opts["level"] == 0.9
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, o in ALL if g != "train"], ids=[f"{g}={o}" for g, o in ALL if g != "train"])
+def test_shipped_targets_have_resolvable_annotations(group, option):
+    """Type checks come from annotations: every constructor argument of a shipped target must have one we can read."""
+    node = _resolved(*_overrides(group, option))[group]
+    params, _, hints = schema.target_parameters(builders.resolve_target(node, group))
+    assert set(params) <= set(hints), set(params) - set(hints)
