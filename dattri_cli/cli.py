@@ -6,6 +6,7 @@ Imports are lazy so ``dattri --help`` answers at once.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -45,10 +46,32 @@ def _run(args: List[str]) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if any(a.split("=")[0] in _COMPLETION for a in args):
+        _completion_line()
 
     # @hydra.main reads sys.argv[1:] itself: hand it only what follows `run`
     sys.argv = [sys.argv[0], *args]
     app.main()
+
+
+_COMPLETION = {"-sc", "--shell-completion"}
+
+
+def _completion_line() -> None:
+    """Drop the ``run`` word from the line the shell asks Hydra to complete (``dattri run att<TAB>``).
+
+    Hydra's completion script calls ``dattri -sc query=bash`` with the whole line in
+    ``COMP_LINE``; Hydra strips the program name only, and would read ``run`` as an override.
+    """
+    line = os.environ.get("COMP_LINE")
+    if line is None:
+        return
+    match = re.match(r"^(\s*\S+)(\s+run)(\s|$)", line)
+    if match:
+        os.environ["COMP_LINE"] = line[: match.end(1)] + line[match.end(2):]
+        point = os.environ.get("COMP_POINT", "")
+        if point.isdigit() and int(point) >= match.end(2):
+            os.environ["COMP_POINT"] = str(int(point) - (match.end(2) - match.end(1)))
 
 
 def _list(args: List[str]) -> None:
@@ -116,6 +139,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         print(f"dattri-cli {__version__}")
         return
+    if args[0].split("=")[0] in _COMPLETION:  # Hydra's completion script calls `dattri -sc query=bash`
+        args = ["run", *args]
     command = COMMANDS.get(args[0])
     if command is None:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)

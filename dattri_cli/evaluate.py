@@ -112,7 +112,9 @@ def print_report(report: Dict[str, Any]) -> None:
 
 
 def parse_args(args: List[str]) -> Dict[str, Any]:
-    """``KEY=VALUE`` arguments plus ``--json``; refuses unknown keys."""
+    """``KEY=VALUE`` arguments plus ``--json``; refuses unknown keys and bad values (one schema check)."""
+    from dattri_cli.schema import EVAL_SETTINGS, closest, validate_settings, yaml_value  # noqa: PLC0415
+
     values: Dict[str, Any] = {"json": False}
     for arg in args:
         if arg == "--json":
@@ -120,14 +122,16 @@ def parse_args(args: List[str]) -> Dict[str, Any]:
             continue
         key, sep, value = arg.partition("=")
         if not sep or key not in ARG_KEYS:
-            msg = f"unknown argument {arg!r}; usage: dattri eval scores=PATH groundtruth=PATH [--json] [out=PATH] [bootstrap=N] [level=0.95]"
+            best = closest(key, ARG_KEYS) if sep else None
+            hint = f" (did you mean {best}?)" if best else ""
+            msg = f"unknown argument {arg!r}{hint}; usage: dattri eval scores=PATH groundtruth=PATH [--json] [out=PATH] [bootstrap=N] [level=0.95] [seed=N]"
             raise ConfigError(msg)
-        values[key] = value
+        values[key] = value if key in {"scores", "groundtruth", "out"} else yaml_value(value)
     missing = [k for k in ("scores", "groundtruth") if k not in values]
     if missing:
         msg = f"missing {' and '.join(k + '=PATH' for k in missing)}; usage: dattri eval scores=PATH groundtruth=PATH"
         raise ConfigError(msg)
-    return values
+    return dict(validate_settings("eval", values, EVAL_SETTINGS))
 
 
 HELP = """usage: dattri eval scores=PATH groundtruth=PATH [--json] [out=PATH] [bootstrap=N] [level=0.95] [seed=N]

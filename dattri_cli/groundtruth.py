@@ -241,7 +241,9 @@ def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[
     """Run every unfinished retraining, then write the merged file; None if ``max_jobs`` stopped early."""
     from dattri_cli.pipeline import build_split_and_flips, config_hash  # noqa: PLC0415
 
-    resolved = builders.to_dict(cfg)
+    from dattri_cli.schema import validate_run  # noqa: PLC0415
+
+    resolved = validate_run(builders.to_dict(cfg))  # every value, before any data is loaded
     progress.set_mode(resolved.get("progress", "off"))
     out = Path(settings.out).expanduser()
     check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
@@ -293,9 +295,11 @@ def load_groundtruth(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
 def split_args(args: List[str]) -> Tuple[GroundTruthSettings, List[str], bool]:
     """Separate ``KEY=VALUE`` ground-truth settings from config overrides; note ``--cfg``.
 
-    Values are read as YAML, so ``loo=[0,5,9]``, ``alpha=0.3`` and ``work_dir=null`` work.
+    Values are read as YAML, so ``loo=[0,5,9]``, ``alpha=0.3`` and ``work_dir=null`` work;
+    paths (``out``, ``work_dir``) are taken as written. Every setting is checked against
+    :data:`dattri_cli.schema.GROUNDTRUTH_SETTINGS` here, before anything is composed or loaded.
     """
-    import yaml  # noqa: PLC0415 - a Hydra dependency
+    from dattri_cli.schema import GROUNDTRUTH_SETTINGS, validate_settings, yaml_value  # noqa: PLC0415
 
     values: Dict[str, Any] = {}
     overrides = []
@@ -305,26 +309,25 @@ def split_args(args: List[str]) -> Tuple[GroundTruthSettings, List[str], bool]:
         if arg in {"--cfg", "--cfg=job"}:
             show_cfg = True
         elif sep and key in SETTING_KEYS:
-            values[key] = yaml.safe_load(value)
+            if key == "out" or (key == "work_dir" and value not in {"null", "~", ""}):
+                values[key] = value
+            else:
+                values[key] = yaml_value(value)
         else:
             overrides.append(arg)
+    if "loo" in values and not isinstance(values["loo"], list):
+        values["loo"] = [values["loo"]]
+    validate_settings("groundtruth", values, GROUNDTRUTH_SETTINGS)
     if "loo" in values:
-        loo = values["loo"]
-        values["loo"] = [int(i) for i in (loo if isinstance(loo, list) else [loo])]
+        values["loo"] = [int(i) for i in values["loo"]]
     return GroundTruthSettings(**values), overrides, show_cfg
 
 
-def compose(overrides: List[str]) -> Any:
-    """The ``dattri run`` config with the same overrides, composed like the command line."""
-    from hydra import compose as hydra_compose  # noqa: PLC0415
-    from hydra import initialize_config_module  # noqa: PLC0415
-    from hydra.errors import HydraException  # noqa: PLC0415
+def compose(overrides: List[str], validate: bool = True) -> Any:
+    """The ``dattri run`` config with the same overrides, composed and checked like the command line."""
+    from dattri_cli.precheck import compose_checked  # noqa: PLC0415
 
-    try:
-        with initialize_config_module(config_module="dattri_cli.configs", version_base="1.3"):
-            return hydra_compose(config_name="run", overrides=overrides)
-    except HydraException as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from exc
+    return compose_checked(overrides, validate=validate)
 
 
 HELP = """usage: dattri groundtruth [SETTING=VALUE ...] [RUN OVERRIDES ...] [--cfg]
@@ -351,7 +354,7 @@ def main(args: List[str]) -> None:
         print(HELP)
         return
     settings, overrides, show_cfg = split_args(args)
-    cfg = compose(overrides)
+    cfg = compose(overrides, validate=not show_cfg)
     if show_cfg:
         from omegaconf import OmegaConf  # noqa: PLC0415
 

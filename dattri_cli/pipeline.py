@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 import dattri_cli
-from dattri_cli import builders, distributed, progress, scale
+from dattri_cli import builders, distributed, progress, scale, schema
 from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError
 from dattri_cli.io import check_writable, save_scores, shard_path, sidecar_path, write_sidecar
@@ -311,7 +311,7 @@ def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[st
 
 def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file."""
-    resolved = builders.to_dict(cfg)
+    resolved = schema.validate_run(builders.to_dict(cfg))  # every value, before any work
     try:
         progress.set_mode(resolved.get("progress", "off"))
     except ValueError as exc:

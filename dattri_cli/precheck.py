@@ -1,57 +1,199 @@
-"""Check `dattri run` overrides before Hydra runs, so mistakes cost one clear line.
+"""Check `dattri run` (and `dattri groundtruth`) overrides before Hydra runs, so mistakes cost one clear line.
 
 Hydra reports an unknown option or a mistyped key over several lines; this check
-composes the config first and turns the first problem into one sentence that says
-what to do. Custom config directories and Hydra's own flags are left to Hydra.
+looks at the override keys first (unknown top-level keys are refused with the
+closest real key as a hint, ``+`` or not), composes the config like Hydra will
+(user config directories from ``--config-dir`` and ``hydra.searchpath`` included)
+and validates it against :mod:`dattri_cli.schema`. Hydra's own flags (help, info,
+shell completion, another primary config) are left to Hydra; the pipeline then
+validates the composed config with the same schema.
 """
 
 from __future__ import annotations
 
 import re
-from typing import List, Optional
+from importlib import resources
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
 
-from dattri_cli.catalog import GROUPS
+from dattri_cli.errors import ConfigError
+from dattri_cli.schema import GROUPS, TOP_KEYS, closest, validate_run, yaml_value
 
-_LEAVE_TO_HYDRA = {"-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "-h", "--help", "--hydra-help", "-i", "--info"}
+_LEAVE_TO_HYDRA = {
+    "-cp", "--config-path", "-cn", "--config-name", "-h", "--help", "--hydra-help", "-i", "--info",
+    "-sc", "--shell-completion",
+}
+_CONFIG_DIR = {"-cd", "--config-dir"}
+_WITH_VALUE = {"-c", "--cfg", "-p", "--package"} | _CONFIG_DIR
+_SHOW_ONLY = {"-c", "--cfg", "-p", "--package", "--resolve"}
 _MULTIRUN = {"-m", "--multirun"}
-_CHOICE = re.compile(rf"^({'|'.join(GROUPS)})=(.*)$")
+_COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 
 
-def _options(group: str) -> List[str]:
-    from importlib import resources  # noqa: PLC0415
+def parse_args(args: Sequence[str]) -> Tuple[List[str], List[str], set]:
+    """``(overrides, config_dirs, flags)`` of a Hydra command line."""
+    overrides: List[str] = []
+    dirs: List[str] = []
+    flags = set()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            name, sep, value = arg.partition("=")
+            flags.add(name)
+            if name in _WITH_VALUE and not sep and i + 1 < len(args):
+                value = args[i + 1]
+                i += 1
+            if name in _CONFIG_DIR and value:
+                dirs.append(value)
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, dirs, flags
 
-    root = resources.files("dattri_cli.configs").joinpath(group)
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+def _split_override(override: str) -> Tuple[str, str, str]:
+    """``(prefix, key, value)`` of ``+key=value`` / ``++key=value`` / ``~key`` / ``key=value``."""
+    prefix = ""
+    for p in ("++", "+", "~"):
+        if override.startswith(p):
+            prefix, override = p, override[len(p):]
+            break
+    key, _, value = override.partition("=")
+    return prefix, key, value
+
+
+def search_path(overrides: Sequence[str], config_dirs: Sequence[str]) -> List[str]:
+    """Extra config search path entries: ``hydra.searchpath=[...]`` and ``--config-dir`` dirs."""
+    entries: List[str] = []
+    for override in overrides:
+        _, key, value = _split_override(override)
+        if key == "hydra.searchpath":
+            parsed = yaml_value(value)
+            entries += [str(v) for v in (parsed if isinstance(parsed, list) else [parsed]) if v]
+    entries += [f"file://{Path(d).expanduser().resolve()}" for d in config_dirs]
+    return entries
+
+
+def group_options(group: str, extra_path: Sequence[str] = ()) -> List[str]:
+    """Options of ``group``: the packaged configs plus any found on the user's search path."""
+    roots: List[Any] = [resources.files("dattri_cli.configs").joinpath(group)]
+    for entry in extra_path:
+        if entry.startswith("pkg://"):
+            try:
+                roots.append(resources.files(entry[len("pkg://"):].replace("/", ".")).joinpath(group))
+            except (ModuleNotFoundError, TypeError):
+                continue
+        else:
+            roots.append(Path(entry[len("file://"):] if entry.startswith("file://") else entry).joinpath(group))
+    found = set()
+    for root in roots:
+        try:
+            found |= {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            continue
+    return sorted(found)
+
+
+def check_keys(overrides: Sequence[str], extra_path: Sequence[str] = (), sweep: bool = False) -> None:
+    """Refuse unknown top-level keys (``+`` or not) and unknown group options, with hints."""
+    for override in overrides:
+        prefix, key, value = _split_override(override)
+        head = re.split(r"[./@]", key, maxsplit=1)[0]
+        if head == "hydra" or not key:
+            continue
+        if head not in TOP_KEYS:
+            best = closest(head, TOP_KEYS)
+            hint = f"did you mean {best}?" if best else "see `dattri run --cfg job` for the keys"
+            msg = f"unknown key {head!r} in {override!r}; {hint} (top-level keys: {', '.join(TOP_KEYS)})"
+            raise ConfigError(msg)
+        if key in GROUPS and prefix != "~":
+            available = group_options(key, extra_path)
+            options = value.split(",") if sweep else [value]
+            for option in options:
+                if option not in available:
+                    hint = closest(option, available)
+                    said = f" (did you mean {hint}?)" if hint else ""
+                    msg = f"unknown {key} {option!r}{said}; choose one of: {', '.join(available)} (see `dattri list`)"
+                    raise ConfigError(msg)
+
+
+def _with_search_path(overrides: Sequence[str], extra_path: Sequence[str]) -> List[str]:
+    kept = [o for o in overrides if _split_override(o)[1] != "hydra.searchpath"]
+    if extra_path:
+        kept.append("hydra.searchpath=[" + ",".join(extra_path) + "]")
+    return kept
+
+
+def _compose(overrides: Sequence[str]) -> Any:
+    from hydra import compose, initialize_config_module  # noqa: PLC0415
+
+    with initialize_config_module(config_module="dattri_cli.configs", version_base="1.3"):
+        return compose(config_name="run", overrides=list(overrides))
+
+
+def _missing_key_hint(key: str, overrides: Sequence[str]) -> str:
+    """``key`` does not exist: name the closest key at the level where it goes astray."""
+    from omegaconf import DictConfig  # noqa: PLC0415
+
+    choices = [o for o in overrides if _split_override(o)[1] in GROUPS or _split_override(o)[1] == "hydra.searchpath"]
+    try:
+        node: Any = _compose(choices)
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            where = ".".join(parts[:depth])
+            best = closest(part, list(node.keys())) if isinstance(node, DictConfig) else None
+            if best:
+                return f"; did you mean {(where + '.' if where else '') + best}?"
+            keys = ", ".join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ""
+            return f"; {where or 'the config'} has no key {part!r} (its keys: {keys or 'none'})"
+        node = node[part]
+    return ""
+
+
+def compose_checked(overrides: Sequence[str], config_dirs: Sequence[str] = (), validate: bool = True) -> Any:
+    """Compose the run config like the command line does and validate it; ConfigError on the first problem."""
+    from hydra.errors import HydraException  # noqa: PLC0415
+    from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
+
+    from dattri_cli import builders  # noqa: PLC0415
+
+    extra_path = search_path(overrides, config_dirs)
+    check_keys(overrides, extra_path)
+    overrides = _with_search_path(overrides, extra_path)
+    try:
+        cfg = _compose(overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = str(exc)
+        match = _COULD_NOT_OVERRIDE.search(text)
+        if match:
+            msg = f"Could not override '{match.group(1)}': no such key{_missing_key_hint(match.group(1), overrides)}"
+            raise ConfigError(msg) from exc
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type"))]
+        raise ConfigError("; ".join(lines[:2]) if lines else type(exc).__name__) from exc
+    if validate:
+        try:
+            resolved = builders.to_dict(cfg)
+        except OmegaConfBaseException as exc:
+            msg = f"the config does not resolve: {str(exc).splitlines()[0]}"
+            raise ConfigError(msg) from exc
+        validate_run(resolved)
+    return cfg
 
 
 def check_run_args(args: List[str]) -> Optional[str]:
     """The first problem with ``args`` as one line, or None when Hydra should proceed."""
-    if any(a.split("=")[0] in _LEAVE_TO_HYDRA for a in args):
+    overrides, config_dirs, flags = parse_args(args)
+    if flags & _LEAVE_TO_HYDRA:
         return None
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    for override in overrides:
-        match = _CHOICE.match(override)
-        if not match:
-            continue
-        group, value = match.groups()
-        available = _options(group)
-        for option in value.split(","):
-            if option not in available:
-                return f"unknown {group} {option!r}; choose one of: {', '.join(available)} (see `dattri list`)"
-    if any(a in _MULTIRUN for a in args):
-        return None  # sweep syntax (a,b / range()) is Hydra's to parse
-    return _compose_problem(overrides)
-
-
-def _compose_problem(overrides: List[str]) -> Optional[str]:
-    from hydra import compose, initialize_config_module  # noqa: PLC0415
-    from hydra.errors import HydraException  # noqa: PLC0415
-    from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
-
     try:
-        with initialize_config_module(config_module="dattri_cli.configs", version_base="1.3"):
-            compose(config_name="run", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type"))]
-        return "; ".join(lines[:2]) if lines else type(exc).__name__
+        if flags & _MULTIRUN:  # sweep syntax (a,b / range()) is Hydra's to parse; each job is validated
+            check_keys(overrides, search_path(overrides, config_dirs), sweep=True)
+            return None
+        compose_checked(overrides, config_dirs, validate=not flags & _SHOW_ONLY)
+    except ConfigError as exc:
+        return str(exc)
     return None
