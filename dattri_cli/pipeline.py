@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 import dattri_cli
 from dattri_cli import builders, distributed, progress, scale
 from dattri_cli.data import Split
-from dattri_cli.errors import ConfigError
+from dattri_cli.errors import ConfigError, DataError
 from dattri_cli.io import check_writable, save_scores, shard_path, sidecar_path, write_sidecar
 from dattri_cli.models.train import (
     Checkpoint,
@@ -116,6 +116,10 @@ def build_split_and_flips(cfg: Mapping[str, Any]) -> Tuple[Split, torch.Tensor]:
 def model_factory(cfg: Mapping[str, Any], split: Split, device: str) -> Any:
     """A zero-argument function building the configured model on ``device``."""
     runtime = {"in_features": split.num_features, "num_classes": split.num_classes}
+    fixed = cfg["model"].get("num_classes")
+    if isinstance(fixed, int) and not isinstance(fixed, bool) and split.num_classes > fixed:
+        msg = f"the labels go up to {split.num_classes - 1} but model.num_classes={fixed}; raise model.num_classes or leave it unset to use the data's"
+        raise DataError(msg)
 
     def build_model() -> torch.nn.Module:
         model = builders.build(cfg["model"], "model", runtime)
