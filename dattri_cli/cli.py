@@ -6,6 +6,7 @@ Imports are lazy so ``dattri --help`` answers at once.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -120,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if command is None:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) then fails a write with EFBIG, which we report
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     debug = "--debug" in args[1:] or os.environ.get("DATTRI_DEBUG") == "1"
     rest = [a for a in args[1:] if a != "--debug"]
     if debug and args[0] == "run":

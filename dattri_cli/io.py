@@ -4,11 +4,12 @@ A score file is safetensors with tensors ``scores`` (float32, ``(n_train, n_test
 ``train_indices`` and ``test_indices`` (int64, positions in the source dataset),
 and ONE metadata key holding sorted JSON. With several metadata keys the header
 order (hence the file bytes) can change between saves; one key keeps identical
-runs byte-identical. Timings and hostnames go to a sidecar ``run.json``.
+runs byte-identical. Timings and hostnames go to a sidecar ``NAME.run.json`` beside ``NAME.safetensors``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -29,18 +30,49 @@ METADATA_KEY = "dattri_cli"
 SIDECAR_NAME = "run.json"
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_failure(path: Path, exc: BaseException) -> str | None:
+    """``cannot write PATH: no space left ...`` for a full disk or file-size limit, else None."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOSPC or "No space left" in text:
+        return f"cannot write {path}: no space left on device; free some space or choose out=PATH on another disk"
+    if code == errno.EFBIG or "File too large" in text:
+        return f"cannot write {path}: no space left under the file size limit (ulimit -f); raise the limit or choose a smaller output"
+    if code == errno.EDQUOT:
+        return f"cannot write {path}: no space left in your disk quota; free some space or choose out=PATH elsewhere"
+    return None
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
+
+    The file gets the permissions a plain ``open`` would give (``0o666`` less the umask),
+    not the ``0o600`` of the temporary file. A full disk or a file-size limit removes the
+    partial temporary file and ends in one ``cannot write PATH: no space left`` line.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        msg = f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        msg = write_failure(path, exc) or f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
         raise DattriError(msg) from exc
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as exc:
+        msg = write_failure(path, exc)
+        if msg is None:
+            raise
+        raise DattriError(msg) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -132,10 +164,12 @@ def load_scores(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
 
 
 def sidecar_path(scores_path: Path) -> Path:
-    """``run.json`` beside ``scores.safetensors``; ``NAME.run.json`` beside any other name."""
+    """``NAME.run.json`` beside ``NAME.safetensors`` (``scores.run.json`` beside ``scores.safetensors``).
+
+    Named after the score file, so two score files in one folder never share (and
+    overwrite) one sidecar.
+    """
     scores_path = Path(scores_path)
-    if scores_path.name == "scores.safetensors":
-        return scores_path.parent / SIDECAR_NAME
     return scores_path.parent / f"{scores_path.stem}.{SIDECAR_NAME}"
 
 

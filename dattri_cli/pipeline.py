@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 import dattri_cli
 from dattri_cli import builders, distributed, progress, scale
 from dattri_cli.data import Split
-from dattri_cli.errors import ConfigError, DataError
+from dattri_cli.errors import ConfigError, DataError, DattriError
 from dattri_cli.io import check_writable, save_scores, shard_path, sidecar_path, write_sidecar
 from dattri_cli.models.train import (
     Checkpoint,
@@ -299,18 +299,17 @@ def write_row_blocks(
 
 
 def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]) -> None:
-    """Feature-cache counts and peak memory into ``timings``, then the sidecar ``run.json`` beside ``out``."""
+    """Feature-cache counts and peak memory into ``timings``, then the sidecar ``NAME.run.json`` beside ``out``."""
     if store_stats:
         timings["feature_cache_hits"] = sum(s.hits for stores in store_stats.values() for s in stores)
         timings["feature_cache_misses"] = sum(s.misses for stores in store_stats.values() for s in stores)
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    write_sidecar(sidecar_path(out), {
-        "scores": written,
-        "timings": timings,
-        "host": platform.node(),
-        "finished_unix": time.time(),
-        "config_hash": config_hash_value,
-    })
+    info = {"scores": written, "timings": timings, "host": platform.node(), "finished_unix": time.time(), "config_hash": config_hash_value}
+    try:
+        write_sidecar(sidecar_path(out), info)
+    except DattriError as exc:
+        msg = f"the scores were written ({out} is complete) but its sidecar was not: {exc}"
+        raise DattriError(msg) from exc
 
 
 def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:

@@ -55,7 +55,7 @@ def test_default_output_goes_to_a_readable_run_dir(outside):
     dattri(["run", *FAST], cwd, env)
     files = list((cwd / "outputs").glob("*/*_grad_dot_digits_lr/scores.safetensors"))
     assert len(files) == 1
-    assert (files[0].parent / "run.json").is_file()
+    assert (files[0].parent / "scores.run.json").is_file()
 
 
 def test_multirun_sweep(outside):
