@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
 def print_table(stats: Mapping[str, Any], failures: List[str]) -> None:
     """A rich table of the statistics and the verdict."""
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=f"{Path(stats['a']).name} vs {Path(stats['b']).name}")
@@ -180,7 +180,7 @@ def print_table(stats: Mapping[str, Any], failures: List[str]) -> None:
     if stats["nan_a"]["count"] or stats["nan_b"]["count"]:
         table.add_row("NaN scores (A / B)", f"{_describe_nans(stats['nan_a'])} / {_describe_nans(stats['nan_b'])}")
     table.add_row("metadata keys differing", ", ".join(stats["metadata_differs"]) or "none")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print("[red]FAIL[/red]: " + "; ".join(failures) if failures else "[green]OK[/green]")
 

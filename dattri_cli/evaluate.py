@@ -107,7 +107,7 @@ def _fmt(value: Optional[float]) -> str:
 
 def print_report(report: Dict[str, Any]) -> None:
     """A rich table of the report."""
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=f"{Path(report['scores']).name} vs {Path(report['groundtruth']).name}")
@@ -125,7 +125,7 @@ def print_report(report: Dict[str, Any]) -> None:
         table.add_row("mislabel AUC (harm)", _fmt(auc["by_harm"]), f"{auc['n_flipped']} flipped labels; rank by minus mean score")
         if "by_self_influence" in auc:
             table.add_row("mislabel AUC (self-influence)", _fmt(auc["by_self_influence"]), "rank by self-influence")
-    Console().print(table)
+    make_console().print(table)
 
 
 def parse_args(args: List[str]) -> Dict[str, Any]:

@@ -174,10 +174,10 @@ def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
 
 
 def _print_rich(summary: Dict[str, Any]) -> None:
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    console = Console()
+    console = make_console()
     att = summary["attributor"]
     console.print(f"[bold]{summary['path']}[/]: scores {tuple(summary['shape'])} (train x test)")
     console.print(f"attributor {att.get('target')} {json.dumps(att.get('kwargs', {}), sort_keys=True)}")

@@ -74,7 +74,7 @@ def test_self_influence_sidecar_show_and_eval(small_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["shape"] == [60, 12]
     assert blocked.first_test_scores.equal(full.scores[:, 0])
     summary.print_summary(blocked)
-    assert "3 row-block files" in capsys.readouterr().err
+    assert "3 row-block files" in capsys.readouterr().out
 
 
 COUNTED = {  # the expensive test-side step of each attributor, and which calls of it count
