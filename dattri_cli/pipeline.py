@@ -308,7 +308,8 @@ def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[st
     try:
         write_sidecar(sidecar_path(out), info)
     except DattriError as exc:
-        msg = f"the scores were written ({out} is complete) but its sidecar was not: {exc}"
+        what = f"{out} is complete" if isinstance(written, str) else f"all {len(written)} row-block files are complete"
+        msg = f"the scores were written ({what}) but the sidecar was not: {exc}"
         raise DattriError(msg) from exc
 
 
