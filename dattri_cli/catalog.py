@@ -73,10 +73,10 @@ def print_catalog(as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(data, indent=2, default=str))
         return
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    console = Console()
+    console = make_console()
     for group, entries in data.items():
         table = Table(title=f"{group}=  (pick one: dattri run {group}=NAME)", show_lines=False)
         table.add_column("name", style="bold")

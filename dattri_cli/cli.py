@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from typing import List, Optional
 
@@ -116,6 +117,9 @@ def _merge(args: List[str]) -> None:
     merge.main(args)
 
 
+#: commands that only read files (no Hydra job, so no Hydra logging)
+READERS = ("show", "plot", "eval", "compare", "merge")
+
 COMMANDS = {
     "run": _run,
     "list": _list,
@@ -145,6 +149,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if command is None:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) then fails a write with EFBIG, which we report
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if args[0] in READERS:  # their log lines (shards found, rows left out) go to stderr, plain
+        import logging  # noqa: PLC0415
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     debug = "--debug" in args[1:] or os.environ.get("DATTRI_DEBUG") == "1"
     rest = [a for a in args[1:] if a != "--debug"]
     if debug and args[0] == "run":

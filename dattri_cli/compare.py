@@ -63,9 +63,31 @@ def _overall(a: np.ndarray, b: np.ndarray, spearman: bool) -> float:
     return float(value) if not np.isnan(value) else (1.0 if np.array_equal(a, b) else float("nan"))
 
 
+def nan_report(t: Tensor, limit: int = 5) -> Dict[str, Any]:
+    """How many scores are NaN and where the first ``limit`` are (``[row, column]``)."""
+    mask = torch.isnan(t)
+    where = mask.nonzero()[:limit].tolist() if bool(mask.any()) else []
+    return {"count": int(mask.sum()), "first": where}
+
+
+def _describe_nans(report: Mapping[str, Any]) -> str:
+    if not report["count"]:
+        return "none"
+    first = ", ".join(f"row {r} column {c}" for r, c in report["first"])
+    return f"{report['count']} (first at {first})"
+
+
 def compare_scores(a: Tensor, b: Tensor, top_k: int = 10) -> Dict[str, Any]:
-    """Agreement statistics of two equally shaped score tensors."""
-    x, y = a.to(torch.float64).numpy(), b.to(torch.float64).numpy()
+    """Agreement statistics of two equally shaped score tensors, NaN-aware.
+
+    A NaN in the same place in both files counts as equal; the statistics are taken
+    over the entries that are numbers in both, and ``nan_a`` / ``nan_b`` say where the NaNs are.
+    """
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    same_nans = bool(torch.equal(nan_a, nan_b))
+    either = nan_a | nan_b
+    identical = same_nans and bool(torch.equal(a.masked_fill(either, 0), b.masked_fill(either, 0)))
+    x, y = a.masked_fill(either, 0).to(torch.float64).numpy(), b.masked_fill(either, 0).to(torch.float64).numpy()
     diff = np.abs(x - y)
     denom = np.maximum(np.abs(x), np.abs(y))
     rel = np.where(denom > 0, diff / np.where(denom > 0, denom, 1.0), 0.0)
@@ -73,12 +95,15 @@ def compare_scores(a: Tensor, b: Tensor, top_k: int = 10) -> Dict[str, Any]:
     same_columns = np.array([np.array_equal(x[:, j], y[:, j]) for j in range(x.shape[1])])
     columns = np.where(np.isnan(columns) & same_columns, 1.0, columns)
     return {
-        "identical": bool(torch.equal(a, b)),
+        "identical": identical,
+        "same_nan_positions": same_nans,
+        "nan_a": nan_report(a),
+        "nan_b": nan_report(b),
         "pearson": _overall(x, y, spearman=False),
         "spearman": _overall(x, y, spearman=True),
         "mean_column_spearman": float(np.nanmean(columns)) if not np.isnan(columns).all() else float("nan"),
         "top_k": int(min(top_k, x.shape[0])),
-        "top_k_overlap": top_k_overlap(a, b, top_k),
+        "top_k_overlap": top_k_overlap(a.masked_fill(either, float("-inf")), b.masked_fill(either, float("-inf")), top_k),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "max_rel_diff": float(rel.max()) if rel.size else 0.0,
     }
@@ -87,12 +112,15 @@ def compare_scores(a: Tensor, b: Tensor, top_k: int = 10) -> Dict[str, Any]:
 def check_thresholds(stats: Mapping[str, Any], a: Tensor, b: Tensor, opts: argparse.Namespace) -> List[str]:
     """The failed checks, each as one sentence (empty when all pass)."""
     failures = []
-    if opts.exact and not stats["identical"]:
+    if not stats["same_nan_positions"]:
+        failures.append(f"NaN scores at different positions: A has {_describe_nans(stats['nan_a'])}, B has {_describe_nans(stats['nan_b'])}")
+    if opts.exact and not stats["identical"] and stats["same_nan_positions"]:
         failures.append(f"--exact: scores differ (max abs diff {stats['max_abs_diff']:.3g})")
     if opts.atol is not None or opts.rtol is not None or opts.scale_atol is not None:
-        scale = float(b.abs().max()) if b.numel() else 0.0
+        finite = b[~torch.isnan(b)]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
         atol, rtol = (opts.atol or 0.0) + (opts.scale_atol or 0.0) * scale, opts.rtol or 0.0
-        if not torch.allclose(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol):
+        if not torch.allclose(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol, equal_nan=True):
             failures.append(f"tolerance atol={atol:.3g} rtol={rtol}: max abs diff {stats['max_abs_diff']:.3g}, max rel diff {stats['max_rel_diff']:.3g}")
     if opts.min_spearman is not None and not stats["spearman"] >= opts.min_spearman:
         failures.append(f"--min-spearman {opts.min_spearman}: Spearman is {stats['spearman']:.6f}")
@@ -139,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
 def print_table(stats: Mapping[str, Any], failures: List[str]) -> None:
     """A rich table of the statistics and the verdict."""
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=f"{Path(stats['a']).name} vs {Path(stats['b']).name}")
@@ -149,8 +177,10 @@ def print_table(stats: Mapping[str, Any], failures: List[str]) -> None:
         value = stats[key]
         label = f"top-{stats['top_k']} overlap" if key == "top_k_overlap" else key.replace("_", " ")
         table.add_row(label, str(value) if isinstance(value, bool) else f"{value:.6g}")
+    if stats["nan_a"]["count"] or stats["nan_b"]["count"]:
+        table.add_row("NaN scores (A / B)", f"{_describe_nans(stats['nan_a'])} / {_describe_nans(stats['nan_b'])}")
     table.add_row("metadata keys differing", ", ".join(stats["metadata_differs"]) or "none")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print("[red]FAIL[/red]: " + "; ".join(failures) if failures else "[green]OK[/green]")
 

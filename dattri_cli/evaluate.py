@@ -9,6 +9,7 @@ samples, or a different dataset / model / training recipe) are refused.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -19,6 +20,8 @@ from dattri_cli import metric
 from dattri_cli.errors import ConfigError, DattriError
 from dattri_cli.groundtruth import _RUN_ONLY_TRAIN_KEYS, groundtruth_key, load_groundtruth
 from dattri_cli.io import load_score_set
+
+log = logging.getLogger("dattri_cli")
 
 ARG_KEYS = ("scores", "groundtruth", "out", "bootstrap", "level", "seed")
 
@@ -33,7 +36,12 @@ def check_compatible(scores_path: Path, gt_path: Path, st: Mapping[str, Tensor],
             )
             raise DattriError(msg)
     config = sm.get("config", {})
-    if groundtruth_key(config) != gm.get("groundtruth_key"):
+    try:
+        key = groundtruth_key(config)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        msg = f"{scores_path} records no usable run config (dataset, model, train); score it with a file written by `dattri run`"
+        raise DattriError(msg) from exc
+    if key != gm.get("groundtruth_key"):
         differ = [g for g in ("dataset", "model", "train") if _strip(g, config.get(g)) != _strip(g, gm["config"].get(g))]
         msg = (
             f"{scores_path} and {gt_path} do not belong together: their {', '.join(differ) or 'configs'} config differs "
@@ -68,6 +76,15 @@ def evaluate(scores_path: Path, gt_path: Path, bootstrap: int = 1000, level: flo
         res = metric.lds(scores, gt["subsets"], gt["targets"], bootstrap=bootstrap, level=level, seed=seed)
         report["lds"] = {"mean": res.mean, "ci_low": res.ci_low, "ci_high": res.ci_high, "level": level,
                          "n_subsets": int(gt["targets"].shape[0]), "n_test_used": res.n_valid}
+        dropped = report["n_test"] - res.n_valid
+        if dropped:
+            flat_targets = int((gt["targets"].double().std(dim=0) == 0).sum())
+            reasons = f"{flat_targets} with the same retrained loss on every subset" if flat_targets else ""
+            if dropped - flat_targets > 0:
+                reasons += ("; " if reasons else "") + f"{dropped - flat_targets} whose predicted scores do not vary over subsets (no ranking)"
+            report["lds"]["n_test_dropped"] = dropped
+            report["lds"]["dropped_because"] = reasons
+            log.warning("LDS over %d of %d test samples: %d left out, %s", res.n_valid, report["n_test"], dropped, reasons)
     if "loo_targets" in gt and gt["loo_indices"].numel() >= 2:
         value = metric.loo_correlation(scores, gt["loo_indices"], gt["loo_targets"], gt["full_targets"])
         report["loo"] = {"mean_pearson": value, "n_removed": int(gt["loo_indices"].numel())}
@@ -90,7 +107,7 @@ def _fmt(value: Optional[float]) -> str:
 
 def print_report(report: Dict[str, Any]) -> None:
     """A rich table of the report."""
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=f"{Path(report['scores']).name} vs {Path(report['groundtruth']).name}")
@@ -108,7 +125,7 @@ def print_report(report: Dict[str, Any]) -> None:
         table.add_row("mislabel AUC (harm)", _fmt(auc["by_harm"]), f"{auc['n_flipped']} flipped labels; rank by minus mean score")
         if "by_self_influence" in auc:
             table.add_row("mislabel AUC (self-influence)", _fmt(auc["by_self_influence"]), "rank by self-influence")
-    Console().print(table)
+    make_console().print(table)
 
 
 def parse_args(args: List[str]) -> Dict[str, Any]:

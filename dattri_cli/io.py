@@ -4,12 +4,14 @@ A score file is safetensors with tensors ``scores`` (float32, ``(n_train, n_test
 ``train_indices`` and ``test_indices`` (int64, positions in the source dataset),
 and ONE metadata key holding sorted JSON. With several metadata keys the header
 order (hence the file bytes) can change between saves; one key keeps identical
-runs byte-identical. Timings and hostnames go to a sidecar ``run.json``.
+runs byte-identical. Timings and hostnames go to a sidecar ``NAME.run.json`` beside ``NAME.safetensors``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import tempfile
@@ -21,6 +23,8 @@ from torch import Tensor
 
 from dattri_cli.errors import DattriError
 
+log = logging.getLogger("dattri_cli")
+
 SCHEMA_VERSION = 1
 SCORES = "scores"
 TRAIN_INDICES = "train_indices"
@@ -29,18 +33,49 @@ METADATA_KEY = "dattri_cli"
 SIDECAR_NAME = "run.json"
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_failure(path: Path, exc: BaseException) -> str | None:
+    """``cannot write PATH: no space left ...`` for a full disk or file-size limit, else None."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOSPC or "No space left" in text:
+        return f"cannot write {path}: no space left on device; free some space or choose out=PATH on another disk"
+    if code == errno.EFBIG or "File too large" in text:
+        return f"cannot write {path}: no space left under the file size limit (ulimit -f); raise the limit or choose a smaller output"
+    if code == errno.EDQUOT:
+        return f"cannot write {path}: no space left in your disk quota; free some space or choose out=PATH elsewhere"
+    return None
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
+
+    The file gets the permissions a plain ``open`` would give (``0o666`` less the umask),
+    not the ``0o600`` of the temporary file. A full disk or a file-size limit removes the
+    partial temporary file and ends in one ``cannot write PATH: no space left`` line.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        msg = f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        msg = write_failure(path, exc) or f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
         raise DattriError(msg) from exc
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as exc:
+        msg = write_failure(path, exc)
+        if msg is None:
+            raise
+        raise DattriError(msg) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -132,10 +167,12 @@ def load_scores(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
 
 
 def sidecar_path(scores_path: Path) -> Path:
-    """``run.json`` beside ``scores.safetensors``; ``NAME.run.json`` beside any other name."""
+    """``NAME.run.json`` beside ``NAME.safetensors`` (``scores.run.json`` beside ``scores.safetensors``).
+
+    Named after the score file, so two score files in one folder never share (and
+    overwrite) one sidecar.
+    """
     scores_path = Path(scores_path)
-    if scores_path.name == "scores.safetensors":
-        return scores_path.parent / SIDECAR_NAME
     return scores_path.parent / f"{scores_path.stem}.{SIDECAR_NAME}"
 
 
@@ -175,6 +212,73 @@ def _expand(sources: Any) -> List[Path]:
     return unique
 
 
+def _shard_header(path: Path) -> Tuple[int, int, Path, Dict[str, Any], Tensor, Set[str]]:
+    """``(first row, stop row, path, metadata, test_indices, optional tensor names)`` of one shard file."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+            test_indices = handle.get_tensor(TEST_INDICES)
+            rows = handle.get_slice(SCORES).get_shape()[0]
+            names = set(handle.keys()) - {SCORES, TRAIN_INDICES, TEST_INDICES}
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a malformed file
+        msg = f"{path} is not a readable safetensors score file ({exc})"
+        raise DattriError(msg) from exc
+    if METADATA_KEY not in raw:
+        msg = f"{path} is not a dattri-cli score file (no {METADATA_KEY} metadata)"
+        raise DattriError(msg)
+    meta = json.loads(raw[METADATA_KEY])
+    shard = meta.get(SHARD_KEY)
+    if not shard:
+        msg = f"{path} is a complete score file, not a shard; nothing to merge"
+        raise DattriError(msg)
+    if rows != shard["rows"][1] - shard["rows"][0]:
+        msg = f"{path} holds {rows} rows but its metadata says {shard['rows']}"
+        raise DattriError(msg)
+    return shard["rows"][0], shard["rows"][1], path, meta, test_indices, names
+
+
+def _names_a_set(sources: Any) -> bool:
+    """True for one folder or one glob pattern (what ``dattri merge DIR`` / ``show SHARD`` pass)."""
+    items = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    if len(items) != 1:
+        return False
+    text = str(items[0])
+    return Path(text).expanduser().is_dir() or any(ch in text for ch in "*?[")
+
+
+def _sibling_shards(entries: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+    """Shards of the same job missing from ``entries``, found in sibling run folders.
+
+    A candidate must carry the same config hash, shard count and training-set size;
+    for an index found more than once, the newest file is taken. Each find is logged.
+    """
+    first = entries[0][3]
+    shard = first[SHARD_KEY]
+    count, have = int(shard["count"]), {int(e[3][SHARD_KEY]["index"]) for e in entries}
+    if len(have) >= count:
+        return []
+    known = {e[2].resolve() for e in entries}
+    candidates = []
+    for parent in sorted({e[2].resolve().parent.parent for e in entries}):
+        candidates += [p for p in parent.glob(f"*/*-of-{count:05d}.safetensors") if p.resolve() not in known]
+    found = []
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            entry = _shard_header(path)
+        except DattriError:
+            continue
+        meta = entry[3]
+        index = int(meta[SHARD_KEY]["index"])
+        if index in have or meta.get("config_hash") != first.get("config_hash") or meta[SHARD_KEY].get("n_train") != shard.get("n_train"):
+            continue
+        have.add(index)
+        found.append(entry)
+        log.info("shard %d of %d found beside the others: %s", index, count, path)
+    return found
+
+
 class ShardedScores:
     """A set of row-block shard files read lazily: headers now, score rows on demand.
 
@@ -182,36 +286,25 @@ class ShardedScores:
     score matrix larger than memory can be inspected piece by piece.
     """
 
-    def __init__(self, sources: Any) -> None:
-        """Check that the shards belong together and cover the training rows exactly once."""
-        from safetensors import safe_open  # noqa: PLC0415
+    def __init__(self, sources: Any, find_siblings: bool = True) -> None:
+        """Check that the shards belong together and cover the training rows exactly once.
 
+        With ``find_siblings``, shards of the same job (same config hash and count) that
+        are missing from ``sources`` are looked for in the sibling folders of the given
+        files' folders, when ``sources`` names one folder or pattern (not a list of
+        files): ``shard.index=i`` runs without ``out=`` land in one timestamped
+        run folder each, side by side under ``outputs/<date>/``.
+        """
         self.paths = _expand(sources)
-        entries = []
+        entries = [_shard_header(path) for path in self.paths]
+        if find_siblings and _names_a_set(sources):  # explicit file lists are taken as given
+            found = _sibling_shards(entries)
+            entries += found
+            self.paths = sorted(self.paths + [e[2] for e in found])
         per_row: Optional[Set[str]] = None  # optional tensor names held by every shard
-        for path in self.paths:
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    raw = handle.metadata() or {}
-                    test_indices = handle.get_tensor(TEST_INDICES)
-                    rows = handle.get_slice(SCORES).get_shape()[0]
-                    names = set(handle.keys()) - {SCORES, TRAIN_INDICES, TEST_INDICES}
-            except Exception as exc:  # noqa: BLE001 - any parse failure means a malformed file
-                msg = f"{path} is not a readable safetensors score file ({exc})"
-                raise DattriError(msg) from exc
-            if METADATA_KEY not in raw:
-                msg = f"{path} is not a dattri-cli score file (no {METADATA_KEY} metadata)"
-                raise DattriError(msg)
-            meta = json.loads(raw[METADATA_KEY])
-            shard = meta.get(SHARD_KEY)
-            if not shard:
-                msg = f"{path} is a complete score file, not a shard; nothing to merge"
-                raise DattriError(msg)
-            if rows != shard["rows"][1] - shard["rows"][0]:
-                msg = f"{path} holds {rows} rows but its metadata says {shard['rows']}"
-                raise DattriError(msg)
-            entries.append((shard["rows"][0], shard["rows"][1], path, meta, test_indices))
-            per_row = names if per_row is None else per_row & names
+        for entry in entries:
+            per_row = entry[5] if per_row is None else per_row & entry[5]
+        entries = [e[:5] for e in entries]
         entries.sort(key=lambda e: (e[0], e[1]))
         first = entries[0][3]
         for start, stop, path, meta, test_indices in entries:

@@ -15,6 +15,8 @@ by one run with output.rows_per_file (paths, a directory holding them, or a quot
 glob) into one score file. The shards
 must share one config hash and cover every training row exactly once; the merged
 file is written atomically and equals the file an unsharded run writes.
+Given one run folder, shards of the same job in its sibling folders are found too
+(shard runs without out= get one timestamped folder each).
 
 examples:
   dattri merge outputs/run/scores-*-of-00004.safetensors out=scores.safetensors

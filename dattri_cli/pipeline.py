@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 import dattri_cli
 from dattri_cli import builders, distributed, progress, scale, schema
 from dattri_cli.data import Split
-from dattri_cli.errors import ConfigError
+from dattri_cli.errors import ConfigError, DataError, DattriError
 from dattri_cli.io import check_writable, save_scores, shard_path, sidecar_path, write_sidecar
 from dattri_cli.models.train import (
     Checkpoint,
@@ -116,6 +116,10 @@ def build_split_and_flips(cfg: Mapping[str, Any]) -> Tuple[Split, torch.Tensor]:
 def model_factory(cfg: Mapping[str, Any], split: Split, device: str) -> Any:
     """A zero-argument function building the configured model on ``device``."""
     runtime = {"in_features": split.num_features, "num_classes": split.num_classes}
+    fixed = cfg["model"].get("num_classes")
+    if isinstance(fixed, int) and not isinstance(fixed, bool) and split.num_classes > fixed:
+        msg = f"the labels go up to {split.num_classes - 1} but model.num_classes={fixed}; raise model.num_classes or leave it unset to use the data's"
+        raise DataError(msg)
 
     def build_model() -> torch.nn.Module:
         model = builders.build(cfg["model"], "model", runtime)
@@ -295,18 +299,18 @@ def write_row_blocks(
 
 
 def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]) -> None:
-    """Feature-cache counts and peak memory into ``timings``, then the sidecar ``run.json`` beside ``out``."""
+    """Feature-cache counts and peak memory into ``timings``, then the sidecar ``NAME.run.json`` beside ``out``."""
     if store_stats:
         timings["feature_cache_hits"] = sum(s.hits for stores in store_stats.values() for s in stores)
         timings["feature_cache_misses"] = sum(s.misses for stores in store_stats.values() for s in stores)
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    write_sidecar(sidecar_path(out), {
-        "scores": written,
-        "timings": timings,
-        "host": platform.node(),
-        "finished_unix": time.time(),
-        "config_hash": config_hash_value,
-    })
+    info = {"scores": written, "timings": timings, "host": platform.node(), "finished_unix": time.time(), "config_hash": config_hash_value}
+    try:
+        write_sidecar(sidecar_path(out), info)
+    except DattriError as exc:
+        what = f"{out} is complete" if isinstance(written, str) else f"all {len(written)} row-block files are complete"
+        msg = f"the scores were written ({what}) but the sidecar was not: {exc}"
+        raise DattriError(msg) from exc
 
 
 def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -82,6 +83,8 @@ def main(argv: List[str]) -> None:
     args = parser.parse_args(argv)
     _pyplot()  # fail early and clearly without matplotlib
     sf = open_score_file(args.path)
+    if sf.labels_note:
+        print(f"note: {sf.labels_note}; plotting the score histogram only", file=sys.stderr)
     cols = parse_test_indices(args.test, sf.shape[1])
     if args.out and len(cols) > 1:
         msg = "--out names one file: give a single --test column, or leave --out out"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -45,6 +46,7 @@ class ScoreFile:
     split: Optional[Split]
     full: Optional[Tensor] = None  # the whole matrix (single file)
     shards: Optional[ShardedScores] = None  # lazily read row blocks (shard set)
+    labels_note: str = ""  # why ``split`` is None, when labels were asked for
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -70,20 +72,29 @@ def open_score_file(path: Path, with_data: bool = True) -> ScoreFile:
     if is_score_set(path):
         shards = open_score_set(score_set_source(path))
         meta = shards.metadata
-        split = _rebuild_split(meta) if with_data else None
-        return ScoreFile(path, shards.train_indices, shards.test_indices, meta, split, shards=shards)
+        train_indices = shards.train_indices
+        split, note = _rebuild_split(meta, train_indices, shards.test_indices) if with_data else (None, "")
+        return ScoreFile(path, train_indices, shards.test_indices, meta, split, shards=shards, labels_note=note)
     tensors, meta = load_scores(path)
-    split = _rebuild_split(meta) if with_data else None
-    return ScoreFile(path, tensors[TRAIN_INDICES], tensors[TEST_INDICES], meta, split, full=tensors[SCORES])
+    split, note = _rebuild_split(meta, tensors[TRAIN_INDICES], tensors[TEST_INDICES]) if with_data else (None, "")
+    return ScoreFile(path, tensors[TRAIN_INDICES], tensors[TEST_INDICES], meta, split, full=tensors[SCORES], labels_note=note)
 
 
-def _rebuild_split(meta: Dict[str, Any]) -> Optional[Split]:
-    from dattri_cli import pipeline  # noqa: PLC0415 - only when labels are wanted
+def _rebuild_split(meta: Dict[str, Any], train_indices: Tensor, test_indices: Tensor) -> Tuple[Optional[Split], str]:
+    """The recorded split through our fixed registry of datasets: a score file never runs code.
 
-    try:
-        return pipeline.build_split(meta.get("config", {}))
-    except (DattriError, KeyError, TypeError, ValueError):
-        return None  # labels are a nicety: a moved data file must not stop `show`
+    Labels are a nicety: a moved data file or an unknown dataset gives ``(None, reason)``
+    and the rest of the output.
+    """
+    from dattri_cli.data.recorded import rebuild_recorded_split  # noqa: PLC0415 - only when labels are wanted
+
+    split, note = rebuild_recorded_split(meta.get("config", {}))
+    if split is not None and not (
+        torch.equal(split.train_indices, train_indices.to(split.train_indices.dtype))
+        and torch.equal(split.test_indices, test_indices.to(split.test_indices.dtype))
+    ):
+        return None, "labels not available for this dataset (the rebuilt split does not match the file)"
+    return split, note
 
 
 def parse_test_indices(text: Optional[str], n_test: int) -> List[int]:
@@ -163,10 +174,10 @@ def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
 
 
 def _print_rich(summary: Dict[str, Any]) -> None:
-    from rich.console import Console  # noqa: PLC0415
+    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    console = Console()
+    console = make_console()
     att = summary["attributor"]
     console.print(f"[bold]{summary['path']}[/]: scores {tuple(summary['shape'])} (train x test)")
     console.print(f"attributor {att.get('target')} {json.dumps(att.get('kwargs', {}), sort_keys=True)}")
@@ -202,6 +213,8 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--no-labels", action="store_true", help="do not rebuild the dataset for labels")
     args = parser.parse_args(argv)
     sf = open_score_file(args.path, with_data=not args.no_labels)
+    if sf.labels_note:
+        print(f"note: {sf.labels_note}", file=sys.stderr)
     summary = summarize(sf, parse_test_indices(args.test, sf.shape[1]), max(1, args.top_k))
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))

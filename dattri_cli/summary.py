@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from dattri_cli.console import make_console
 from dattri_cli.io import open_score_set
 from dattri_cli.pipeline import RunResult
 
@@ -25,11 +25,11 @@ def _written(result: RunResult) -> Tuple[str, Tuple[int, int], torch.Tensor]:
 
 def print_summary(result: RunResult, top_k: int = 3) -> None:
     """Output path, shape, time per stage, and the strongest proponents/opponents of test 0."""
-    console = Console(stderr=True)
+    out, err = make_console(), make_console(stderr=True)  # results on stdout, timings on stderr
     where, shape, column = _written(result)
-    console.print(f"[bold green]wrote[/] {where}  scores {shape} (train x test)")
+    out.print(f"[bold green]wrote[/] {where}  scores {shape} (train x test)")
     stages = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in result.timings.items() if k.endswith("_s"))
-    console.print(f"time: {stages}; peak memory {result.timings.get('peak_rss_mib', 0):.0f} MiB")
+    err.print(f"time: {stages}; peak memory {result.timings.get('peak_rss_mib', 0):.0f} MiB")
     if column.numel() == 0:
         return
     k = min(top_k, column.numel())
@@ -40,4 +40,4 @@ def print_summary(result: RunResult, top_k: int = 3) -> None:
     con = torch.topk(-column, k).indices.tolist()
     for p, c in zip(pro, con):
         table.add_row(f"#{p}: {float(column[p]):+.4g}", f"#{c}: {float(column[c]):+.4g}")
-    console.print(table)
+    out.print(table)

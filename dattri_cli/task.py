@@ -42,12 +42,18 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a truncated or malformed file is the user's
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = f"could not read checkpoint {path} as safetensors (empty, truncated or not safetensors: {reason}); save it again"
+            raise CheckpointError(msg) from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        msg = f"could not read checkpoint {path} as a weights-only torch file: {exc}"
-        raise CheckpointError(msg) from exc
+        from dattri_cli.errors import torch_load_refusal
+
+        raise CheckpointError(torch_load_refusal(path, exc, "checkpoint")) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

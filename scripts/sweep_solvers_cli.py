@@ -1,7 +1,7 @@
 """Run every influence-function solver through `dattri run -m` and compare them in one table.
 
 The same Hydra multirun a user would type; each job writes its own run directory,
-and this script reads them back: cache+attribute time from `run.json`, agreement
+and this script reads them back: cache+attribute time from `scores.run.json`, agreement
 with `if_explicit` (when it is in the sweep) from the score files.
 
     python scripts/sweep_solvers_cli.py                       # digits + lr, 1000 train / 200 test
@@ -41,7 +41,7 @@ def collect(sweep_dir: Path) -> Dict[str, Dict]:
     found = {}
     for scores_path in sorted(sweep_dir.glob("*/scores.safetensors")):
         tensors, meta = load_scores(scores_path)
-        timings = json.loads((scores_path.parent / "run.json").read_text())["timings"]
+        timings = json.loads((scores_path.parent / "scores.run.json").read_text())["timings"]
         name = meta["choices"]["attributor"]
         found[name] = {"scores": tensors["scores"], "seconds": timings["cache_s"] + timings["attribute_s"]}
     return found

@@ -10,6 +10,27 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own scratch directory: Hydra run dirs (``outputs/``) and other
+    relative paths land there, never in the working tree."""
+    monkeypatch.chdir(tmp_path)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:  # noqa: ARG001
+    """Fail loudly if a test wrote run folders into the repository."""
+    leaked = [name for name in ("outputs", "multirun") if (REPO / name).exists() and name not in _PRESENT_AT_START]
+    if leaked:
+        session.exitstatus = 1
+        print(f"\ntests left {', '.join(leaked)} in {REPO}")
+
+
+_PRESENT_AT_START = {name for name in ("outputs", "multirun") if (REPO / name).exists()}
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One checkpoint cache for the whole session, so tiny models train once."""

@@ -8,6 +8,7 @@ generated, and user data comes from local files.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -17,6 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri_cli.errors import DataError
+
+log = logging.getLogger("dattri_cli")
 
 
 @dataclass
@@ -89,12 +92,6 @@ def split_dataset(
     return Split(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], train_idx, test_idx)
 
 
-def _check_finite(name: str, x: Tensor) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        msg = f"dataset {name} contains NaN or Inf inputs; clean the data file first"
-        raise DataError(msg)
-
-
 def digits(n_train: Optional[int] = 1000, n_test: Optional[int] = 200, split_seed: int = 0) -> Split:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import, only when used
@@ -126,29 +123,69 @@ def synthetic(
     return split_dataset("synthetic", x, y, n_train, n_test, split_seed)
 
 
+def _first(mask: Tensor) -> int:
+    """Position of the first True in a 1-D mask."""
+    return int(mask.nonzero()[0, 0])
+
+
+def check_xy(where: str, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """Refuse inputs and labels no model can be trained on; return ``(x float32, y int64)``.
+
+    ``x`` needs a sample dimension and features, ``y`` one finite, whole, non-negative
+    label per sample. Each refusal names the first offending row.
+    """
+    if x.dim() < 2:
+        msg = f"{where}: x has shape {tuple(x.shape)}; it must be (samples, features...) with one row per sample (reshape 1-D data to (N, 1))"
+        raise DataError(msg)
+    if y.dim() != 1:
+        msg = f"{where}: y has shape {tuple(y.shape)}; labels must be 1-D, one integer class per sample (not one-hot or a column: use y.argmax(1) or y.reshape(-1))"
+        raise DataError(msg)
+    if x.shape[0] != y.shape[0]:
+        msg = f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}"
+        raise DataError(msg)
+    if x.dtype == torch.bool or y.dtype == torch.bool or x.is_complex() or y.is_complex():
+        msg = f"{where}: x must hold real numbers and y integer labels (got {x.dtype} and {y.dtype})"
+        raise DataError(msg)
+    x = x.float()
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        msg = f"{where} contains NaN or Inf inputs (first at row {_first(bad)}); clean the data file first"
+        raise DataError(msg)
+    if y.is_floating_point():
+        if not bool(torch.isfinite(y).all()):
+            msg = f"{where} contains NaN or Inf labels (first at row {_first(~torch.isfinite(y))}); every sample needs a class"
+            raise DataError(msg)
+        fractional = y != torch.round(y)
+        if bool(fractional.any()):
+            row = _first(fractional)
+            msg = f"{where}: labels must be whole class numbers, but y[{row}] = {float(y[row]):g}; store class indices 0..K-1, not scores or probabilities"
+            raise DataError(msg)
+    y = y.long()
+    if y.numel() and bool((y < 0).any()):
+        row = _first(y < 0)
+        msg = f"{where}: labels must be class indices 0..K-1, but y[{row}] = {int(y[row])}; map your classes to 0..K-1"
+        raise DataError(msg)
+    return x, y
+
+
 def _read_tensors(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
-    """``x`` and ``y`` from .safetensors / .npz / .pt (keys x, y) or .csv (a label column)."""
+    """``x`` and ``y`` from .safetensors / .npz / .pt (keys x, y) or .csv (a label column), checked."""
     if not path.is_file():
         msg = f"data file not found: {path}"
         raise DataError(msg)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(path, label_column)
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        arrays = load_file(str(path))
-    elif suffix == ".npz":
-        import numpy as np  # noqa: PLC0415
-
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: torch.from_numpy(npz[k]) for k in npz.files}
+        x, y = _read_csv(path, label_column)
+        return check_xy(str(path), x, y)
+    if suffix in {".safetensors", ".npz"}:
+        arrays = _read_arrays(path, suffix)
     elif suffix in {".pt", ".pth"}:
         try:
             arrays = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - the user's file is unreadable
-            msg = f"could not read {path} as a weights-only torch file: {exc}"
-            raise DataError(msg) from exc
+            from dattri_cli.errors import torch_load_refusal  # noqa: PLC0415
+
+            raise DataError(torch_load_refusal(path, exc, "data file")) from exc
         if not isinstance(arrays, dict):
             msg = f"{path} must hold a dict with tensors 'x' and 'y'"
             raise DataError(msg)
@@ -159,16 +196,36 @@ def _read_tensors(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
     if missing:
         msg = f"{path} lacks {missing}; it must hold 'x' (inputs) and 'y' (integer labels), found {sorted(arrays)}"
         raise DataError(msg)
-    x, y = torch.as_tensor(arrays["x"]), torch.as_tensor(arrays["y"])
-    if x.shape[0] != y.shape[0]:
-        msg = f"{path}: x has {x.shape[0]} rows but y has {y.shape[0]}"
-        raise DataError(msg)
-    return x.float(), y.long().reshape(-1)
+    try:
+        x, y = torch.as_tensor(arrays["x"]), torch.as_tensor(arrays["y"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        msg = f"{path}: 'x' and 'y' must be numeric arrays ({exc})"
+        raise DataError(msg) from exc
+    return check_xy(str(path), x, y)
+
+
+def _read_arrays(path: Path, suffix: str) -> dict:
+    """Every array of a .safetensors or .npz file, or one line saying why it cannot be read."""
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            return load_file(str(path))
+        import numpy as np  # noqa: PLC0415
+
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an empty, truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        empty = "the file is empty" if path.stat().st_size == 0 else f"empty, truncated or not a {suffix} file: {reason}"
+        msg = f"cannot read data file {path} ({empty}); write it again"
+        raise DataError(msg) from exc
 
 
 def _read_csv(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
     import csv  # noqa: PLC0415
 
+    values, blank = [], 0
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -179,18 +236,40 @@ def _read_csv(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
             msg = f"{path} has no label column {label_column!r} (columns: {header}); set dataset.label_column"
             raise DataError(msg)
         label_at = header.index(label_column)
-        rows = list(reader)
-    try:
-        values = [[float(v) for v in row] for row in rows if row]
-    except ValueError as exc:
-        msg = f"{path} holds a non-numeric value: {exc}"
-        raise DataError(msg) from exc
-    table = torch.tensor(values, dtype=torch.float32)
-    if table.numel() == 0:
+        for row in reader:
+            if not row or all(not v.strip() for v in row):
+                blank += 1
+                continue
+            if len(row) != len(header):
+                msg = f"{path} line {reader.line_num} has {len(row)} fields but the header has {len(header)}; every row needs one value per column"
+                raise DataError(msg)
+            try:
+                values.append([float(v) for v in row])
+            except ValueError as exc:
+                msg = f"{path} line {reader.line_num} holds a non-numeric value ({exc}); every column must be numeric"
+                raise DataError(msg) from exc
+    if blank:
+        log.info("%s: skipped %d blank line(s)", path, blank)
+    if not values:
         msg = f"{path} has a header but no rows"
         raise DataError(msg)
+    table = torch.tensor(values, dtype=torch.float64)
     keep = [i for i in range(table.shape[1]) if i != label_at]
-    return table[:, keep], table[:, label_at].long()
+    return table[:, keep].float(), table[:, label_at]
+
+
+def _check_classes(where: str, y_train: Tensor, y_test: Tensor) -> None:
+    """At least two training classes, and no test class the training labels never reach."""
+    classes = torch.unique(y_train)
+    if classes.numel() < 2:
+        only = int(classes[0]) if classes.numel() else None
+        msg = f"{where}: the training labels hold only one class ({only}); attribution needs at least two classes (check dataset.label_column, or use more training rows)"
+        raise DataError(msg)
+    top = int(classes.max())
+    if y_test.numel() and int(y_test.max()) > top:
+        row = _first(y_test > top)
+        msg = f"{where}: test label y[{row}] = {int(y_test[row])} but the training labels only go up to {top}; the model cannot predict a class it never saw"
+        raise DataError(msg)
 
 
 def from_files(
@@ -204,11 +283,20 @@ def from_files(
     """Your own data: one file split by seed, or separate train and test files."""
     path = Path(path).expanduser()
     x, y = _read_tensors(path, label_column)
-    _check_finite(str(path), x)
     if test_path is None:
-        return split_dataset(path.name, x, y, n_train, n_test, split_seed)
-    x_test, y_test = _read_tensors(Path(test_path).expanduser(), label_column)
-    _check_finite(str(test_path), x_test)
+        split = split_dataset(path.name, x, y, n_train, n_test, split_seed)
+        unused = x.shape[0] - split.x_train.shape[0] - split.x_test.shape[0]
+        log.info(
+            "%s: %d rows -> %d train + %d test (split_seed %d)%s", path, x.shape[0], split.x_train.shape[0],
+            split.x_test.shape[0], split_seed, f"; {unused} rows unused (dataset.n_train / dataset.n_test)" if unused else "",
+        )
+        _check_classes(str(path), split.y_train, split.y_test)
+        return split
+    test_path = Path(test_path).expanduser()
+    x_test, y_test = _read_tensors(test_path, label_column)
+    if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
+        msg = f"{test_path} has samples of shape {tuple(x_test.shape[1:])} but {path} has {tuple(x.shape[1:])}; train and test files need the same features"
+        raise DataError(msg)
     n_tr = x.shape[0] if n_train is None else n_train
     n_te = x_test.shape[0] if n_test is None else n_test
     if n_tr > x.shape[0] or n_te > x_test.shape[0] or n_tr < 1 or n_te < 1:
@@ -217,5 +305,7 @@ def from_files(
             f"({x.shape[0]} train rows, {x_test.shape[0]} test rows)"
         )
         raise DataError(msg)
+    log.info("%s: first %d of %d rows train; %s: first %d of %d rows test", path, n_tr, x.shape[0], test_path, n_te, x_test.shape[0])
+    _check_classes(f"{path} / {test_path}", y[:n_tr], y_test[:n_te])
     train_idx, test_idx = torch.arange(n_tr), torch.arange(n_te)
     return Split(path.name, x[:n_tr], y[:n_tr], x_test[:n_te], y_test[:n_te], train_idx, test_idx)

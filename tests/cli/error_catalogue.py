@@ -65,6 +65,116 @@ def _foreign_safetensors(tmp: Path) -> None:
     save_file({"weights": torch.zeros(2)}, str(tmp / "foreign.safetensors"))
 
 
+def _npz(tmp: Path, name: str, x, y) -> None:
+    np.savez(tmp / name, x=np.asarray(x), y=np.asarray(y))
+
+
+def _two_class_y(n: int) -> np.ndarray:
+    return np.arange(n) % 2
+
+
+def _onehot_labels(tmp: Path) -> None:
+    _npz(tmp, "d.npz", np.ones((30, 2), np.float32), np.eye(2)[_two_class_y(30)])
+
+
+def _fractional_labels(tmp: Path) -> None:
+    y = _two_class_y(30).astype(np.float32)
+    y[4] = 2.7
+    _npz(tmp, "d.npz", np.ones((30, 2), np.float32), y)
+
+
+def _negative_labels(tmp: Path) -> None:
+    y = _two_class_y(30)
+    y[7] = -1
+    _npz(tmp, "d.npz", np.ones((30, 2), np.float32), y)
+
+
+def _nan_labels(tmp: Path) -> None:
+    y = _two_class_y(30).astype(np.float64)
+    y[3] = np.nan
+    _npz(tmp, "d.npz", np.ones((30, 2), np.float32), y)
+
+
+def _inf_inputs(tmp: Path) -> None:
+    x = np.ones((30, 2), np.float32)
+    x[5, 1] = np.inf
+    _npz(tmp, "d.npz", x, _two_class_y(30))
+
+
+def _one_class(tmp: Path) -> None:
+    _npz(tmp, "d.npz", np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32), np.zeros(60, np.int64))
+
+
+def _flat_inputs(tmp: Path) -> None:
+    _npz(tmp, "d.npz", np.ones(30, np.float32), _two_class_y(30))
+
+
+def _test_file_other_features(tmp: Path) -> None:
+    _npz(tmp, "tr.npz", np.ones((40, 3), np.float32), _two_class_y(40))
+    _npz(tmp, "te.npz", np.ones((8, 4), np.float32), _two_class_y(8))
+
+
+def _test_file_unseen_class(tmp: Path) -> None:
+    _npz(tmp, "tr.npz", np.ones((40, 3), np.float32), _two_class_y(40))
+    _npz(tmp, "te.npz", np.ones((8, 3), np.float32), np.full(8, 5))
+
+
+def _ragged_csv(tmp: Path) -> None:
+    (tmp / "r.csv").write_text("a,b,label\n1,2,0\n3,4\n5,6,1\n")
+
+
+def _non_numeric_csv(tmp: Path) -> None:
+    (tmp / "n.csv").write_text("a,b,label\n1,2,0\n3,4,1\n5,abc,1\n")
+
+
+def _empty_npz_file(tmp: Path) -> None:
+    (tmp / "e.npz").write_bytes(b"")
+
+
+def _truncated_npz(tmp: Path) -> None:
+    _npz(tmp, "full.npz", np.ones((200, 8), np.float32), _two_class_y(200))
+    data = (tmp / "full.npz").read_bytes()
+    (tmp / "t.npz").write_bytes(data[: len(data) // 2])
+
+
+def _empty_safetensors_data(tmp: Path) -> None:
+    (tmp / "e.safetensors").write_bytes(b"")
+
+
+def _truncated_safetensors_data(tmp: Path) -> None:
+    save_file({"x": torch.ones(200, 8), "y": torch.arange(200) % 2}, str(tmp / "full.safetensors"))
+    data = (tmp / "full.safetensors").read_bytes()
+    (tmp / "t.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp / "full.safetensors").unlink()
+
+
+def _truncated_checkpoint(tmp: Path) -> None:
+    save_file({"linear.weight": torch.zeros(10, 64), "linear.bias": torch.zeros(10)}, str(tmp / "full.safetensors"))
+    data = (tmp / "full.safetensors").read_bytes()
+    (tmp / "ckpt.safetensors").write_bytes(data[: len(data) - 100])
+    (tmp / "full.safetensors").unlink()
+
+
+class _Payload:
+    """Unpickling runs ``Path.touch``: stands for a .pt file that carries code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def _pickled_checkpoint(tmp: Path) -> None:
+    torch.save({"linear.weight": _Payload(tmp / "pwned"), "linear.bias": torch.zeros(10)}, tmp / "code.pt")
+
+
+def _pickled_data(tmp: Path) -> None:
+    torch.save({"x": torch.ones(30, 2), "y": _Payload(tmp / "pwned")}, tmp / "code.pt")
+
+
+FILE = [*FAST, "dataset=file"]
+
 CATALOGUE: List[BadInput] = [
     BadInput("unknown attributor", ["run", "attributor=nope"], "unknown attributor 'nope'; choose one of", "pick a name from `dattri list`"),
     BadInput("unknown dataset", ["run", "dataset=imagenet"], "unknown dataset 'imagenet'", "pick a name from `dattri list`, or dataset=file for your own data"),
@@ -92,6 +202,25 @@ CATALOGUE: List[BadInput] = [
     BadInput("malformed score file given to show", ["show", "{tmp}/bad.safetensors"], "not a readable safetensors score file", "give a file written by `dattri run`", _bad_score_file),
     BadInput("safetensors file that is not a score file", ["show", "{tmp}/foreign.safetensors"], "is not a dattri-cli score file", "give a file written by `dattri run`", _foreign_safetensors),
     BadInput("missing score file given to plot", ["plot", "{tmp}/none.safetensors"], "score file not found", "check the path"),
+    BadInput("labels that are not 1-D", ["run", *FILE, "dataset.path={tmp}/d.npz"], "labels must be 1-D", "store one class index per sample (y.argmax(1) for one-hot labels)", _onehot_labels),
+    BadInput("non-integer labels", ["run", *FILE, "dataset.path={tmp}/d.npz"], "labels must be whole class numbers, but y[4] = 2.7", "store class indices 0..K-1, not scores", _fractional_labels),
+    BadInput("negative labels", ["run", *FILE, "dataset.path={tmp}/d.npz"], "y[7] = -1", "map your classes to 0..K-1", _negative_labels),
+    BadInput("labels beyond the model's class count", ["run", *FAST, "model.num_classes=5"], "but model.num_classes=5", "raise model.num_classes or leave it unset"),
+    BadInput("NaN labels", ["run", *FILE, "dataset.path={tmp}/d.npz"], "NaN or Inf labels (first at row 3)", "give every sample a class", _nan_labels),
+    BadInput("Inf in the inputs", ["run", *FILE, "dataset.path={tmp}/d.npz"], "contains NaN or Inf inputs (first at row 5)", "clean the data file", _inf_inputs),
+    BadInput("only one class", ["run", *FILE, "dataset.path={tmp}/d.npz"], "only one class", "check dataset.label_column, or use more training rows", _one_class),
+    BadInput("inputs without a feature dimension", ["run", *FILE, "dataset.path={tmp}/d.npz"], "it must be (samples, features...)", "reshape 1-D data to (N, 1)", _flat_inputs),
+    BadInput("test file with other features", ["run", *FILE, "dataset.path={tmp}/tr.npz", "dataset.test_path={tmp}/te.npz", "dataset.n_train=null", "dataset.n_test=null"], "need the same features", "give train and test files the same columns", _test_file_other_features),
+    BadInput("test labels the training set never has", ["run", *FILE, "dataset.path={tmp}/tr.npz", "dataset.test_path={tmp}/te.npz", "dataset.n_train=null", "dataset.n_test=null"], "cannot predict a class it never saw", "use test samples of classes present in training", _test_file_unseen_class),
+    BadInput("ragged CSV", ["run", *FILE, "dataset.path={tmp}/r.csv"], "line 3 has 2 fields but the header has 3", "give every row one value per column", _ragged_csv),
+    BadInput("non-numeric CSV value", ["run", *FILE, "dataset.path={tmp}/n.csv"], "line 4 holds a non-numeric value", "make every column numeric", _non_numeric_csv),
+    BadInput("empty .npz file", ["run", *FILE, "dataset.path={tmp}/e.npz"], "cannot read data file", "write the data file again", _empty_npz_file),
+    BadInput("truncated .npz file", ["run", *FILE, "dataset.path={tmp}/t.npz"], "cannot read data file", "write the data file again", _truncated_npz),
+    BadInput("empty .safetensors data file", ["run", *FILE, "dataset.path={tmp}/e.safetensors"], "cannot read data file", "write the data file again", _empty_safetensors_data),
+    BadInput("truncated .safetensors data file", ["run", *FILE, "dataset.path={tmp}/t.safetensors"], "cannot read data file", "write the data file again", _truncated_safetensors_data),
+    BadInput("truncated safetensors checkpoint", ["run", *FAST, "checkpoint={tmp}/ckpt.safetensors"], "could not read checkpoint", "save the checkpoint again", _truncated_checkpoint),
+    BadInput("checkpoint holding pickled code", ["run", *FAST, "checkpoint={tmp}/code.pt"], "holds pickled Python objects", "convert it to safetensors, only if you trust its source", _pickled_checkpoint),
+    BadInput("data file holding pickled code", ["run", *FILE, "dataset.path={tmp}/code.pt"], "holds pickled Python objects", "convert it to safetensors, only if you trust its source", _pickled_data),
     BadInput("unknown command", ["frobnicate"], "unknown command 'frobnicate'", "see `dattri --help`"),
     # every configuration value is checked against dattri_cli/schema.py before any work (issue 14, section 2)
     BadInput("boolean that is not a boolean word", ["run", *FAST, "overwrite=n", "out={tmp}/exists.safetensors"], "overwrite must be a boolean (true/false, yes/no, on/off, 1/0), got 'n'", "write true/false, yes/no, on/off or 1/0", _existing_output),

@@ -55,7 +55,7 @@ def test_default_output_goes_to_a_readable_run_dir(outside):
     dattri(["run", *FAST], cwd, env)
     files = list((cwd / "outputs").glob("*/*_grad_dot_digits_lr/scores.safetensors"))
     assert len(files) == 1
-    assert (files[0].parent / "run.json").is_file()
+    assert (files[0].parent / "scores.run.json").is_file()
 
 
 def test_multirun_sweep(outside):
@@ -108,3 +108,14 @@ def test_wheel_ships_the_configs(tmp_path):
     assert "dattri_cli/configs/run.yaml" in names
     assert "dattri_cli/configs/attributor/grad_dot.yaml" in names
     assert "dattri_cli/configs/hydra/job_logging/rich.yaml" in names
+
+
+def test_piped_output_results_on_stdout_logs_on_stderr_unwrapped(outside):
+    cwd, env = outside
+    out = cwd / ("a-rather-long-folder-name-for-the-results-" * 3) / "scores.safetensors"
+    proc = dattri(["run", *FAST, f"out={out}"], cwd, {**env, "COLUMNS": "80"})
+    wrote = [line for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and str(out) in wrote[0], proc.stdout
+    assert "proponents" in proc.stdout and "time:" not in proc.stdout
+    assert "time:" in proc.stderr and "wrote" not in proc.stderr
+    assert "\x1b[" not in proc.stdout + proc.stderr  # no colour codes when piped

@@ -27,6 +27,7 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, cache_dir):
     assert len(lines) == 1, err
     assert case.expect in lines[0], err
     assert "Traceback" not in err
+    assert not (tmp_path / "pwned").exists(), "a file's pickled code ran"
     after = {p for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".safetensors"}
     assert after <= before, f"output written: {after - before}"
 

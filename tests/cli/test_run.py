@@ -27,7 +27,7 @@ def test_default_run_writes_complete_score_file(small_run, tmp_path):
     assert meta["config"]["dataset"]["n_train"] == 60
     assert meta["versions"]["torch"] == torch.__version__
     assert len(meta["config_hash"]) == 64
-    sidecar = json.loads((tmp_path / "run.json").read_text())
+    sidecar = json.loads((tmp_path / "scores.run.json").read_text())
     assert "attribute_s" in sidecar["timings"]
 
 

@@ -30,7 +30,7 @@ def test_fingerprint_changes_with_data():
 
 
 def test_separate_train_and_test_files(tmp_path):
-    np.savez(tmp_path / "tr.npz", x=np.ones((30, 3), np.float32), y=np.zeros(30, np.int64))
+    np.savez(tmp_path / "tr.npz", x=np.ones((30, 3), np.float32), y=np.arange(30) % 2)
     np.savez(tmp_path / "te.npz", x=np.zeros((8, 3), np.float32), y=np.ones(8, np.int64))
     s = from_files(tmp_path / "tr.npz", test_path=tmp_path / "te.npz")
     assert s.x_train.shape == (30, 3) and s.x_test.shape == (8, 3)

@@ -63,7 +63,7 @@ def test_self_influence_sidecar_show_and_eval(small_run, tmp_path, capsys):
     assert merged.read_bytes() == full.path.read_bytes()
     capsys.readouterr()
 
-    sidecar = json.loads((tmp_path / "blocks" / "run.json").read_text())
+    sidecar = json.loads((tmp_path / "blocks" / "scores.run.json").read_text())
     assert sidecar["scores"] == [str(p) for p in blocked.files]
     assert sidecar["config_hash"] == full.metadata["config_hash"]
     assert {"cache_s", "attribute_s", "peak_rss_mib"} <= set(sidecar["timings"])
@@ -74,7 +74,7 @@ def test_self_influence_sidecar_show_and_eval(small_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["shape"] == [60, 12]
     assert blocked.first_test_scores.equal(full.scores[:, 0])
     summary.print_summary(blocked)
-    assert "3 row-block files" in capsys.readouterr().err
+    assert "3 row-block files" in capsys.readouterr().out
 
 
 COUNTED = {  # the expensive test-side step of each attributor, and which calls of it count

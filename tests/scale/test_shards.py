@@ -59,3 +59,21 @@ def test_bad_shard_settings_are_one_line_errors(small_run):
         pipeline.run(small_run("shard.index=3", "shard.count=3"))
     with pytest.raises(DattriError, match="training batches"):
         pipeline.run(small_run("shard.index=0", "shard.count=9"))
+
+
+def test_merge_finds_shards_of_one_job_in_sibling_run_folders(small_run, tmp_path, cache_dir):
+    """Without out=, each shard run gets its own timestamped folder; merge of one folder finds the rest."""
+    from tests.conftest import compose_run
+
+    full = pipeline.run(small_run(out="full.safetensors"))
+    cfg_args = ["dataset.n_train=60", "dataset.n_test=12", "train.epochs=3", "loader.train_batch_size=16",
+                "loader.test_batch_size=5", "progress=off", f"cache_dir={cache_dir}"]  # small_run's, without out=
+    runs = tmp_path / "outputs" / "2026-01-01"
+    for i, folder in enumerate(("10-00-00_grad_dot_digits_lr", "10-05-00_grad_dot_digits_lr")):
+        pipeline.run(compose_run([*cfg_args, f"shard.index={i}", "shard.count=2"]), output_dir=runs / folder)
+    other = compose_run([*cfg_args, "seed=5", "shard.index=1", "shard.count=2"])
+    pipeline.run(other, output_dir=runs / "10-09-00_grad_dot_digits_lr")  # another job: never picked up
+    cli_main(["merge", str(runs / "10-00-00_grad_dot_digits_lr"), f"out={tmp_path / 'm.safetensors'}"])
+    assert (tmp_path / "m.safetensors").read_bytes() == full.path.read_bytes()
+    with pytest.raises(DattriError, match="missing"):  # an explicit list of files is taken as given
+        merge_shards([runs / "10-00-00_grad_dot_digits_lr" / "scores-00000-of-00002.safetensors"], tmp_path / "x.safetensors")
