@@ -361,6 +361,7 @@ ATTRIBUTOR_RULES: Dict[str, Rule] = {
     "recursion_depth": Int(1),
     "proj_dim": Int(1),
     "precompute_data_ratio": Float(0.0, 1.0, open_low=True),
+    "fim_estimate_data_ratio": Float(0.0, 1.0, open_low=True),
     "norm_constant": Float(0.0, MAX_ABS, open_low=True),
     "seed": Int(0),
     "l2_strength": Float(0.0, MAX_ABS),
