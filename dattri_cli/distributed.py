@@ -123,17 +123,17 @@ class OrderedSum:
 
     ``add`` each chunk's partial sum in loader order; :meth:`result` is
     ``init + p_0 + p_1 + ...`` added left to right over the chunks of *all* ranks in
-    global row order. One process folds as it goes (the bits of a plain loop); under
-    :func:`split_reductions` each rank keeps its partials, all ranks gather them and
-    fold them in the same order, so the bits do not depend on how many ranks there
-    are, as long as rank spans are whole loader batches (:func:`scale.block_rows`).
-    Memory: under torchrun every rank holds one partial per training batch.
+    global row order. One process folds as it goes (the bits of a plain loop). Under
+    :func:`split_reductions` each rank keeps its partials; then rank 0 folds its own
+    and broadcasts the running sum, rank 1 continues from it and broadcasts, and so
+    on, so every rank ends with the one-process bits however many ranks there are,
+    as long as rank spans are whole loader batches (:func:`scale.block_rows`).
+    Memory: under torchrun a rank holds one partial per training batch of its rows.
     """
 
     def __init__(self, init: "Tensor | None" = None) -> None:
         """Start from ``init`` (e.g. zeros, to reproduce an in-place ``total += part`` loop), or from the first part."""
         self.split = _split_world()
-        self.init = init
         self.total = init
         self.parts: List[Tensor] = []
 
@@ -145,17 +145,26 @@ class OrderedSum:
             self.total = part if self.total is None else self.total + part
 
     def result(self) -> "Tensor | None":
-        """The fold over all chunks (None when no rank added anything and there is no ``init``)."""
+        """The fold over all chunks (None when nothing was added and there is no ``init``)."""
         if not self.split:
             return self.total
+        import torch.distributed as dist  # noqa: PLC0415
+
+        rank, size = world()
         if not self.parts:  # scale.block_rows gives every rank at least one batch
             msg = "a rank holds no training batch; lower the number of processes"
             raise ValueError(msg)
-        total = self.init
-        stacked = torch.stack(self.parts)
-        for block in _gather_variable(stacked):
-            for part in block:
-                total = part if total is None else total + part
+        total = self.total
+        for src in range(size):  # the running sum passes through the ranks in row order
+            if rank == src:
+                for part in self.parts:
+                    total = part if total is None else total + part
+                buffer = total.contiguous()
+            else:
+                buffer = torch.empty_like(self.parts[0])
+            dist.broadcast(buffer, src=src)
+            total = buffer
+        self.parts = []
         return total
 
 
