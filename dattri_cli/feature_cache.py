@@ -168,7 +168,9 @@ def _read_block(path: Path, name: str) -> tuple:
     try:
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-            block = handle.get_tensor("block")
+            # a copy in fresh (aligned) memory: the file's data offset follows the header's
+            # length, and matrix products on unaligned memory can differ in the last bit
+            block = handle.get_tensor("block").clone()
     except Exception as exc:  # noqa: BLE001 - truncated, not safetensors, a directory: all a miss
         return None, f"cannot be read: {type(exc).__name__}"
     if meta.get("name") != name:
