@@ -80,6 +80,94 @@ def reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
+@contextlib.contextmanager
+def local_reductions() -> Iterator[None]:
+    """Within this block :func:`reduce_sum` is the identity again (every rank holds all the rows it sums)."""
+    global _SPLIT  # noqa: PLW0603 - one process-wide switch
+    previous, _SPLIT = _SPLIT, False
+    try:
+        yield
+    finally:
+        _SPLIT = previous
+
+
+def _split_world() -> bool:
+    return _SPLIT and world()[1] > 1
+
+
+def _gather_variable(block: Tensor) -> List[Tensor]:
+    """Every rank's ``block`` (same trailing shape, any number of rows), in rank order, on every rank."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    size = world()[1]
+    mine = torch.tensor([block.shape[0]], dtype=torch.int64, device=block.device)
+    counts = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(counts, mine)
+    rows = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(rows), *block.shape[1:]), dtype=block.dtype, device=block.device)
+    padded[: block.shape[0]] = block
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return [part[:n] for part, n in zip(parts, rows)]
+
+
+def all_rows(tensor: Tensor) -> Tensor:
+    """The rows of every rank concatenated in rank order (= global row order); ``tensor`` in one process."""
+    if not _split_world():
+        return tensor
+    return torch.cat(_gather_variable(tensor))
+
+
+class OrderedSum:
+    """A sum over training chunks (loader batches) folded in global chunk order, whatever the world size.
+
+    ``add`` each chunk's partial sum in loader order; :meth:`result` is
+    ``init + p_0 + p_1 + ...`` added left to right over the chunks of *all* ranks in
+    global row order. One process folds as it goes (the bits of a plain loop). Under
+    :func:`split_reductions` each rank keeps its partials; then rank 0 folds its own
+    and broadcasts the running sum, rank 1 continues from it and broadcasts, and so
+    on, so every rank ends with the one-process bits however many ranks there are,
+    as long as rank spans are whole loader batches (:func:`scale.block_rows`).
+    Memory: under torchrun a rank holds one partial per training batch of its rows.
+    """
+
+    def __init__(self, init: "Tensor | None" = None) -> None:
+        """Start from ``init`` (e.g. zeros, to reproduce an in-place ``total += part`` loop), or from the first part."""
+        self.split = _split_world()
+        self.total = init
+        self.parts: List[Tensor] = []
+
+    def add(self, part: Tensor) -> None:
+        """Add the partial sum of the next chunk of this rank's rows."""
+        if self.split:
+            self.parts.append(part.detach().clone())
+        else:
+            self.total = part if self.total is None else self.total + part
+
+    def result(self) -> "Tensor | None":
+        """The fold over all chunks (None when nothing was added and there is no ``init``)."""
+        if not self.split:
+            return self.total
+        import torch.distributed as dist  # noqa: PLC0415
+
+        rank, size = world()
+        if not self.parts:  # scale.block_rows gives every rank at least one batch
+            msg = "a rank holds no training batch; lower the number of processes"
+            raise ValueError(msg)
+        total = self.total
+        for src in range(size):  # the running sum passes through the ranks in row order
+            if rank == src:
+                for part in self.parts:
+                    total = part if total is None else total + part
+                buffer = total.contiguous()
+            else:
+                buffer = torch.empty_like(self.parts[0])
+            dist.broadcast(buffer, src=src)
+            total = buffer
+        self.parts = []
+        return total
+
+
 def reduce_count(count: int, device: str = "cpu") -> int:
     """Sum an integer sample count over ranks (see :func:`reduce_sum`)."""
     if not _SPLIT or world()[1] == 1:

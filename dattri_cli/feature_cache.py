@@ -9,21 +9,31 @@ The directory of an on-disk store is named by :func:`cache_key`, a SHA-256 over
 everything that determines the blocks (checkpoint bytes, the training data and
 its indices, layer names, projection settings, dtype, the kind of representation).
 ``key.json`` in the directory repeats the key's inputs; a directory whose
-``key.json`` does not match is never read.
+``key.json`` does not match (or cannot be read) is wiped, never read.
+
+Every block file records its name, the SHA-256 of its tensor's bytes, its shape
+and dtype in the safetensors metadata; a read checks all of them, and a block that
+fails (truncated, replaced, the wrong shape, another block's file) is a miss: it is
+recomputed and atomically replaced, with one log line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
+import torch
 from torch import Tensor
 
 from dattri_cli.io import _atomic_write
+
+log = logging.getLogger("dattri_cli")
 
 KEY_FILE = "key.json"
 #: Test hook: after this many blocks written by this process, SIGKILL ourselves.
@@ -55,11 +65,14 @@ class BlockStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         key_text = json.dumps(dict(key_parts or {}), sort_keys=True, default=str)
         key_file = self.directory / KEY_FILE
-        if key_file.exists() and key_file.read_text() != key_text:
-            # never trust blocks computed for other inputs: start this store afresh
-            for old in self.directory.glob("*.safetensors"):
-                old.unlink()
-        if not key_file.exists() or key_file.read_text() != key_text:
+        recorded = _read_text(key_file)
+        if recorded != key_text:
+            if key_file.exists() or key_file.is_symlink():
+                # never trust blocks computed for other inputs (or an unreadable key): start afresh
+                log.warning("feature cache: %s does not match this run's key; recomputing its blocks", key_file)
+                _remove(key_file)
+                for old in self.directory.glob("*.safetensors"):
+                    _remove(old)
             _atomic_write(key_file, lambda tmp: Path(tmp).write_text(key_text))
 
     @classmethod
@@ -77,11 +90,14 @@ class BlockStore:
         if self.directory is None:
             return self._memory.get(name)
         path = self._path(name)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        return load_file(str(path))["block"]
+        block, problem = _read_block(path, name)
+        if problem is not None:
+            # a miss: the caller recomputes the block and put() replaces the file atomically
+            log.warning("feature cache: block %s is unusable (%s); recomputing it", path, problem)
+            return None
+        return block
 
     def put(self, name: str, block: Tensor) -> None:
         """Store a block (atomically on disk)."""
@@ -92,7 +108,11 @@ class BlockStore:
         from safetensors.torch import save_file  # noqa: PLC0415
 
         cpu = block.to("cpu")
-        _atomic_write(self._path(name), lambda tmp: save_file({"block": cpu}, tmp))
+        meta = {"name": name, "sha256": tensor_sha256(cpu), "shape": json.dumps(list(cpu.shape)), "dtype": str(cpu.dtype)}
+        path = self._path(name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        _atomic_write(path, lambda tmp: save_file({"block": cpu}, tmp, metadata=meta))
         self._written += 1
         limit = os.environ.get(KILL_ENV)
         if limit and self._written >= int(limit):
@@ -117,6 +137,55 @@ class BlockStore:
         return block
 
 
+def tensor_sha256(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (any dtype, any device)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_text(path: Path) -> Optional[str]:
+    """The file's text, or None when it is missing or cannot be read as text (a directory, bad bytes)."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or directory that is in the way (gone already is fine)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _read_block(path: Path, name: str) -> tuple:
+    """``(tensor, None)`` for a block file that passes every check, else ``(None, reason)``."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            # a copy in fresh (aligned) memory: the file's data offset follows the header's
+            # length, and matrix products on unaligned memory can differ in the last bit
+            block = handle.get_tensor("block").clone()
+    except Exception as exc:  # noqa: BLE001 - truncated, not safetensors, a directory: all a miss
+        return None, f"cannot be read: {type(exc).__name__}"
+    if meta.get("name") != name:
+        return None, "no record of its content, or another block's record"
+    if meta.get("shape") != json.dumps(list(block.shape)) or meta.get("dtype") != str(block.dtype):
+        return None, f"shape {tuple(block.shape)} {block.dtype} differs from the recorded one"
+    if meta.get("sha256") != tensor_sha256(block):
+        return None, "content hash differs from the recorded one"
+    if name.startswith("r") and "-" in name:  # row blocks: the name says how many rows
+        start, _, stop = name[1:].partition("-")
+        if start.isdigit() and stop.isdigit() and (block.dim() == 0 or block.shape[0] != int(stop) - int(start)):
+            return None, f"{block.shape[0] if block.dim() else 0} rows where the name says {int(stop) - int(start)}"
+    return block, None
+
+
 def train_fingerprint(x_train: Tensor, y_train: Tensor, train_indices: Tensor) -> str:
     """SHA-256 of the training tensors and their indices (the test side plays no part)."""
     digest = hashlib.sha256()
@@ -126,4 +195,4 @@ def train_fingerprint(x_train: Tensor, y_train: Tensor, train_indices: Tensor) -
     return digest.hexdigest()
 
 
-__all__ = ["KILL_ENV", "BlockStore", "block_name", "cache_key", "train_fingerprint"]
+__all__ = ["KILL_ENV", "BlockStore", "block_name", "cache_key", "tensor_sha256", "train_fingerprint"]

@@ -41,7 +41,7 @@ from dattri_cli.func.hessian import (
     stack_loader,
     symmetric_inverse,
 )
-from dattri_cli.func.batch import add_leading_dim, first_batches, tensor_leaves
+from dattri_cli.func.batch import add_leading_dim, first_batches, map_tensors
 from dattri_cli.func.utils import flatten_params, per_sample_grad, unflatten_params
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
@@ -115,18 +115,18 @@ def ihvp_lissa(
     Afterwards one full-data Hessian-vector product measures how far the estimate
     is from solving that system (``relative_residual``); a poor value is logged
     as a warning rather than returned silently. Under torchrun (inside
-    :func:`distributed.split_reductions`) ``loader`` holds this rank's rows; the
-    minibatches are drawn over the global rows and their HVPs all-reduced, so the
-    ranks step in lockstep through the single-process recursion.
+    :func:`distributed.split_reductions`) ``loader`` holds this rank's rows; every
+    rank gathers all rows (one process stacks them all too) and runs the
+    single-process recursion on them, so the result is that of one process, bit for
+    bit, whatever the number of ranks.
     """
     check_mode(mode)
-    data = stack_loader(loader, device)
-    # under torchrun ``data`` is this rank's block: every rank draws the same global minibatches
-    offset, total = distributed.row_span(batch_size_of(data), str(tensor_leaves(data)[0].device))
-    sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn, offset, total)
-    result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
-    hvp = loader_hvp(func, params, [data], device, mode, damping * scaling)
-    residual = float((hvp(result.solution) - rhs).norm() / rhs.norm().clamp_min(1e-30))
+    data = map_tensors(distributed.all_rows, stack_loader(loader, device))
+    with distributed.local_reductions():  # every rank holds every row: nothing to sum over ranks
+        sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn)
+        result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
+        hvp = loader_hvp(func, params, [data], device, mode, damping * scaling)
+        residual = float((hvp(result.solution) - rhs).norm() / rhs.norm().clamp_min(1e-30))
     diagnostics = dict(result.diagnostics, relative_residual=residual)
     if not residual < 0.5:
         log.warning(

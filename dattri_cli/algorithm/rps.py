@@ -70,17 +70,19 @@ class FinalLayerObjective:
 
     Loss, gradient and Hessian-vector products are sums over samples divided by
     the sample count; under torchrun (inside :func:`distributed.split_reductions`)
-    the sums and the count are all-reduced, so every rank sees the objective of
-    the whole training set and takes the same optimisation steps.
+    every rank gathers the features and targets of all rows (``(n, h)``: small) and
+    evaluates the whole training set's objective itself, so every rank takes the
+    optimisation steps of one process, bit for bit, whatever the number of ranks.
     """
 
     def __init__(self, features: Tensor, targets: Tensor, l2_strength: float) -> None:
         """``features`` ``(n, h)`` and soft ``targets`` ``(n, c)``, both float64."""
+        features, targets = distributed.all_rows(features), distributed.all_rows(targets)
         self.features, self.targets, self.l2_strength = features, targets, l2_strength
-        self.count = distributed.reduce_count(features.shape[0], str(features.device))
+        self.count = features.shape[0]
 
     def _mean(self, local_sum: Tensor) -> Tensor:
-        return distributed.reduce_sum(local_sum) / self.count
+        return local_sum / self.count
 
     def loss(self, theta: Tensor) -> float:
         """The objective's value."""

@@ -287,7 +287,8 @@ class TRAKAttributor(BaseAttributor):
         full_params = {k: v.to(self.device) for k, v in self.task.named_parameters(ckpt_idx).items()}
         store = self._store(ckpt_idx)
         ranges: List[Tuple[int, int]] = []
-        kernel, q_parts = None, []
+        # per-batch kernel parts folded in global batch order: the same bits under torchrun
+        kernel, q_parts = distributed.OrderedSum(), []
         items = self._train_items(ckpt_idx, loader, store)
         for (batch, row, stored), projected in self.projector.project_stream(items, ckpt_idx):
             n = batch_size_of(batch)
@@ -295,16 +296,17 @@ class TRAKAttributor(BaseAttributor):
                 stored = self._checked(projected, "train")
                 store.put(block_name(row, row + n), stored)
             wide = stored.to(self.device, torch.float64)
-            kernel = wide.T @ wide if kernel is None else kernel + wide.T @ wide
+            kernel.add(wide.T @ wide)
             q_parts.append(self._one_minus_p(full_params, batch))
             ranges.append((row, row + n))
-        if kernel is None:
+        if not ranges:
             msg = "the training loader is empty"
             raise NumericalError(msg)
         q = torch.cat(q_parts)
         check_finite(q, "correct-class probabilities", hint="check correct_probability_func")
         count = distributed.reduce_count(ranges[-1][1] - self.train_row_offset, self.device)
-        return FeatureBlocks(store, ranges, kernel.shape[0]), distributed.reduce_sum(kernel), count, q
+        total = kernel.result()
+        return FeatureBlocks(store, ranges, total.shape[0]), total, count, q
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
         """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""

@@ -47,7 +47,7 @@ class DataInfAccumulator:
     layer_sizes: Sequence[int]
     regularization: float
     count: int = 0
-    _correction: List[Tensor] = field(default_factory=list)
+    _correction: List[distributed.OrderedSum] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_datainf_regularization(self.regularization)
@@ -55,21 +55,22 @@ class DataInfAccumulator:
             msg = f"layer sizes sum to {sum(self.layer_sizes)}, representations have {self.test_rep.shape[1]} entries"
             raise ValueError(msg)
         self._tests = self.test_rep.split(list(self.layer_sizes), dim=1)
-        self._correction = [torch.zeros_like(t) for t in self._tests]
+        # per-chunk sums folded in global chunk order (the same bits under torchrun)
+        self._correction = [distributed.OrderedSum(torch.zeros_like(t)) for t in self._tests]
 
     def add(self, train_grads: Tensor) -> None:
         """Add ``sum_i (g_i . v) / (r + |g_i|^2) g_i`` for a chunk of training gradients."""
         grads = train_grads.to(self.test_rep.dtype).split(list(self.layer_sizes), dim=1)
         for acc, test, g in zip(self._correction, self._tests, grads):
             coeff = (test @ g.T) / (self.regularization + (g * g).sum(dim=1))
-            acc += coeff @ g
+            acc.add(coeff @ g)
         self.count += train_grads.shape[0]
 
     def result(self) -> Tensor:
         """The transformed test rows ``(k, P)``."""
         # under torchrun each rank saw its own training rows: sum the corrections over ranks
         count = distributed.reduce_count(self.count, str(self.test_rep.device))
-        corrections = [distributed.reduce_sum(acc) for acc in self._correction]
+        corrections = [acc.result() for acc in self._correction]
         if count == 0:
             msg = "DataInf saw no training gradients"
             raise ValueError(msg)

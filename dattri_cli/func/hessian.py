@@ -30,20 +30,20 @@ def explicit_hessian(
     device: str = "cpu",
 ) -> Tensor:
     """Dense Hessian (float64) of the mean of ``func`` over all samples of ``loader``."""
-    total = None
+    # under torchrun each rank holds part of the training set: the per-batch parts are
+    # summed in global batch order, the bits of one process
+    total = distributed.OrderedSum()
     count = 0
     hess_func = jacrev(jacrev(func))  # reverse-over-reverse: fastest for small dense Hessians on CPU
     for batch in track(loader, "Hessian"):
         data = to_device(batch, device)
         n = batch_size_of(data)
-        block = hess_func(params, data).detach().to(torch.float64) * n
-        total = block if total is None else total + block
+        total.add(hess_func(params, data).detach().to(torch.float64) * n)
         count += n
-    if total is None:
+    if count == 0:
         msg = "the training loader is empty: cannot form the Hessian"
         raise NumericalError(msg)
-    # under torchrun each rank holds part of the training set: sum the parts
-    return distributed.reduce_sum(total) / distributed.reduce_count(count)
+    return total.result() / distributed.reduce_count(count)
 
 
 @dataclass
@@ -154,15 +154,16 @@ def loader_hvp(
 
     def apply(vectors: Tensor) -> Tensor:
         work = vectors.to(params.dtype)
-        total = torch.zeros_like(work)
+        # under torchrun each rank holds part of the training set: the per-batch parts
+        # are summed in global batch order, the bits of one process
+        acc = distributed.OrderedSum(torch.zeros_like(work))
         count = 0
         for batch in loader:
             data = to_device(batch, device)
             n = batch_size_of(data)
-            total += batch_hvp(func, params, data, mode)(work).detach() * n
+            acc.add(batch_hvp(func, params, data, mode)(work).detach() * n)
             count += n
-        # under torchrun each rank holds part of the training set: sum the parts
-        total = distributed.reduce_sum(total)
+        total = acc.result()
         count = distributed.reduce_count(count, str(total.device))
         if count == 0:
             msg = "the training loader is empty: cannot form Hessian-vector products"

@@ -405,6 +405,8 @@ def fit_factors(
     factors per layer name and the number of samples seen.
     """
     factors: Dict[str, LayerFactors] = {}
+    # per-batch sums folded in global batch order: the same bits under torchrun
+    sums: Dict[str, Tuple[distributed.OrderedSum, distributed.OrderedSum]] = {}
     count = 0
     for batch in progress(_batches(loader, device), "K-FAC factors"):
         stats = layer_statistics(loss_func, params, batch, model, names, fisher)
@@ -415,9 +417,9 @@ def fit_factors(
             if nm not in factors:
                 out = gs[0].shape[-1] if gs else model.get_submodule(nm).weight.shape[0]
                 factors[nm] = LayerFactors(nm, out, model.get_submodule(nm).bias is not None, a_sum, s_sum)
-            else:
-                factors[nm].a_cov += a_sum
-                factors[nm].s_cov += s_sum
+                sums[nm] = (distributed.OrderedSum(), distributed.OrderedSum())
+            sums[nm][0].add(a_sum)
+            sums[nm][1].add(s_sum)
         count += batch_size_of(batch)
     # under torchrun each rank saw its own training rows: sum the factors over ranks
     count = distributed.reduce_count(count, device)
@@ -425,14 +427,15 @@ def fit_factors(
         msg = "K-FAC saw no training samples (empty loader)"
         raise ConfigError(msg)
     for f in factors.values():
-        f.a_cov = distributed.reduce_sum(f.a_cov) / count
-        f.s_cov = distributed.reduce_sum(f.s_cov) / count
+        f.a_cov = sums[f.name][0].result() / count
+        f.s_cov = sums[f.name][1].result() / count
         f.a_evals, f.a_evecs = torch.linalg.eigh(f.a_cov)
         f.s_evals, f.s_evecs = torch.linalg.eigh(f.s_cov)
         if not (torch.isfinite(f.a_evals).all() and torch.isfinite(f.s_evals).all()):
             msg = f"K-FAC factors of layer {f.name} are not finite: check the data and the checkpoint"
             raise NumericalError(msg)
     if correct:
+        moments = {nm: distributed.OrderedSum() for nm in factors}
         for batch in progress(_batches(loader, device), "EK-FAC eigenvalue correction"):
             stats = layer_statistics(loss_func, params, batch, model, names, fisher)
             for nm, (a, gs) in stats.items():
@@ -442,10 +445,11 @@ def fit_factors(
                 for g in gs:
                     g_rot = g.to(dtype) @ f.s_evecs  # (n, L, out)
                     moment += torch.einsum("nlo,nli->noi", g_rot, a_rot).square().sum(dim=0)
-                f.corrected = moment if f.corrected is None else f.corrected + moment
+                moments[nm].add(moment)
         for f in factors.values():
-            moment = f.corrected if f.corrected is not None else torch.zeros_like(f.eigenvalues(False))
-            f.corrected = distributed.reduce_sum(moment) / count
+            moment = moments[f.name].result()
+            moment = moment if moment is not None else torch.zeros_like(f.eigenvalues(False))
+            f.corrected = moment / count
     return factors, count
 
 

@@ -2,18 +2,22 @@
 
 A checkpoint depends only on the data split, the model config, the training
 settings and the seed; those are hashed into a cache key so a second run with the
-same inputs reuses the files, and any change trains afresh.
+same inputs reuses the files, and any change trains afresh. ``manifest.json``
+records each file's SHA-256 and tensor shapes; a cached set whose manifest or files
+do not check out (unreadable, truncated, replaced) is trained afresh and replaced
+atomically, with one log line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +25,8 @@ from torch import Tensor, nn
 from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError
 from dattri_cli.progress import track
+
+log = logging.getLogger("dattri_cli")
 
 
 @dataclass
@@ -170,11 +176,11 @@ def trained_checkpoints(
     key = cache_key({**key_parts, "data": split.fingerprint(), "train": settings.__dict__, "seed": seed})
     folder = Path(cache_dir).expanduser() / "checkpoints" / key
     manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        checkpoints = [Checkpoint(folder / c["file"], c["model_index"], c["epoch"], c["lr"]) for c in manifest]
-        if all(c.path.is_file() for c in checkpoints):
+    if manifest_path.exists() or manifest_path.is_symlink():
+        checkpoints, problem = _verified_checkpoints(folder, manifest_path)
+        if problem is None:
             return checkpoints
+        log.warning("checkpoint cache %s: %s; training the checkpoints afresh", folder, problem)
     checkpoints = []
     for model_index in range(settings.num_models):
         model = build_model()
@@ -183,10 +189,67 @@ def trained_checkpoints(
             _atomic_save(state, path)
             checkpoints.append(Checkpoint(path, model_index, epoch, settings.lr))
     manifest = [
-        {"file": c.path.name, "model_index": c.model_index, "epoch": c.epoch, "lr": c.lr} for c in checkpoints
+        {"file": c.path.name, "model_index": c.model_index, "epoch": c.epoch, "lr": c.lr, **_file_record(c.path)}
+        for c in checkpoints
     ]
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    if manifest_path.is_dir() and not manifest_path.is_symlink():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(manifest_path)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(manifest, indent=1))
+        os.replace(tmp, manifest_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return checkpoints
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_shapes(path: Path) -> Dict[str, List[int]]:
+    """Name -> shape of every tensor in a safetensors file (reads the header only)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(str(path), "pt") as handle:
+        return {k: list(handle.get_slice(k).get_shape()) for k in sorted(handle.keys())}
+
+
+def _file_record(path: Path) -> Dict[str, Any]:
+    """What the manifest records of a checkpoint file, to check it on every read."""
+    return {"sha256": file_sha256(path), "shapes": _tensor_shapes(path)}
+
+
+def _verified_checkpoints(folder: Path, manifest_path: Path) -> tuple[List[Checkpoint], Optional[str]]:
+    """The cached checkpoints, or ``([], reason)`` when the manifest or a file does not check out."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = [(str(c["file"]), int(c["model_index"]), int(c["epoch"]), float(c["lr"]), c["sha256"], c["shapes"]) for c in manifest]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        return [], f"manifest.json is unreadable or incomplete ({type(exc).__name__})"
+    if not entries:
+        return [], "manifest.json lists no checkpoints"
+    checkpoints = []
+    for file, model_index, epoch, lr, sha256, shapes in entries:
+        path = folder / file
+        if Path(file).name != file or not path.is_file():
+            return [], f"{file} is missing"
+        if file_sha256(path) != sha256:
+            return [], f"{file} does not match its recorded SHA-256 (truncated or replaced)"
+        try:
+            if _tensor_shapes(path) != shapes:
+                return [], f"{file} holds tensors of other shapes than recorded"
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a miss
+            return [], f"{file} cannot be read ({type(exc).__name__})"
+        checkpoints.append(Checkpoint(path, model_index, epoch, lr))
+    return checkpoints, None
