@@ -24,8 +24,10 @@ from dattri_cli.algorithm.influence_function import (
     IFAttributorDataInf,
     IFAttributorEKFAC,
     IFAttributorExplicit,
+    IFAttributorKFAC,
     IFAttributorLiSSA,
 )
+from dattri_cli.algorithm.rps import RPSAttributor
 from dattri_cli.algorithm.tracin import TracInAttributor
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.data import digits
@@ -131,8 +133,9 @@ def test_trak_reference_example_runs_verbatim_and_equals_builtin() -> None:
         lambda t: IFAttributorArnoldi(t, regularization=1e-2, proj_dim=20, max_iter=30),
         lambda t: IFAttributorDataInf(t, regularization=0.1),
         lambda t: IFAttributorEKFAC(t, damping=0.1),
+        lambda t: IFAttributorKFAC(t, damping=0.1),
     ],
-    ids=["explicit", "cg", "arnoldi", "datainf", "ekfac"],
+    ids=["explicit", "cg", "arnoldi", "datainf", "ekfac", "kfac"],
 )
 def test_influence_with_batch_functions_equals_builtin(make: Any) -> None:
     model, states = _model_and_checkpoints("lr")
@@ -156,6 +159,23 @@ def test_lissa_with_batch_functions_equals_builtin() -> None:
         attributor.cache(train)
         scores.append(attributor.attribute(train, test))
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-4, atol=1e-6)
+
+
+def test_rps_with_a_dattri_style_preactivation_loss_equals_builtin() -> None:
+    """dattri's RPS takes ``loss_func(pre_activations, labels)``; the scores do not depend on which task is given."""
+    model, states = _model_and_checkpoints("mlp")
+    train, test = _loaders()
+
+    def f(pre_activation_list: Tensor, label_list: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(pre_activation_list, label_list)
+
+    scores = []
+    for task in (_builtin_task(model, states), AttributionTask(loss_func=f, model=model, checkpoints=states)):
+        attributor = RPSAttributor(task, final_linear_layer_name="head")
+        attributor.cache(train)
+        scores.append(attributor.attribute(train, test))
+    torch.testing.assert_close(scores[1], scores[0])
+    assert scores[0].abs().max() > 0
 
 
 class _DictDigits(Dataset):
