@@ -37,7 +37,10 @@ def resolve_target(node: Mapping[str, Any], where: str) -> Callable:
     try:
         return get_object(target)
     except Exception as exc:  # noqa: BLE001 - import errors of user code vary
-        msg = f"{where}._target_={target} cannot be imported ({exc}); check the dotted path and that its package is installed"
+        msg = (
+            f"{where}._target_={target} cannot be imported ({exc}); check the dotted path and that "
+            "its package is installed"
+        )
         raise ConfigError(msg) from exc
 
 
@@ -61,7 +64,10 @@ def check_kwargs(node: Mapping[str, Any], where: str) -> Dict[str, inspect.Param
     params, takes_any = _accepted(target)
     unknown = [k for k in node if k not in _HYDRA_KEYS and k not in params]
     if unknown and not takes_any:
-        msg = f"unknown option(s) {', '.join(where + '.' + k for k in unknown)} for {node['_target_']}; accepted: {', '.join(params)}"
+        msg = (
+            f"unknown option(s) {', '.join(where + '.' + k for k in unknown)} for {node['_target_']}; "
+            f"accepted: {', '.join(params)}"
+        )
         raise ConfigError(msg)
     return params
 
@@ -81,7 +87,9 @@ def build(node: Mapping[str, Any], where: str, runtime: Mapping[str, Any] | None
     missing = [
         name
         for name, p in params.items()
-        if p.default is inspect.Parameter.empty and name not in node and name not in extra
+        if p.default is inspect.Parameter.empty
+        and name not in node
+        and name not in extra
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     if missing:

@@ -35,8 +35,14 @@ def catalog() -> Dict[str, Dict[str, Any]]:
                 continue
             text = item.read_text()
             data = yaml.safe_load(text) or {}
-            options = {k: v for k, v in data.items() if not k.startswith("_") and k not in {"defaults", "runner"}}
-            entries[item.name[:-5]] = {"about": _first_comment(text), "target": data.get("_target_"), "options": options}
+            options = {
+                k: v for k, v in data.items() if not k.startswith("_") and k not in {"defaults", "runner"}
+            }
+            entries[item.name[:-5]] = {
+                "about": _first_comment(text),
+                "target": data.get("_target_"),
+                "options": options,
+            }
         out[group] = entries
     return out
 
@@ -73,8 +79,9 @@ def print_catalog(as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(data, indent=2, default=str))
         return
-    from dattri_cli.console import make_console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
+
+    from dattri_cli.console import make_console  # noqa: PLC0415
 
     console = make_console()
     for group, entries in data.items():

@@ -47,7 +47,10 @@ def write_failure(path: Path, exc: BaseException) -> str | None:
     if code == errno.ENOSPC or "No space left" in text:
         return f"cannot write {path}: no space left on device; free some space or choose out=PATH on another disk"
     if code == errno.EFBIG or "File too large" in text:
-        return f"cannot write {path}: no space left under the file size limit (ulimit -f); raise the limit or choose a smaller output"
+        return (
+            f"cannot write {path}: no space left under the file size limit (ulimit -f); raise the "
+            "limit or choose a smaller output"
+        )
     if code == errno.EDQUOT:
         return f"cannot write {path}: no space left in your disk quota; free some space or choose out=PATH elsewhere"
     return None
@@ -64,7 +67,10 @@ def _atomic_write(path: Path, write: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        msg = write_failure(path, exc) or f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        msg = (
+            write_failure(path, exc)
+            or f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        )
         raise DattriError(msg) from exc
     os.close(fd)
     try:
@@ -117,7 +123,10 @@ def save_scores(
     """
 
     if scores.shape != (train_indices.numel(), test_indices.numel()):
-        msg = f"scores shape {tuple(scores.shape)} does not match indices ({train_indices.numel()}, {test_indices.numel()})"
+        msg = (
+            f"scores shape {tuple(scores.shape)} does not match indices ({train_indices.numel()}, "
+            f"{test_indices.numel()})"
+        )
         raise ValueError(msg)
     tensors = {
         SCORES: scores.detach().to("cpu", torch.float32).contiguous(),
@@ -202,7 +211,11 @@ def _expand(sources: Any) -> List[Path]:
         if path.is_dir():
             found.extend(sorted(path.glob("*-of-*.safetensors")))
         elif any(ch in text for ch in "*?["):
-            found.extend(sorted(Path().glob(text)) if not path.is_absolute() else sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor)))))
+            found.extend(
+                sorted(Path().glob(text))
+                if not path.is_absolute()
+                else sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor))))
+            )
         else:
             found.append(path)
     unique = sorted(set(found))
@@ -271,7 +284,11 @@ def _sibling_shards(entries: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
             continue
         meta = entry[3]
         index = int(meta[SHARD_KEY]["index"])
-        if index in have or meta.get("config_hash") != first.get("config_hash") or meta[SHARD_KEY].get("n_train") != shard.get("n_train"):
+        if (
+            index in have
+            or meta.get("config_hash") != first.get("config_hash")
+            or meta[SHARD_KEY].get("n_train") != shard.get("n_train")
+        ):
             continue
         have.add(index)
         found.append(entry)
@@ -307,11 +324,17 @@ class ShardedScores:
         entries = [e[:5] for e in entries]
         entries.sort(key=lambda e: (e[0], e[1]))
         first = entries[0][3]
-        for start, stop, path, meta, test_indices in entries:
+        for _start, _stop, path, meta, test_indices in entries:
             if meta.get("config_hash") != first.get("config_hash"):
-                msg = f"{path} belongs to config {str(meta.get('config_hash'))[:12]}, not {str(first.get('config_hash'))[:12]} like {entries[0][2]}; shards of different runs cannot be merged"
+                msg = (
+                    f"{path} belongs to config {str(meta.get('config_hash'))[:12]}, not "
+                    f"{str(first.get('config_hash'))[:12]} like {entries[0][2]}; shards of different "
+                    "runs cannot be merged"
+                )
                 raise DattriError(msg)
-            if meta[SHARD_KEY]["n_train"] != first[SHARD_KEY]["n_train"] or not torch.equal(test_indices, entries[0][4]):
+            if meta[SHARD_KEY]["n_train"] != first[SHARD_KEY]["n_train"] or not torch.equal(
+                test_indices, entries[0][4]
+            ):
                 msg = f"{path} has a different train or test set than {entries[0][2]}"
                 raise DattriError(msg)
         n_train = int(first[SHARD_KEY]["n_train"])
@@ -319,11 +342,17 @@ class ShardedScores:
         for start, stop, path, _, _ in entries:
             if start != expected:
                 what = "overlap" if start < expected else "a gap"
-                msg = f"shards do not cover the training rows exactly once: {what} at row {min(start, expected)} ({path}); give every shard exactly once"
+                msg = (
+                    f"shards do not cover the training rows exactly once: {what} at row "
+                    f"{min(start, expected)} ({path}); give every shard exactly once"
+                )
                 raise DattriError(msg)
             expected = stop
         if expected != n_train:
-            msg = f"shards cover rows 0-{expected} of {n_train}: rows {expected}-{n_train} are missing; run the missing shard(s)"
+            msg = (
+                f"shards cover rows 0-{expected} of {n_train}: rows {expected}-{n_train} are missing; "
+                "run the missing shard(s)"
+            )
             raise DattriError(msg)
         self.entries = [(start, stop, path) for start, stop, path, _, _ in entries]
         #: optional per-row tensors every shard holds (e.g. ``self_influence``)
@@ -356,7 +385,9 @@ class ShardedScores:
 
     def column(self, j: int) -> Tensor:
         """All training scores of test column ``j``."""
-        return torch.cat([self._read(p, SCORES, slice(None), slice(j, j + 1)).flatten() for _, _, p in self.entries])
+        return torch.cat(
+            [self._read(p, SCORES, slice(None), slice(j, j + 1)).flatten() for _, _, p in self.entries]
+        )
 
     def extra(self, name: str) -> Tensor:
         """The per-row tensor ``name`` (one of :attr:`extra_names`) of all rows, in row order."""
@@ -364,7 +395,11 @@ class ShardedScores:
 
     def load(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The whole set in memory, as :func:`load_scores` returns a single file."""
-        tensors = {SCORES: self.rows(0, self.shape[0]), TRAIN_INDICES: self.train_indices, TEST_INDICES: self.test_indices}
+        tensors = {
+            SCORES: self.rows(0, self.shape[0]),
+            TRAIN_INDICES: self.train_indices,
+            TEST_INDICES: self.test_indices,
+        }
         tensors.update({name: self.extra(name) for name in self.extra_names})
         return tensors, dict(self.metadata)
 

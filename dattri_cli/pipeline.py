@@ -118,7 +118,10 @@ def model_factory(cfg: Mapping[str, Any], split: Split, device: str) -> Any:
     runtime = {"in_features": split.num_features, "num_classes": split.num_classes}
     fixed = cfg["model"].get("num_classes")
     if isinstance(fixed, int) and not isinstance(fixed, bool) and split.num_classes > fixed:
-        msg = f"the labels go up to {split.num_classes - 1} but model.num_classes={fixed}; raise model.num_classes or leave it unset to use the data's"
+        msg = (
+            f"the labels go up to {split.num_classes - 1} but model.num_classes={fixed}; raise "
+            "model.num_classes or leave it unset to use the data's"
+        )
         raise DataError(msg)
 
     def build_model() -> torch.nn.Module:
@@ -175,7 +178,9 @@ def run_cache(attributor: Any, loader: Any, timings: Dict[str, float]) -> None:
     timings["cache_s"] = time.perf_counter() - start
 
 
-def call_attributor(attributor: Any, train_loader: Any, test_loader: Any, timings: Dict[str, float]) -> torch.Tensor:
+def call_attributor(
+    attributor: Any, train_loader: Any, test_loader: Any, timings: Dict[str, float]
+) -> torch.Tensor:
     """Run ``cache`` and ``attribute`` whatever their signature in the reference API."""
     run_cache(attributor, train_loader, timings)
     start = time.perf_counter()
@@ -210,7 +215,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def acquire_checkpoints(
-    resolved: Mapping[str, Any], build_model: Any, split: Split, settings: TrainSettings, seed: int, rank: int = 0
+    resolved: Mapping[str, Any],
+    build_model: Any,
+    split: Split,
+    settings: TrainSettings,
+    seed: int,
+    rank: int = 0,
 ) -> List[Checkpoint]:
     """The user's checkpoint files, or checkpoints trained (or found in the cache) from ``seed``."""
     if resolved.get("checkpoint"):
@@ -218,7 +228,9 @@ def acquire_checkpoints(
     key_parts = {"dataset": resolved["dataset"], "model": resolved["model"]}
     if rank != 0:  # rank 0 trains (or finds) the checkpoints; the others then find them cached
         distributed.barrier()
-    checkpoints = trained_checkpoints(build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts)
+    checkpoints = trained_checkpoints(
+        build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts
+    )
     if rank == 0:
         distributed.barrier()
     return checkpoints
@@ -284,7 +296,11 @@ def write_row_blocks(
         for block in blocks:
             start = time.perf_counter()
             rows_loader = scale.row_loader(split, block.start, block.stop, train_loader.batch_size)
-            scores = scale.score_rows(attributor, rows_loader, test_loader, block).detach().to("cpu", torch.float32)
+            scores = (
+                scale.score_rows(attributor, rows_loader, test_loader, block)
+                .detach()
+                .to("cpu", torch.float32)
+            )
             timings["attribute_s"] += time.perf_counter() - start
             if not metadata:
                 metadata = make_metadata()
@@ -292,35 +308,62 @@ def write_row_blocks(
             extra = {} if self_scores is None else {"self_influence": self_scores[block.start : block.stop]}
             paths.append(shard_path(out, block.index, block.count))
             train_indices = split.train_indices[block.start : block.stop]
-            save_scores(paths[-1], scores, train_indices, split.test_indices, {**metadata, "shard": block.metadata()}, extra)
+            save_scores(
+                paths[-1],
+                scores,
+                train_indices,
+                split.test_indices,
+                {**metadata, "shard": block.metadata()},
+                extra,
+            )
             first_column.append(scores[:, 0].clone())
             del scores  # one block in memory at a time
     return paths, metadata, torch.cat(first_column)
 
 
-def finish_run(out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]) -> None:
+def finish_run(
+    out: Path, written: Any, config_hash_value: str, timings: Dict[str, float], store_stats: Dict[str, Any]
+) -> None:
     """Feature-cache counts and peak memory into ``timings``, then the sidecar ``NAME.run.json`` beside ``out``."""
     if store_stats:
         timings["feature_cache_hits"] = sum(s.hits for stores in store_stats.values() for s in stores)
         timings["feature_cache_misses"] = sum(s.misses for stores in store_stats.values() for s in stores)
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    info = {"scores": written, "timings": timings, "host": platform.node(), "finished_unix": time.time(), "config_hash": config_hash_value}
+    info = {
+        "scores": written,
+        "timings": timings,
+        "host": platform.node(),
+        "finished_unix": time.time(),
+        "config_hash": config_hash_value,
+    }
     try:
         write_sidecar(sidecar_path(out), info)
     except DattriError as exc:
-        what = f"{out} is complete" if isinstance(written, str) else f"all {len(written)} row-block files are complete"
+        what = (
+            f"{out} is complete"
+            if isinstance(written, str)
+            else f"all {len(written)} row-block files are complete"
+        )
         msg = f"the scores were written ({what}) but the sidecar was not: {exc}"
         raise DattriError(msg) from exc
 
 
-def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
+def run(
+    cfg: DictConfig | Mapping[str, Any],
+    output_dir: Optional[Path] = None,
+    choices: Optional[Dict[str, str]] = None,
+) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file."""
     resolved = schema.validate_run(builders.to_dict(cfg))  # every value, before any work
     try:
         progress.set_mode(resolved.get("progress", "off"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    out = Path(resolved["out"]).expanduser() if resolved.get("out") else Path(output_dir or ".") / "scores.safetensors"
+    out = (
+        Path(resolved["out"]).expanduser()
+        if resolved.get("out")
+        else Path(output_dir or ".") / "scores.safetensors"
+    )
     device = check_device(distributed.local_device(str(resolved.get("device", "cpu"))))
     rank, world = distributed.init_from_env(device)
     shard_cfg = resolved.get("shard") or {}
@@ -358,26 +401,48 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
     attributor = builders.build(attributor_cfg, "attributor", runtime)
     loader_cfg = resolved["loader"]
     train_loader, test_loader = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
-    plan = scale.plan_rows(shard_cfg, split.x_train.shape[0], int(loader_cfg["train_batch_size"]), rank, world)
+    plan = scale.plan_rows(
+        shard_cfg, split.x_train.shape[0], int(loader_cfg["train_batch_size"]), rank, world
+    )
     checkpoint_hashes = [_file_sha256(c.path) for c in checkpoints]
     store_stats: Dict[str, Any] = {}
     if resolved.get("feature_cache", False) and hasattr(attributor, "feature_store"):
         attributor.feature_store = scale.store_factory(
-            Path(str(resolved["cache_dir"])) / "features", checkpoint_hashes, split,
-            getattr(attributor, "layer_name", None), task.get_param(0)[0].dtype, device, store_stats,
+            Path(str(resolved["cache_dir"])) / "features",
+            checkpoint_hashes,
+            split,
+            getattr(attributor, "layer_name", None),
+            task.get_param(0)[0].dtype,
+            device,
+            store_stats,
         )
 
     torch.manual_seed(seed)
     blocks = scale.plan_files(
-        rows_per_file, plan, int(loader_cfg["train_batch_size"]), int(split.test_indices.numel()),
-        scale.score_bytes(attributor, task.get_param(0)[0].dtype), scale.available_memory(),
+        rows_per_file,
+        plan,
+        int(loader_cfg["train_batch_size"]),
+        int(split.test_indices.numel()),
+        scale.score_bytes(attributor, task.get_param(0)[0].dtype),
+        scale.available_memory(),
     )
-    make_metadata = functools.partial(build_metadata, resolved, attributor_cfg, runner, choices, checkpoints, checkpoint_hashes, attributor)
+    make_metadata = functools.partial(
+        build_metadata, resolved, attributor_cfg, runner, choices, checkpoints, checkpoint_hashes, attributor
+    )
     if len(blocks) > 1:
         for block in blocks:  # before any heavy work
-            check_writable(shard_path(out, block.index, block.count), overwrite=bool(resolved.get("overwrite", True)))
+            check_writable(
+                shard_path(out, block.index, block.count), overwrite=bool(resolved.get("overwrite", True))
+            )
         files, metadata, first_test_scores = write_row_blocks(
-            attributor, split, (train_loader, test_loader), blocks, out, make_metadata, bool(runner.get("self_influence")), timings
+            attributor,
+            split,
+            (train_loader, test_loader),
+            blocks,
+            out,
+            make_metadata,
+            bool(runner.get("self_influence")),
+            timings,
         )
         finish_run(out, [str(f) for f in files], metadata["config_hash"], timings, store_stats)
         return RunResult(files[0], None, metadata, timings, files, first_test_scores)
@@ -390,7 +455,9 @@ def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, 
         else:  # torchrun: each rank caches its rows; full-set sums are all-reduced
             scale.check_distributable(attributor)
             with distributed.split_reductions():
-                scores = scale.attribute_rows(attributor, rows_loader, rows_loader, test_loader, plan, timings)
+                scores = scale.attribute_rows(
+                    attributor, rows_loader, rows_loader, test_loader, plan, timings
+                )
     scores = scores.detach().to("cpu", torch.float32)
     if plan.mode == "rank":
         parts = distributed.gather_rows(scores)

@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from dattri_cli.errors import DattriError
 from dattri_cli.show import ScoreFile, open_score_file, parse_test_indices, top_training_samples
@@ -21,7 +21,7 @@ EXAMPLES = """examples:
 """
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -79,7 +79,9 @@ def main(argv: List[str]) -> None:
     parser.add_argument("path", type=Path, help="a scores.safetensors file written by `dattri run`")
     parser.add_argument("--test", default="0", help="test columns, comma-separated (default 0); one PNG each")
     parser.add_argument("--top-k", type=int, default=5, help="proponents and opponents shown (default 5)")
-    parser.add_argument("--out", type=Path, help="PNG path (one test column only); default beside the score file")
+    parser.add_argument(
+        "--out", type=Path, help="PNG path (one test column only); default beside the score file"
+    )
     args = parser.parse_args(argv)
     _pyplot()  # fail early and clearly without matplotlib
     sf = open_score_file(args.path)

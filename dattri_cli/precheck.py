@@ -20,8 +20,17 @@ from dattri_cli.errors import ConfigError
 from dattri_cli.schema import GROUPS, TOP_KEYS, closest, validate_run, yaml_value
 
 _LEAVE_TO_HYDRA = {
-    "-cp", "--config-path", "-cn", "--config-name", "-h", "--help", "--hydra-help", "-i", "--info",
-    "-sc", "--shell-completion",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-i",
+    "--info",
+    "-sc",
+    "--shell-completion",
 }
 _CONFIG_DIR = {"-cd", "--config-dir"}
 _WITH_VALUE = {"-c", "--cfg", "-p", "--package"} | _CONFIG_DIR
@@ -57,7 +66,7 @@ def _split_override(override: str) -> Tuple[str, str, str]:
     prefix = ""
     for p in ("++", "+", "~"):
         if override.startswith(p):
-            prefix, override = p, override[len(p):]
+            prefix, override = p, override[len(p) :]
             break
     key, _, value = override.partition("=")
     return prefix, key, value
@@ -81,11 +90,13 @@ def group_options(group: str, extra_path: Sequence[str] = ()) -> List[str]:
     for entry in extra_path:
         if entry.startswith("pkg://"):
             try:
-                roots.append(resources.files(entry[len("pkg://"):].replace("/", ".")).joinpath(group))
+                roots.append(resources.files(entry[len("pkg://") :].replace("/", ".")).joinpath(group))
             except (ModuleNotFoundError, TypeError):
                 continue
         else:
-            roots.append(Path(entry[len("file://"):] if entry.startswith("file://") else entry).joinpath(group))
+            roots.append(
+                Path(entry[len("file://") :] if entry.startswith("file://") else entry).joinpath(group)
+            )
     found = set()
     for root in roots:
         try:
@@ -136,7 +147,9 @@ def _missing_key_hint(key: str, overrides: Sequence[str]) -> str:
     """``key`` does not exist: name the closest key at the level where it goes astray."""
     from omegaconf import DictConfig  # noqa: PLC0415
 
-    choices = [o for o in overrides if _split_override(o)[1] in GROUPS or _split_override(o)[1] == "hydra.searchpath"]
+    choices = [
+        o for o in overrides if _split_override(o)[1] in GROUPS or _split_override(o)[1] == "hydra.searchpath"
+    ]
     try:
         node: Any = _compose(choices)
     except Exception:  # noqa: BLE001 - only a hint
@@ -148,7 +161,7 @@ def _missing_key_hint(key: str, overrides: Sequence[str]) -> str:
             best = closest(part, list(node.keys())) if isinstance(node, DictConfig) else None
             if best:
                 return f"; did you mean {(where + '.' if where else '') + best}?"
-            keys = ", ".join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ""
+            keys = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else ""
             return f"; {where or 'the config'} has no key {part!r} (its keys: {keys or 'none'})"
         node = node[part]
     return ""
@@ -172,7 +185,11 @@ def compose_checked(overrides: Sequence[str], config_dirs: Sequence[str] = (), v
         if match:
             msg = f"Could not override '{match.group(1)}': no such key{_missing_key_hint(match.group(1), overrides)}"
             raise ConfigError(msg) from exc
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type"))]
+        lines = [
+            ln.strip()
+            for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith(("full_key", "object_type"))
+        ]
         raise ConfigError("; ".join(lines[:2]) if lines else type(exc).__name__) from exc
     if validate:
         try:

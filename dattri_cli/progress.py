@@ -49,7 +49,7 @@ def track(iterable: Iterable[T], description: str, total: Optional[int] = None) 
         yield from iterable
         return
     if mode == "rich":
-        from rich.progress import (
+        from rich.progress import (  # noqa: PLC0415
             BarColumn,
             MofNCompleteColumn,
             Progress,

@@ -33,8 +33,16 @@ log = logging.getLogger("dattri_cli")
 
 #: attributors whose full-training-set quantities are all-reduced under torchrun
 DISTRIBUTED_OK = (
-    "TracInAttributor", "TRAKAttributor", "IFAttributorExplicit", "IFAttributorCG", "IFAttributorLiSSA",
-    "IFAttributorArnoldi", "IFAttributorDataInf", "IFAttributorEKFAC", "IFAttributorKFAC", "RPSAttributor",
+    "TracInAttributor",
+    "TRAKAttributor",
+    "IFAttributorExplicit",
+    "IFAttributorCG",
+    "IFAttributorLiSSA",
+    "IFAttributorArnoldi",
+    "IFAttributorDataInf",
+    "IFAttributorEKFAC",
+    "IFAttributorKFAC",
+    "RPSAttributor",
 )
 
 
@@ -56,7 +64,12 @@ class RowPlan:
 
     def metadata(self) -> Dict[str, Any]:
         """What a shard file records about its rows."""
-        return {"index": self.index, "count": self.count, "rows": [self.start, self.stop], "n_train": self.n_train}
+        return {
+            "index": self.index,
+            "count": self.count,
+            "rows": [self.start, self.stop],
+            "n_train": self.n_train,
+        }
 
 
 def block_rows(n_train: int, batch_size: int, index: int, count: int) -> tuple:
@@ -72,7 +85,9 @@ def block_rows(n_train: int, batch_size: int, index: int, count: int) -> tuple:
     return first * batch_size, min(last * batch_size, n_train)
 
 
-def plan_rows(shard_cfg: Optional[Mapping[str, Any]], n_train: int, batch_size: int, rank: int = 0, world: int = 1) -> RowPlan:
+def plan_rows(
+    shard_cfg: Optional[Mapping[str, Any]], n_train: int, batch_size: int, rank: int = 0, world: int = 1
+) -> RowPlan:
     """The rows this process scores, from ``shard.index``/``shard.count`` or the rank."""
     shard_cfg = shard_cfg or {}
     count = int(shard_cfg.get("count") or 1)
@@ -98,7 +113,15 @@ def row_loader(split: Split, start: int, stop: int, batch_size: int) -> DataLoad
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def store_factory(root: Path, checkpoint_hashes: List[str], split: Split, layer_name: Any, dtype: torch.dtype, device: str, stats: Dict[str, List[BlockStore]]) -> Callable[..., BlockStore]:
+def store_factory(
+    root: Path,
+    checkpoint_hashes: List[str],
+    split: Split,
+    layer_name: Any,
+    dtype: torch.dtype,
+    device: str,
+    stats: Dict[str, List[BlockStore]],
+) -> Callable[..., BlockStore]:
     """``f(kind, ckpt_idx, extra) -> BlockStore`` keyed by what determines the blocks."""
     fingerprint = train_fingerprint(split.x_train, split.y_train, split.train_indices)
 
@@ -141,7 +164,14 @@ def score_rows(attributor: Any, rows_loader: Any, test_loader: Any, plan: RowPla
     return attributor.attribute(test_loader)[plan.start - offset : plan.stop - offset]
 
 
-def attribute_rows(attributor: Any, cache_loader: Any, rows_loader: Any, test_loader: Any, plan: RowPlan, timings: Dict[str, float]) -> torch.Tensor:
+def attribute_rows(
+    attributor: Any,
+    cache_loader: Any,
+    rows_loader: Any,
+    test_loader: Any,
+    plan: RowPlan,
+    timings: Dict[str, float],
+) -> torch.Tensor:
     """``cache`` on ``cache_loader`` then the scores of the plan's rows only."""
     align_row_offset(attributor, plan)
     from dattri_cli.pipeline import run_cache  # noqa: PLC0415 - pipeline imports this module
@@ -157,7 +187,10 @@ def check_distributable(attributor: Any) -> None:
     """Refuse attributors whose full-training-set statistics are not all-reduced."""
     name = type(attributor).__name__
     if name not in DISTRIBUTED_OK:
-        msg = f"{name} does not support torchrun (ranks splitting the training set); supported: {', '.join(DISTRIBUTED_OK)}. Use shard.index/shard.count instead"
+        msg = (
+            f"{name} does not support torchrun (ranks splitting the training set); supported: "
+            f"{', '.join(DISTRIBUTED_OK)}. Use shard.index/shard.count instead"
+        )
         raise ConfigError(msg)
     if name == "IFAttributorArnoldi" and attributor.precompute_data_ratio != 1.0:
         msg = "IFAttributorArnoldi under torchrun needs precompute_data_ratio=1.0"
@@ -187,17 +220,28 @@ def parse_rows_per_file(value: Any) -> Optional[int]:
     return value
 
 
-def rows_per_file_setting(output_cfg: Optional[Mapping[str, Any]], shard_cfg: Optional[Mapping[str, Any]], world: int) -> Optional[int]:
-    """The checked ``output.rows_per_file`` (None: auto); refused with shard.* or torchrun, which split rows themselves."""
+def rows_per_file_setting(
+    output_cfg: Optional[Mapping[str, Any]], shard_cfg: Optional[Mapping[str, Any]], world: int
+) -> Optional[int]:
+    """The checked ``output.rows_per_file`` (None: auto).
+
+    Refused with shard.* or torchrun, which split the rows themselves.
+    """
     rows = parse_rows_per_file((output_cfg or {}).get("rows_per_file", AUTO))
     if rows is None:
         return None
     shard_cfg = shard_cfg or {}
     if world > 1:
-        msg = "output.rows_per_file cannot be combined with torchrun (rank 0 writes one file); leave it at auto, or use shard.index/shard.count in separate runs"
+        msg = (
+            "output.rows_per_file cannot be combined with torchrun (rank 0 writes one file); "
+            "leave it at auto, or use shard.index/shard.count in separate runs"
+        )
         raise ConfigError(msg)
     if shard_cfg.get("index") is not None or int(shard_cfg.get("count") or 1) > 1:
-        msg = "output.rows_per_file and shard.index/shard.count both split the training rows into files; use one of them (raise shard.count for smaller shards)"
+        msg = (
+            "output.rows_per_file and shard.index/shard.count both split the training rows into files; "
+            "use one of them (raise shard.count for smaller shards)"
+        )
         raise ConfigError(msg)
     return rows
 
@@ -242,10 +286,22 @@ def _warn_one_file(plan: RowPlan, need: int, memory: int) -> None:
         advice = "rank 0 gathers every row; run shards (shard.index/shard.count) instead, each holding only its rows"
     else:
         advice = "raise shard.count for smaller shards"
-    log.warning("the score matrix needs about %s but %s of memory is available; %s", _size(need), _size(memory), advice)
+    log.warning(
+        "the score matrix needs about %s but %s of memory is available; %s",
+        _size(need),
+        _size(memory),
+        advice,
+    )
 
 
-def plan_files(rows_per_file: Optional[int], plan: RowPlan, batch_size: int, n_test: int, bytes_per_score: int, memory: Optional[int]) -> List[RowPlan]:
+def plan_files(
+    rows_per_file: Optional[int],
+    plan: RowPlan,
+    batch_size: int,
+    n_test: int,
+    bytes_per_score: int,
+    memory: Optional[int],
+) -> List[RowPlan]:
     """The row blocks this process writes, one file each: ``[plan]`` for a single file.
 
     ``rows_per_file=None`` (auto) keeps one file unless the estimated matrix exceeds
@@ -265,15 +321,26 @@ def plan_files(rows_per_file: Optional[int], plan: RowPlan, batch_size: int, n_t
         reason = f"output.rows_per_file={rows_per_file}"
     elif auto_rows is not None:
         rows_per_file = auto_rows
-        reason = f"the score matrix needs about {_size(need)}, more than {MEMORY_FRACTION:.0%} of the {_size(memory or 0)} available"
+        reason = (
+            f"the score matrix needs about {_size(need)}, more than {MEMORY_FRACTION:.0%} of the "
+            f"{_size(memory or 0)} available"
+        )
     else:
         return [plan]
     count = math.ceil(math.ceil(plan.n_train / batch_size) / max(1, rows_per_file // batch_size))
     if count == 1:
         return [plan]
-    blocks = [RowPlan(i, count, *block_rows(plan.n_train, batch_size, i, count), plan.n_train, "shard") for i in range(count)]
+    blocks = [
+        RowPlan(i, count, *block_rows(plan.n_train, batch_size, i, count), plan.n_train, "shard")
+        for i in range(count)
+    ]
     largest = max(b.stop - b.start for b in blocks)
-    log.info("writing the scores as %d row-block files of at most %d rows (%s); `dattri merge` joins them", count, largest, reason)
+    log.info(
+        "writing the scores as %d row-block files of at most %d rows (%s); `dattri merge` joins them",
+        count,
+        largest,
+        reason,
+    )
     return blocks
 
 

@@ -34,7 +34,15 @@ TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 # filled at run time (task, device, data shape ...) when the config leaves them null
-RUNTIME_FILLED = ("task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name", "in_features", "num_classes")
+RUNTIME_FILLED = (
+    "task",
+    "device",
+    "weight_list",
+    "correct_probability_func",
+    "final_linear_layer_name",
+    "in_features",
+    "num_classes",
+)
 MAX_ABS = 1e6  # "sane" magnitude for unbounded floats (learning rates, regularization ...)
 
 
@@ -110,8 +118,21 @@ class Int(Rule):
 class Float(Rule):
     """A finite number in a range; ``open_low``/``open_high`` exclude the bound."""
 
-    def __init__(self, low: Optional[float] = None, high: Optional[float] = None, open_low: bool = False, open_high: bool = False, nullable: bool = False) -> None:
-        self.low, self.high, self.open_low, self.open_high, self.nullable = low, high, open_low, open_high, nullable
+    def __init__(
+        self,
+        low: Optional[float] = None,
+        high: Optional[float] = None,
+        open_low: bool = False,
+        open_high: bool = False,
+        nullable: bool = False,
+    ) -> None:
+        self.low, self.high, self.open_low, self.open_high, self.nullable = (
+            low,
+            high,
+            open_low,
+            open_high,
+            nullable,
+        )
 
     def describe(self) -> str:
         if self.low is None and self.high is None:
@@ -245,7 +266,9 @@ class Mapping_(Rule):
 class Node:
     """A fixed mapping: every key has a rule (or a sub-node); others are refused."""
 
-    def __init__(self, fields: Dict[str, Any], check: Optional[Callable[[str, MutableMapping[str, Any]], None]] = None) -> None:
+    def __init__(
+        self, fields: Dict[str, Any], check: Optional[Callable[[str, MutableMapping[str, Any]], None]] = None
+    ) -> None:
         self.fields, self.extra_check = fields, check
 
     def check(self, key: str, value: Any) -> Any:
@@ -277,28 +300,33 @@ def check_keys(where: str, node: Mapping[str, Any], allowed: Iterable[str], what
 
 # ----------------------------------------------------------------- the tables
 
-def _check_shard(key: str, node: MutableMapping[str, Any]) -> None:
+
+def _check_shard(key: str, node: MutableMapping[str, Any]) -> None:  # noqa: ARG001
     index, count = node.get("index"), node.get("count", 1)
     if index is not None and not index < count:
         msg = f"shard.index must be one of 0..{count - 1} for shard.count={count}, got {index}"
         raise ConfigError(msg)
 
 
-TRAIN = Node({
-    "epochs": Int(1),
-    "lr": Float(0.0, 100.0),
-    "momentum": Float(0.0, 1.0),
-    "batch_size": Int(1),
-    "weight_decay": Float(0.0, 100.0),
-    "num_models": Int(1),
-    "save_every": Int(0),
-})
+TRAIN = Node(
+    {
+        "epochs": Int(1),
+        "lr": Float(0.0, 100.0),
+        "momentum": Float(0.0, 1.0),
+        "batch_size": Int(1),
+        "weight_decay": Float(0.0, 100.0),
+        "num_models": Int(1),
+        "save_every": Int(0),
+    }
+)
 
-RUNNER = Node({
-    "checkpoints": Choice("final", "trajectory"),
-    "weights": Choice("ones", "learning_rates"),
-    "self_influence": Bool(),
-})
+RUNNER = Node(
+    {
+        "checkpoints": Choice("final", "trajectory"),
+        "weights": Choice("ones", "learning_rates"),
+        "self_influence": Bool(),
+    }
+)
 
 
 def _progress_modes() -> Tuple[str, ...]:
@@ -317,7 +345,13 @@ TOP = {
     "cache_dir": Str(),
     "feature_cache": Bool(),
     "shard": Node({"index": Int(0, nullable=True), "count": Int(1)}, _check_shard),
-    "output": Node({"rows_per_file": AnyOf(Choice("auto"), Int(1), text="auto or a positive number of training rows per score file")}),
+    "output": Node(
+        {
+            "rows_per_file": AnyOf(
+                Choice("auto"), Int(1), text="auto or a positive number of training rows per score file"
+            )
+        }
+    ),
     "loader": Node({"train_batch_size": Int(1), "test_batch_size": Int(1)}),
 }
 GROUPS = ("dataset", "model", "train", "attributor")
@@ -391,7 +425,11 @@ def _rule_from_annotation(annotation: Any) -> Optional[Rule]:
         rules = [_rule_from_annotation(a) for a in inner]
         if any(r is None for r in rules):
             return None
-        return AnyOf(*rules, nullable=len(inner) < len(args)) if len(rules) > 1 else _nullable(rules[0], len(inner) < len(args))
+        return (
+            AnyOf(*rules, nullable=len(inner) < len(args))
+            if len(rules) > 1
+            else _nullable(rules[0], len(inner) < len(args))
+        )
     if origin in (list, tuple, Sequence, typing.Sequence, List, Tuple) or annotation in (list, tuple):
         item = _rule_from_annotation(args[0]) if args and args[0] is not Ellipsis else None
         return ListOf(item or Anything(nullable=True))
@@ -421,11 +459,15 @@ def _hints(func: Callable) -> Dict[str, Any]:
 
 
 def target_parameters(target: Callable) -> Tuple[Dict[str, inspect.Parameter], bool, Dict[str, Any]]:
-    """The constructor parameters of ``target`` (less ``self``/``**kwargs``), whether it takes ``**kwargs``, its type hints."""
+    """The constructor parameters of ``target`` (less ``self``/``**kwargs``).
+
+    Also whether it takes ``**kwargs``, and its type hints.
+    """
     params = dict(inspect.signature(target).parameters)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     params = {
-        k: p for k, p in params.items()
+        k: p
+        for k, p in params.items()
         if k != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     }
     return params, takes_any, _hints(target)
@@ -467,7 +509,11 @@ def _check_target_node(group: str, node: MutableMapping[str, Any]) -> None:
         try:
             resolve_projector_kwargs(node["projector_kwargs"])
         except ConfigError as exc:
-            raise ConfigError(f"attributor.{exc}" if str(exc).startswith("projector_kwargs") else f"attributor.projector_kwargs: {exc}") from exc
+            raise ConfigError(
+                f"attributor.{exc}"
+                if str(exc).startswith("projector_kwargs")
+                else f"attributor.projector_kwargs: {exc}"
+            ) from exc
 
 
 # -------------------------------------------------------------- entry points
@@ -482,10 +528,16 @@ def check_cache_dir(path_text: str) -> None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        msg = f"cache_dir={path_text} cannot be used: {probe} is a file, not a directory; set cache_dir to a writable directory"
+        msg = (
+            f"cache_dir={path_text} cannot be used: {probe} is a file, not a directory; set cache_dir "
+            "to a writable directory"
+        )
         raise ConfigError(msg)
     if not _can_write_in(probe):
-        msg = f"cache_dir={path_text} is not writable ({probe} denies writing); set cache_dir (or DATTRI_CACHE_DIR) to a writable directory"
+        msg = (
+            f"cache_dir={path_text} is not writable ({probe} denies writing); set cache_dir (or "
+            "DATTRI_CACHE_DIR) to a writable directory"
+        )
         raise ConfigError(msg)
 
 
@@ -525,7 +577,9 @@ def validate_run(cfg: MutableMapping[str, Any], check_paths: bool = True) -> Mut
     return cfg
 
 
-def validate_settings(where: str, values: MutableMapping[str, Any], rules: Mapping[str, Rule]) -> MutableMapping[str, Any]:
+def validate_settings(
+    where: str, values: MutableMapping[str, Any], rules: Mapping[str, Rule]
+) -> MutableMapping[str, Any]:
     """Check ``KEY=VALUE`` settings of a command (``groundtruth``, ``eval``) against ``rules``."""
     check_keys("", values, rules, f" for dattri {where}")
     for name, rule in rules.items():
@@ -572,6 +626,15 @@ def known_keys() -> Tuple[str, ...]:
 
 
 __all__ = [
-    "Bool", "ConfigError", "EVAL_SETTINGS", "GROUNDTRUTH_SETTINGS", "TOP_KEYS", "check_cache_dir",
-    "closest", "parse_bool", "validate_run", "validate_settings", "yaml_value",
+    "Bool",
+    "ConfigError",
+    "EVAL_SETTINGS",
+    "GROUNDTRUTH_SETTINGS",
+    "TOP_KEYS",
+    "check_cache_dir",
+    "closest",
+    "parse_bool",
+    "validate_run",
+    "validate_settings",
+    "yaml_value",
 ]

@@ -19,7 +19,10 @@ def _written(result: RunResult) -> Tuple[str, Tuple[int, int], torch.Tensor]:
         return str(result.path), tuple(result.scores.shape), column
     shape = open_score_set(result.files).shape  # file headers only
     column = result.first_test_scores if result.first_test_scores is not None else torch.zeros(0)
-    where = f"{len(result.files)} row-block files {result.files[0].parent / result.files[0].name.replace('-00000-of-', '-*-of-')}"
+    where = (
+        f"{len(result.files)} row-block files "
+        f"{result.files[0].parent / result.files[0].name.replace('-00000-of-', '-*-of-')}"
+    )
     return where, shape, column
 
 

@@ -145,7 +145,10 @@ class TracInAttributor(BaseAttributor):
         check_not_shuffled(train_dataloader, "train_dataloader")
         num_ckpts = len(self.task.get_checkpoints())
         if num_ckpts != len(self.weight_list):
-            msg = f"weight_list has {len(self.weight_list)} entries but the task has {num_ckpts} checkpoints; give one weight per checkpoint"
+            msg = (
+                f"weight_list has {len(self.weight_list)} entries but the task has {num_ckpts} "
+                "checkpoints; give one weight per checkpoint"
+            )
             raise ConfigError(msg)
         parts = []
         for ckpt_idx in range(num_ckpts):

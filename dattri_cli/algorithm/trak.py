@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dattri_cli import distributed
 from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered
 from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, to_device
-from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.func.batch import SAMPLE_IN_DIMS
@@ -135,7 +135,10 @@ def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -
     kernel = kernel.clone()
     scale = kernel.diagonal().mean()
     if not bool(torch.isfinite(scale)) or scale <= 0:
-        msg = "the TRAK kernel Phi^T Phi is zero or non-finite: all training gradients vanish; check the checkpoint and the loss"
+        msg = (
+            "the TRAK kernel Phi^T Phi is zero or non-finite: all training gradients vanish; "
+            "check the checkpoint and the loss"
+        )
         raise NumericalError(msg)
     if regularization > 0:  # dattri 0.3.0: added to the kernel's diagonal before the solve
         kernel.diagonal().add_(regularization)
@@ -145,7 +148,9 @@ def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -
     factor, info = torch.linalg.cholesky_ex(with_ridge)
     if int(info) == 0 and bool(factor.diagonal().square().min() >= SINGULAR_PIVOTS * ridge):
         pivots = factor.diagonal().square()
-        return KernelSolver(factor=factor, min_pivot_relative=float(pivots.min() / factor.square().sum(dim=1).mean()))
+        return KernelSolver(
+            factor=factor, min_pivot_relative=float(pivots.min() / factor.square().sum(dim=1).mean())
+        )
     why = (
         f"{num_train} training samples for {dim} projected dimensions"
         if num_train < dim
@@ -200,7 +205,9 @@ class TRAKAttributor(BaseAttributor):
                 inverted (as dattri 0.3.0 adds it); makes the kernel invertible for
                 any ``proj_dim`` and data size.
         """
-        if not (isinstance(regularization, (int, float)) and math.isfinite(regularization) and regularization >= 0):
+        if not (
+            isinstance(regularization, (int, float)) and math.isfinite(regularization) and regularization >= 0
+        ):
             msg = f"regularization must be a finite number >= 0, got {regularization!r}"
             raise ConfigError(msg)
         self.regularization = float(regularization)
@@ -252,12 +259,18 @@ class TRAKAttributor(BaseAttributor):
         side = "test" if target else "train"
         batches = track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
         items = ((None, self._grads(params, grad_func, batch)) for batch in batches)
-        return torch.cat([self._checked(rows, side) for _, rows in self.projector.project_stream(items, ckpt_idx)])
+        return torch.cat(
+            [self._checked(rows, side) for _, rows in self.projector.project_stream(items, ckpt_idx)]
+        )
 
     def _store(self, ckpt_idx: int) -> BlockStore:
         if self.feature_store is None:
             return BlockStore()
-        extra = {"projector_kwargs": self.projector_kwargs, "ckpt_idx": ckpt_idx, "norm_scaler": self.norm_scaler}
+        extra = {
+            "projector_kwargs": self.projector_kwargs,
+            "ckpt_idx": ckpt_idx,
+            "norm_scaler": self.norm_scaler,
+        }
         return self.feature_store("trak_features", ckpt_idx, extra)
 
     def _train_items(
@@ -310,7 +323,9 @@ class TRAKAttributor(BaseAttributor):
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
         """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""
-        probs = per_sample_value(self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False).detach()
+        probs = per_sample_value(
+            self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False
+        ).detach()
         return 1.0 - probs.to(torch.float64).flatten()
 
     def _train_side(self, loader: DataLoader) -> TrainSide:
@@ -331,9 +346,7 @@ class TRAKAttributor(BaseAttributor):
         self.full_train_dataloader = full_train_dataloader
         # Smallest Cholesky pivot over the mean kernel diagonal: a cheap conditioning indicator.
         self.diagnostics = {
-            "kernel_min_pivot_relative": [
-                f.min_pivot_relative for f in self.train_side.factors
-            ],
+            "kernel_min_pivot_relative": [f.min_pivot_relative for f in self.train_side.factors],
             "proj_dim": self.train_side.features[0].dim,
         }
         worst = min(self.diagnostics["kernel_min_pivot_relative"])

@@ -47,13 +47,22 @@ class Split:
     def fingerprint(self) -> str:
         """SHA-256 of the tensors: identifies the exact data a checkpoint was trained on."""
         digest = hashlib.sha256()
-        for t in (self.x_train, self.y_train, self.x_test, self.y_test, self.train_indices, self.test_indices):
+        for t in (
+            self.x_train,
+            self.y_train,
+            self.x_test,
+            self.y_test,
+            self.train_indices,
+            self.test_indices,
+        ):
             digest.update(t.contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
     def loaders(self, train_batch_size: int, test_batch_size: int) -> Tuple[DataLoader, DataLoader]:
         """Unshuffled loaders over train and test."""
-        train = DataLoader(TensorDataset(self.x_train, self.y_train), batch_size=train_batch_size, shuffle=False)
+        train = DataLoader(
+            TensorDataset(self.x_train, self.y_train), batch_size=train_batch_size, shuffle=False
+        )
         test = DataLoader(TensorDataset(self.x_test, self.y_test), batch_size=test_batch_size, shuffle=False)
         return train, test
 
@@ -135,10 +144,16 @@ def check_xy(where: str, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     label per sample. Each refusal names the first offending row.
     """
     if x.dim() < 2:
-        msg = f"{where}: x has shape {tuple(x.shape)}; it must be (samples, features...) with one row per sample (reshape 1-D data to (N, 1))"
+        msg = (
+            f"{where}: x has shape {tuple(x.shape)}; it must be (samples, features...) with one row "
+            "per sample (reshape 1-D data to (N, 1))"
+        )
         raise DataError(msg)
     if y.dim() != 1:
-        msg = f"{where}: y has shape {tuple(y.shape)}; labels must be 1-D, one integer class per sample (not one-hot or a column: use y.argmax(1) or y.reshape(-1))"
+        msg = (
+            f"{where}: y has shape {tuple(y.shape)}; labels must be 1-D, one integer class per sample "
+            "(not one-hot or a column: use y.argmax(1) or y.reshape(-1))"
+        )
         raise DataError(msg)
     if x.shape[0] != y.shape[0]:
         msg = f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}"
@@ -153,12 +168,18 @@ def check_xy(where: str, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         raise DataError(msg)
     if y.is_floating_point():
         if not bool(torch.isfinite(y).all()):
-            msg = f"{where} contains NaN or Inf labels (first at row {_first(~torch.isfinite(y))}); every sample needs a class"
+            msg = (
+                f"{where} contains NaN or Inf labels (first at row {_first(~torch.isfinite(y))}); "
+                "every sample needs a class"
+            )
             raise DataError(msg)
         fractional = y != torch.round(y)
         if bool(fractional.any()):
             row = _first(fractional)
-            msg = f"{where}: labels must be whole class numbers, but y[{row}] = {float(y[row]):g}; store class indices 0..K-1, not scores or probabilities"
+            msg = (
+                f"{where}: labels must be whole class numbers, but y[{row}] = {float(y[row]):g}; "
+                "store class indices 0..K-1, not scores or probabilities"
+            )
             raise DataError(msg)
     y = y.long()
     if y.numel() and bool((y < 0).any()):
@@ -217,7 +238,11 @@ def _read_arrays(path: Path, suffix: str) -> dict:
             return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
     except Exception as exc:  # noqa: BLE001 - any parse failure means an empty, truncated or foreign file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        empty = "the file is empty" if path.stat().st_size == 0 else f"empty, truncated or not a {suffix} file: {reason}"
+        empty = (
+            "the file is empty"
+            if path.stat().st_size == 0
+            else f"empty, truncated or not a {suffix} file: {reason}"
+        )
         msg = f"cannot read data file {path} ({empty}); write it again"
         raise DataError(msg) from exc
 
@@ -241,7 +266,10 @@ def _read_csv(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
                 blank += 1
                 continue
             if len(row) != len(header):
-                msg = f"{path} line {reader.line_num} has {len(row)} fields but the header has {len(header)}; every row needs one value per column"
+                msg = (
+                    f"{path} line {reader.line_num} has {len(row)} fields but the header has "
+                    f"{len(header)}; every row needs one value per column"
+                )
                 raise DataError(msg)
             try:
                 values.append([float(v) for v in row])
@@ -263,12 +291,18 @@ def _check_classes(where: str, y_train: Tensor, y_test: Tensor) -> None:
     classes = torch.unique(y_train)
     if classes.numel() < 2:
         only = int(classes[0]) if classes.numel() else None
-        msg = f"{where}: the training labels hold only one class ({only}); attribution needs at least two classes (check dataset.label_column, or use more training rows)"
+        msg = (
+            f"{where}: the training labels hold only one class ({only}); attribution needs at least "
+            "two classes (check dataset.label_column, or use more training rows)"
+        )
         raise DataError(msg)
     top = int(classes.max())
     if y_test.numel() and int(y_test.max()) > top:
         row = _first(y_test > top)
-        msg = f"{where}: test label y[{row}] = {int(y_test[row])} but the training labels only go up to {top}; the model cannot predict a class it never saw"
+        msg = (
+            f"{where}: test label y[{row}] = {int(y_test[row])} but the training labels only go up to "
+            f"{top}; the model cannot predict a class it never saw"
+        )
         raise DataError(msg)
 
 
@@ -287,15 +321,23 @@ def from_files(
         split = split_dataset(path.name, x, y, n_train, n_test, split_seed)
         unused = x.shape[0] - split.x_train.shape[0] - split.x_test.shape[0]
         log.info(
-            "%s: %d rows -> %d train + %d test (split_seed %d)%s", path, x.shape[0], split.x_train.shape[0],
-            split.x_test.shape[0], split_seed, f"; {unused} rows unused (dataset.n_train / dataset.n_test)" if unused else "",
+            "%s: %d rows -> %d train + %d test (split_seed %d)%s",
+            path,
+            x.shape[0],
+            split.x_train.shape[0],
+            split.x_test.shape[0],
+            split_seed,
+            f"; {unused} rows unused (dataset.n_train / dataset.n_test)" if unused else "",
         )
         _check_classes(str(path), split.y_train, split.y_test)
         return split
     test_path = Path(test_path).expanduser()
     x_test, y_test = _read_tensors(test_path, label_column)
     if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
-        msg = f"{test_path} has samples of shape {tuple(x_test.shape[1:])} but {path} has {tuple(x.shape[1:])}; train and test files need the same features"
+        msg = (
+            f"{test_path} has samples of shape {tuple(x_test.shape[1:])} but {path} has "
+            f"{tuple(x.shape[1:])}; train and test files need the same features"
+        )
         raise DataError(msg)
     n_tr = x.shape[0] if n_train is None else n_train
     n_te = x_test.shape[0] if n_test is None else n_test
@@ -305,7 +347,15 @@ def from_files(
             f"({x.shape[0]} train rows, {x_test.shape[0]} test rows)"
         )
         raise DataError(msg)
-    log.info("%s: first %d of %d rows train; %s: first %d of %d rows test", path, n_tr, x.shape[0], test_path, n_te, x_test.shape[0])
+    log.info(
+        "%s: first %d of %d rows train; %s: first %d of %d rows test",
+        path,
+        n_tr,
+        x.shape[0],
+        test_path,
+        n_te,
+        x_test.shape[0],
+    )
     _check_classes(f"{path} / {test_path}", y[:n_tr], y_test[:n_te])
     train_idx, test_idx = torch.arange(n_tr), torch.arange(n_te)
     return Split(path.name, x[:n_tr], y[:n_tr], x_test[:n_te], y_test[:n_te], train_idx, test_idx)

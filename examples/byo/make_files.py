@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 from my_model import TinyNet
+from safetensors.torch import save_file
 
 here = Path(__file__).parent
 gen = torch.Generator().manual_seed(0)

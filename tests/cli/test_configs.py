@@ -11,7 +11,15 @@ from dattri_cli import builders
 from dattri_cli.catalog import GROUPS
 from tests.conftest import compose_run
 
-RUNTIME_FILLED = {"task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name", "in_features", "num_classes"}
+RUNTIME_FILLED = {
+    "task",
+    "device",
+    "weight_list",
+    "correct_probability_func",
+    "final_linear_layer_name",
+    "in_features",
+    "num_classes",
+}
 
 
 def options(group: str) -> list[str]:
@@ -50,7 +58,8 @@ def test_option_composes_and_binds(group, option):
     target = builders.resolve_target(node, group)
     given = {k for k in node if not k.startswith("_")}
     required = {
-        n for n, p in params.items()
+        n
+        for n, p in params.items()
         if p.default is inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
