@@ -22,7 +22,7 @@ from dattri_cli.algorithm.trak import TRAKAttributor  # noqa: E402
 from dattri_cli.func.batch import SAMPLE_IN_DIMS  # noqa: E402
 from dattri_cli.models.hf import additive_attention_mask, is_causal_model, is_hf_model, vmap_safe_inputs  # noqa: E402
 from dattri_cli.task import AttributionTask  # noqa: E402
-from dattri_cli.tasks import causal_lm, classification  # noqa: E402
+from dattri_cli.tasks import causal_lm, classification, model_loss  # noqa: E402
 
 VOCAB = 40
 
@@ -196,3 +196,22 @@ def test_known_gaps_on_a_tiny_gpt2(name: str) -> None:
         attributor = make(task, funcs)
         attributor.cache(loader())
         attributor.attribute(loader(), loader())
+
+
+def test_model_loss_of_a_causal_lm_equals_the_causal_lm_task_per_sample() -> None:
+    """Hugging Face's own loss (labels -100 at padding) and ours agree sample by sample; a GPT-2 classifier vmaps too."""
+    model = _gpt2(n_layer=1)
+    ids, mask, _ = _padded()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    ours = vmap(grad(causal_lm(model).loss_func), in_dims=SAMPLE_IN_DIMS)(params, batch)
+    theirs = vmap(grad(model_loss(model).loss_func), in_dims=SAMPLE_IN_DIMS)(params, batch)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, num_labels=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    classifier = transformers.GPT2ForSequenceClassification(config).eval()
+    params = {k: v.detach() for k, v in classifier.named_parameters()}
+    labelled = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0, 1])}
+    grads = vmap(grad(classification(classifier).loss_func), in_dims=SAMPLE_IN_DIMS)(params, labelled)
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values())
