@@ -117,3 +117,26 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path / "bad", color="cmyk")
     with pytest.raises(DataError, match="mean needs 1 or 3"):
         ImageFolderDataset(tmp_path / "bad", mean=[0.1, 0.2], check_files=False)
+
+
+def test_image_folder_feeds_the_cnn_through_attributors(tmp_path: Path) -> None:
+    from dattri_cli.algorithm.influence_function import IFAttributorDataInf
+    from dattri_cli.algorithm.tracin import TracInAttributor
+    from dattri_cli.models import SmallCNN
+    from dattri_cli.task import AttributionTask
+    from dattri_cli.tasks import classification
+
+    _write_tree(tmp_path, {"a": 4, "b": 4, "c": 4}, size=(10, 6))
+    split = image_folder(tmp_path, image_size=[6, 10], n_train=8, n_test=3, mean=0.5, std=0.5)
+    torch.manual_seed(0)
+    model = SmallCNN(split.num_features, split.num_classes, channels=4, image_size=list(split.sample_shape[1:]), in_channels=split.sample_shape[0])
+    funcs = classification(model, sample_ndim=len(split.sample_shape))
+    task = AttributionTask(funcs.loss_func, model, [model.state_dict()], funcs.target_func)
+    tracin = TracInAttributor(task, [1.0], normalized_grad=False)
+    tracin.cache()
+    scores = tracin.attribute(*split.loaders(3, 2))
+    datainf = IFAttributorDataInf(task, regularization=0.1)
+    datainf.cache(split.loaders(3, 2)[0])
+    influence = datainf.attribute(*split.loaders(3, 2))
+    for s in (scores, influence):
+        assert s.shape == (8, 3) and bool(torch.isfinite(s).all()) and float(s.abs().max()) > 0
