@@ -19,6 +19,7 @@ Conventions (those of dattri 0.3.0, so code written for it runs unchanged):
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -33,24 +34,31 @@ from dattri_cli.func.utils import LayerName, normalize_layer_name, unflatten_par
 Checkpoint = Union[str, Path, Dict[str, Tensor]]
 
 
-def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or ``.pt``/``.pth`` without running code."""
-    path = Path(path)
-    if not path.is_file():
-        msg = f"checkpoint file not found: {path} (check the path, or leave `checkpoint` unset to train one)"
-        raise CheckpointError(msg)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
+#: files of a Hugging Face model directory, in the order they are looked for
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - a truncated or malformed file is the user's
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            msg = (
-                f"could not read checkpoint {path} as safetensors (empty, truncated or not "
-                f"safetensors: {reason}); save it again"
-            )
-            raise CheckpointError(msg) from exc
+
+def _read_safetensors(path: Path) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or malformed file is the user's
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = (
+            f"could not read checkpoint {path} as safetensors (empty, truncated or not safetensors: "
+            f"{reason}); save it again"
+        )
+        raise CheckpointError(msg) from exc
+
+
+def _read_torch(path: Path) -> Dict[str, Tensor]:
+    """A torch file's state dict, unpickled with ``weights_only=True`` (never runs code).
+
+    A Lightning ``.ckpt`` (or any dict with a ``state_dict`` entry of tensors) gives
+    that entry; its other entries (epoch, optimizer states, plain hyper-parameters) are
+    read the same safe way and ignored.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
@@ -65,9 +73,141 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Tensor]:
     return state
 
 
-def default_checkpoint_load_func(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
-    """Load ``checkpoint`` (state dict or path) into ``model`` strictly, in eval mode."""
-    state = checkpoint if isinstance(checkpoint, dict) else load_state_dict_file(checkpoint)
+def _read_hf_directory(path: Path) -> Dict[str, Tensor]:
+    """The weights of a Hugging Face model directory (``save_pretrained``): one file or sharded safetensors."""
+    found = [name for name in HF_WEIGHT_FILES if (path / name).is_file()]
+    if not found:
+        msg = (
+            f"checkpoint directory {path} holds none of {', '.join(HF_WEIGHT_FILES)} (is it a Hugging "
+            "Face model directory?)"
+        )
+        raise CheckpointError(msg)
+    name = found[0]
+    if name == "model.safetensors":
+        return _read_safetensors(path / name)
+    if name == "pytorch_model.bin":
+        return _read_torch(path / name)
+    index = path / name
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        msg = f"could not read {index} (needs a 'weight_map' of tensor name -> shard file): {exc}"
+        raise CheckpointError(msg) from exc
+    state: Dict[str, Tensor] = {}
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in {".", ".."}:
+            msg = (
+                f"{index} names shard {shard!r}, which is not a file name inside {path}; refusing to "
+                "read outside the directory"
+            )
+            raise CheckpointError(msg)
+        if not (path / shard).is_file():
+            msg = f"{index} names shard {shard}, which is not in {path}"
+            raise CheckpointError(msg)
+        state.update(_read_safetensors(path / shard))
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        msg = f"{index} lists tensors its shards lack: {absent[:5]}{' ...' if len(absent) > 5 else ''}"
+        raise CheckpointError(msg)
+    return state
+
+
+def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Tensor]:
+    """Read a state dict without running code.
+
+    ``.safetensors``; ``.pt`` / ``.pth`` / ``.bin`` / a Lightning ``.ckpt`` (torch
+    files, ``weights_only=True``; a ``state_dict`` entry is taken); or a Hugging Face
+    model directory (``model.safetensors``, sharded ``model.safetensors.index.json``,
+    or ``pytorch_model.bin``). Key prefixes are left as saved; see
+    :func:`match_state_dict` for fitting them to a model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_hf_directory(path)
+    if not path.is_file():
+        msg = f"checkpoint file not found: {path} (check the path, or leave `checkpoint` unset to train one)"
+        raise CheckpointError(msg)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _tied_aliases(model: nn.Module) -> Dict[str, List[str]]:
+    """For each state-dict key, the other keys naming the same tensor (tied weights, e.g. GPT-2's lm_head)."""
+    groups: Dict[int, List[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: [n for n in names if n != name] for names in groups.values() for name in names}
+
+
+def _coverage(state_keys: Any, expected: Any, prefix: str) -> int:
+    return sum(1 for key in expected if prefix + key in state_keys)
+
+
+def find_prefix(state: Dict[str, Tensor], expected: List[str]) -> str:
+    """The key prefix to remove so ``state`` fits keys ``expected`` best ("" when none helps).
+
+    Candidates are the leading dotted parts of the state's keys whose remainder is
+    an expected key: ``module.`` (DDP), ``_orig_mod.`` (``torch.compile``), a
+    Lightning module's attribute (``model.``, ``net.``) or any combination. The one
+    covering most expected keys wins; ties go to the shortest.
+    """
+    wanted = set(expected)
+    candidates = set()
+    for key in state:
+        for i, char in enumerate(key):
+            if char == "." and key[i + 1 :] in wanted:
+                candidates.add(key[: i + 1])
+    keys = set(state)
+    best, best_cover = "", _coverage(keys, wanted, "")
+    for prefix in sorted(candidates, key=lambda p: (len(p), p)):
+        cover = _coverage(keys, wanted, prefix)
+        if cover > best_cover:
+            best, best_cover = prefix, cover
+    return best
+
+
+def match_state_dict(
+    model: nn.Module, state: Dict[str, Tensor], prefix: Optional[str] = None
+) -> Tuple[Dict[str, Tensor], str]:
+    """``state`` with the wrapper prefix removed and tied aliases filled in; also the prefix used.
+
+    ``prefix=None`` finds it (:func:`find_prefix`); a given prefix must start some
+    key. With a prefix, keys outside it (a Lightning module's other attributes) are
+    dropped. A key the state lacks but whose tied twin it has (an ``lm_head`` tied to
+    the embedding, which Hugging Face saves once) is filled from the twin.
+    """
+    expected = list(model.state_dict())
+    if prefix is None:
+        prefix = find_prefix(state, expected)
+    elif prefix and not any(k.startswith(prefix) for k in state):
+        some = ", ".join(sorted(state)[:3])
+        msg = f"no checkpoint key starts with the prefix {prefix!r} (keys look like: {some})"
+        raise CheckpointError(msg)
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    aliases = _tied_aliases(model)
+    filled = dict(state)
+    for key in expected:
+        if key not in filled:
+            twin = next((a for a in aliases.get(key, []) if a in state), None)
+            if twin is not None:
+                filled[key] = state[twin]
+    return filled, prefix
+
+
+def default_checkpoint_load_func(
+    model: nn.Module, checkpoint: Checkpoint, prefix: Optional[str] = None
+) -> nn.Module:
+    """Load ``checkpoint`` (state dict, file or Hugging Face directory) into ``model`` strictly, in eval mode.
+
+    Wrapper prefixes (DDP ``module.``, ``torch.compile``'s ``_orig_mod.``, a Lightning
+    module's ``model.`` / ``net.``) are found automatically, or given as ``prefix``.
+    Whatever still does not fit (missing, unexpected or mis-shaped keys) is refused.
+    """
+    raw = checkpoint if isinstance(checkpoint, dict) else load_state_dict_file(checkpoint)
+    state, used = match_state_dict(model, raw, prefix)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -86,8 +226,11 @@ def default_checkpoint_load_func(model: nn.Module, checkpoint: Checkpoint) -> nn
                 for k in wrong_shape
             )
             parts.append(f"keys with a different shape: {shapes}")
+        after = f" (after removing the key prefix {used!r})" if used else ""
         msg = (
-            "checkpoint does not fit the model: "
+            "checkpoint does not fit the model"
+            + after
+            + ": "
             + "; ".join(parts)
             + " (is `model` the architecture the checkpoint was saved from?)"
         )

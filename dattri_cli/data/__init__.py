@@ -67,16 +67,20 @@ class Split:
         return train, test
 
 
-def split_dataset(
+def split_positions(
     name: str,
-    x: Tensor,
-    y: Tensor,
+    total: int,
     n_train: Optional[int],
     n_test: Optional[int],
     split_seed: int,
-) -> Split:
-    """Seeded permutation of ``(x, y)``: the first ``n_train`` train, the next ``n_test`` test."""
-    total = int(x.shape[0])
+) -> Tuple[Tensor, Tensor]:
+    """Seeded train and test positions among ``total`` samples (the rules every dataset shares).
+
+    ``n_train`` / ``n_test`` left ``None`` default to a 80/20 split of everything (or
+    the rest, when one is given); the positions are the first ``n_train`` and the next
+    ``n_test`` entries of ``torch.randperm(total)`` seeded by ``split_seed``, so the
+    same seed picks the same samples whatever the dataset's storage.
+    """
     if total == 0:
         msg = f"dataset {name} is empty"
         raise DataError(msg)
@@ -97,7 +101,19 @@ def split_dataset(
         raise DataError(msg)
     generator = torch.Generator().manual_seed(split_seed)
     order = torch.randperm(total, generator=generator)
-    train_idx, test_idx = order[:n_train], order[n_train : n_train + n_test]
+    return order[:n_train], order[n_train : n_train + n_test]
+
+
+def split_dataset(
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    n_train: Optional[int],
+    n_test: Optional[int],
+    split_seed: int,
+) -> Split:
+    """Seeded permutation of ``(x, y)``: the first ``n_train`` train, the next ``n_test`` test."""
+    train_idx, test_idx = split_positions(name, int(x.shape[0]), n_train, n_test, split_seed)
     return Split(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], train_idx, test_idx)
 
 

@@ -1,4 +1,4 @@
-"""Built-in models. Each takes flat inputs ``(batch, in_features)``.
+"""Built-in models. Each takes flat inputs ``(batch, in_features)`` (the CNN also image-shaped ones).
 
 ``in_features`` and ``num_classes`` may be left ``None`` in a config: the runner
 fills them from the dataset. ``FINAL_LAYER`` names the last linear layer (used by
@@ -7,7 +7,7 @@ representer point selection).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -48,22 +48,59 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A two-convolution network for square single-channel images (8x8 digits)."""
+    """A two-convolution network for images of any size and channel count (8x8 digits by default).
+
+    Adaptive average pooling to 2x2 before the head makes the parameter shapes depend
+    only on ``in_channels``, ``channels`` and ``num_classes``, never on the image size,
+    so the default construction (one channel, square side from ``in_features``) is
+    unchanged: same parameter names, shapes and initialisation as before.
+    """
 
     final_layer = "head"
 
     def __init__(
-        self, in_features: int, num_classes: int, channels: int = 8, image_size: Optional[int] = None
+        self,
+        in_features: int,
+        num_classes: int,
+        channels: int = 8,
+        image_size: Optional[Union[int, Sequence[int]]] = None,
+        in_channels: int = 1,
     ) -> None:
-        """Reshapes flat inputs to ``(1, side, side)``; ``side`` defaults to sqrt(in_features)."""
+        """Reshapes inputs (flat or image-shaped) to ``(in_channels, height, width)``.
+
+        ``image_size`` is a side (square) or ``[height, width]``; ``None`` means square
+        with side ``sqrt(in_features / in_channels)``. ``in_features`` must equal
+        ``in_channels * height * width``.
+        """
         super().__init__()
-        side = image_size or round(in_features**0.5)
-        if side * side != in_features:
-            msg = f"SmallCNN needs square images: in_features={in_features} is not a square number"
+        if in_channels < 1 or in_features % in_channels:
+            msg = f"SmallCNN: in_features={in_features} is not a multiple of in_channels={in_channels}"
             raise ValueError(msg)
-        self.side = side
+        pixels = in_features // in_channels
+        if image_size is None:
+            side = round(pixels**0.5)
+            if side * side != pixels:
+                msg = (
+                    f"SmallCNN needs square images: in_features={in_features} is not a square number"
+                    if in_channels == 1
+                    else f"SmallCNN: {pixels} pixels per channel is not a square; give image_size=[height, width]"
+                )
+                raise ValueError(msg)
+            height = width = side
+        elif isinstance(image_size, int):
+            height = width = image_size
+        else:
+            height, width = (int(v) for v in image_size)
+        if in_channels * height * width != in_features:
+            msg = (
+                f"SmallCNN: in_features={in_features} but in_channels x height x width = {in_channels}"
+                f" x {height} x {width}"
+            )
+            raise ValueError(msg)
+        self.in_channels, self.height, self.width = in_channels, height, width
+        self.side = height if height == width else None  # kept for code reading the square side
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, kernel_size=3, padding=1),
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.Conv2d(channels, channels, kernel_size=3, padding=1),
             nn.ReLU(),
@@ -74,4 +111,4 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch of flat (or image-shaped) inputs."""
-        return self.head(self.features(x.reshape(-1, 1, self.side, self.side)))
+        return self.head(self.features(x.reshape(-1, self.in_channels, self.height, self.width)))
