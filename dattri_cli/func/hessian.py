@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.utils import check_finite
 from dattri_cli.func.batch import batch_size_of, concat_batches, index_batch, tensor_leaves, to_device
+from dattri_cli.func.utils import check_finite
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.progress import track
 

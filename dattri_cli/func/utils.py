@@ -2,7 +2,8 @@
 
 Attribution works on one flat parameter vector per checkpoint; user code works on
 ``{name: tensor}`` dictionaries for ``torch.func.functional_call``. The helpers here
-convert between the two without copying more than needed.
+convert between the two without copying more than needed. ``check_finite`` is the
+one NaN/Inf guard every stage uses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from dattri_cli.errors import NumericalError
 from dattri_cli.func.batch import BATCH_OF_ONE_IN_DIMS, SAMPLE_IN_DIMS, add_leading_dim
 
 LayerName = Optional[Union[str, List[str]]]
@@ -26,6 +28,13 @@ def normalize_layer_name(layer_name: LayerName) -> Optional[List[str]]:
     if isinstance(layer_name, str):
         return [layer_name]
     return list(layer_name)
+
+
+def check_finite(tensor: Tensor, stage: str, hint: str) -> None:
+    """Stop with a message naming the stage if ``tensor`` holds NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        msg = f"non-finite values (NaN/Inf) in {stage}; {hint}"
+        raise NumericalError(msg)
 
 
 def flatten_params(tensors: Dict[str, Tensor]) -> Tensor:
