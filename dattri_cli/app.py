@@ -15,14 +15,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dattri_cli.errors import reported
+from dattri_cli.errors import cli_hint, reported
 
 log = logging.getLogger("dattri_cli")
 
 
 def _log_warning(message: Warning | str, category: type, filename: str, lineno: int, file: object = None, line: object = None) -> None:  # noqa: ARG001
-    """Show a Python warning as one log line (console and the run's log file), not file:line + source."""
-    log.warning("%s", message)
+    """Show a Python warning as one log line (console and the run's log file), not file:line + source.
+
+    Python arguments it names are spelled as command-line overrides (:func:`cli_hint`).
+    """
+    log.warning("%s", cli_hint(str(message)))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dattri_cli.configs", config_name="run")

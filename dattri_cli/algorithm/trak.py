@@ -129,7 +129,7 @@ def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -
 
     A tiny relative ridge keeps Cholesky stable. When the kernel is singular all the
     same (only possible without ``regularization``), the pseudo-inverse is used and a
-    warning names the overrides that make the kernel invertible.
+    warning names the arguments that make the kernel invertible.
     """
     dim = kernel.shape[0]
     kernel = kernel.clone()
@@ -153,8 +153,8 @@ def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -
     )
     warnings.warn(
         f"the TRAK kernel Phi^T Phi is singular ({why}); using its pseudo-inverse. Add a ridge "
-        f"(regularization, e.g. attributor.regularization={DEFAULT_REGULARIZATION_HINT}) or lower "
-        f"projector_kwargs.proj_dim (e.g. attributor.projector_kwargs.proj_dim="
+        f"(e.g. regularization={DEFAULT_REGULARIZATION_HINT}) or lower "
+        f'projector_kwargs["proj_dim"] (e.g. projector_kwargs["proj_dim"]='
         f"{_power_of_two_at_most(min(num_train, max(dim // 4, 1)))})",
         RuntimeWarning,
         stacklevel=3,
@@ -341,8 +341,8 @@ class TRAKAttributor(BaseAttributor):
             warnings.warn(
                 f"the TRAK kernel Phi^T Phi is ill-conditioned (smallest pivot {worst:.1e} of the mean): the "
                 f"training gradients barely vary in some of the {self.diagnostics['proj_dim']} projected "
-                "directions and will dominate the scores; a ridge (regularization, e.g. "
-                f"attributor.regularization={DEFAULT_REGULARIZATION_HINT}) or a smaller projector_kwargs.proj_dim "
+                "directions and will dominate the scores; a ridge (e.g. "
+                f'regularization={DEFAULT_REGULARIZATION_HINT}) or a smaller projector_kwargs["proj_dim"] '
                 "usually attributes better (check with `dattri eval`)",
                 RuntimeWarning,
                 stacklevel=2,
@@ -409,7 +409,7 @@ class TRAKAttributor(BaseAttributor):
                 raise ConfigError(msg)
         q = side.q[start - side.row_offset : stop - side.row_offset]
         scores = scores / len(side.features) * q[:, None]
-        check_finite(scores, "TRAK scores", hint="lower projector_kwargs.proj_dim")
+        check_finite(scores, "TRAK scores", hint='lower projector_kwargs["proj_dim"]')
         return scores.to(torch.float32)
 
     def self_attribute(self, train_dataloader: Optional[DataLoader] = None) -> Tensor:
@@ -426,7 +426,7 @@ class TRAKAttributor(BaseAttributor):
             leverage = (phi * factor.solve(phi.T).T).sum(dim=1)
             total = leverage if total is None else total + leverage
         out = total / len(side.features) * side.q
-        check_finite(out, "TRAK self-influence", hint="lower projector_kwargs.proj_dim")
+        check_finite(out, "TRAK self-influence", hint='lower projector_kwargs["proj_dim"]')
         return out.to(torch.float32)
 
 

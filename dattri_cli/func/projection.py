@@ -90,7 +90,7 @@ def resolve_projector_kwargs(projector_kwargs: Optional[Dict[str, Any]]) -> Dict
     kwargs["proj_type"] = PROJ_TYPES[str(kwargs["proj_type"]).lower()]
     for key in ("proj_dim", "proj_max_batch_size"):
         if kwargs["proj_type"] != "identity" and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
-            msg = f"projector_kwargs.{key} must be a positive integer, got {kwargs[key]!r}"
+            msg = f'projector_kwargs["{key}"] must be a positive integer, got {kwargs[key]!r}'
             raise ConfigError(msg)
     return kwargs
 
