@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dattri_cli.errors import reported
+from dattri_cli.errors import cli_hint, reported
 
 log = logging.getLogger("dattri_cli")
 
@@ -28,8 +28,11 @@ def _log_warning(
     file: object = None,  # noqa: ARG001
     line: object = None,  # noqa: ARG001
 ) -> None:  # noqa: ARG001
-    """Show a Python warning as one log line (console and the run's log file), not file:line + source."""
-    log.warning("%s", message)
+    """Show a Python warning as one log line (console and the run's log file), not file:line + source.
+
+    Python arguments it names are spelled as command-line overrides (:func:`cli_hint`).
+    """
+    log.warning("%s", cli_hint(str(message)))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dattri_cli.configs", config_name="run")

@@ -45,7 +45,9 @@ def _run(args: List[str]) -> None:
 
     problem = check_run_args(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        from dattri_cli.errors import cli_hint  # noqa: PLC0415
+
+        print(f"error: {cli_hint(problem)}", file=sys.stderr)
         sys.exit(2)
     if any(a.split("=")[0] in _COMPLETION for a in args):
         _completion_line()

@@ -8,6 +8,7 @@ that sentence and exits non-zero; other exceptions are bugs and keep their trace
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Iterator
 
@@ -58,18 +59,37 @@ def torch_load_refusal(path: object, exc: BaseException, what: str) -> str:
     return f"could not read {what} {path} as a weights-only torch file: {reason}"
 
 
+#: a hint ``e.g. NAME=VALUE`` naming a Python argument (``NAME`` may be ``kwargs["key"]``)
+_ARGUMENT_HINT = re.compile(r'\be\.g\. ([A-Za-z_]\w*(?:\["\w+"\])*)=')
+#: a dictionary entry ``kwargs["key"]`` of a Python argument
+_SUBSCRIPT = re.compile(r'\b([A-Za-z_]\w*)((?:\["\w+"\])+)')
+
+
+def cli_hint(message: str, group: str = "attributor") -> str:
+    """``message`` with the Python arguments it names spelled as command-line overrides.
+
+    Library code (``func/``, the attributor classes) names the Python argument to change:
+    ``e.g. regularization=0.01`` or ``projector_kwargs["proj_dim"]``. On the command line
+    these are config keys of ``group``: ``e.g. attributor.regularization=0.01`` and
+    ``projector_kwargs.proj_dim``. Messages without such hints come back unchanged.
+    """
+    message = _ARGUMENT_HINT.sub(lambda m: f"e.g. {group}.{m.group(1)}=", message)
+    return _SUBSCRIPT.sub(lambda m: m.group(1) + re.sub(r'\["(\w+)"\]', r".\1", m.group(2)), message)
+
+
 @contextlib.contextmanager
 def reported(debug: bool = False) -> Iterator[None]:
     """Turn a DattriError into one ``error:`` line and exit 2, Ctrl-C into exit 130.
 
-    With ``debug`` the exception propagates with its traceback.
+    The line names command-line overrides (:func:`cli_hint`) where the message names
+    Python arguments. With ``debug`` the exception propagates with its traceback.
     """
     try:
         yield
     except DattriError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_hint(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:

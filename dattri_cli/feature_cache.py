@@ -1,8 +1,10 @@
 """Train-side representations kept as blocks, in memory or on disk under a content key.
 
-A :class:`BlockStore` maps block names (``c{checkpoint}-r{start}-{stop}``, absolute
-train rows) to tensors. In memory it is a dict; on disk every block is its own
-safetensors file written atomically, so a run killed at any moment leaves only
+A :class:`BlockStore` maps block names to tensors: ``r{start}-{stop}`` (absolute train
+rows, :func:`block_name`) for per-row representations, a stage's own names (a Hessian,
+eigenpairs, K-FAC factors) for whole-train-set results; the runner keeps one store per
+kind of representation and checkpoint. In memory it is a dict; on disk every block is
+its own safetensors file written atomically, so a run killed at any moment leaves only
 complete blocks, and a rerun resumes from them.
 
 The directory of an on-disk store is named by :func:`cache_key`, a SHA-256 over
@@ -56,7 +58,7 @@ class BlockStore:
     def __init__(
         self, directory: Optional[Path] = None, key_parts: Optional[Mapping[str, Any]] = None
     ) -> None:
-        """Open (creating if needed) the store; refuse a directory whose key differs."""
+        """Open (creating if needed) the store; a directory whose key differs is emptied first."""
         self.directory = Path(directory) if directory is not None else None
         self._memory: Dict[str, Tensor] = {}
         self.hits = 0

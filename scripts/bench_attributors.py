@@ -537,18 +537,20 @@ def run_job(python: str, job: Dict[str, Any], timeout: float) -> Dict[str, Any]:
 
 
 def agreement(a: Tensor, b: Tensor) -> Dict[str, Optional[float]]:
-    """Pearson and Spearman over all entries, and the mean Spearman per test column."""
-    from scipy.stats import pearsonr, spearmanr  # noqa: PLC0415
+    """Pearson and Spearman over all entries, and the mean Spearman per test column.
+
+    The numbers are those of ``dattri compare`` (:func:`dattri_cli.compare.compare_scores`).
+    """
+    from dattri_cli.compare import compare_scores  # noqa: PLC0415
 
     if a.shape != b.shape or not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return {"pearson": None, "spearman": None, "spearman_per_test_mean": None}
-    x, y = a.double().numpy(), b.double().numpy()
-    cols = [spearmanr(x[:, j], y[:, j]).statistic for j in range(x.shape[1])]
-    cols = [c for c in cols if c == c]  # constant columns give NaN
+    stats = compare_scores(a, b)
+    per_test = stats["mean_column_spearman"]
     return {
-        "pearson": float(pearsonr(x.ravel(), y.ravel()).statistic),
-        "spearman": float(spearmanr(x.ravel(), y.ravel()).statistic),
-        "spearman_per_test_mean": float(sum(cols) / len(cols)) if cols else None,
+        "pearson": stats["pearson"],
+        "spearman": stats["spearman"],
+        "spearman_per_test_mean": per_test if per_test == per_test else None,  # NaN: every column constant
     }
 
 

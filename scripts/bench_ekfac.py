@@ -1,13 +1,14 @@
-"""EK-FAC benchmark on digits with the MLP: time and a quick LDS estimate, next to CG, DataInf, TRAK.
+"""EK-FAC benchmark on digits with the MLP: time and LDS, next to K-FAC, CG, DataInf and TRAK.
 
-    PYTHONPATH=. python scripts/bench_ekfac.py [--subsets 20] [--dattri /tmp/dattri-venv/bin/python]
+    PYTHONPATH=. python scripts/bench_ekfac.py [--subsets 20] [--workers 2] \
+        [--dattri /tmp/dattri-venv/bin/python]
 
-The LDS here is a QUICK ESTIMATE, not the project's evaluation tooling: the MLP is
-retrained (same seed, same settings) on ``--subsets`` random halves of the
-training set; for each test sample, the Spearman correlation between the
-predicted loss ``-sum(scores over the subset)`` and the retrained model's test
-loss, averaged over test samples. With few subsets it is noisy (report +- its
-standard error over test samples).
+LDS comes from the package's own tooling: ``dattri_cli.groundtruth`` retrains the MLP
+(the run config ``model=mlp``: same data split, settings and seed) on ``--subsets``
+random halves of the training set, as ``dattri groundtruth`` does, and
+``dattri_cli.metric.lds`` scores each attributor against it, as ``dattri eval`` does
+(mean Spearman over test samples with a bootstrap interval). With few subsets it is
+noisy. The ground truth is kept in ``--work-dir`` and reused by later runs.
 
 With ``--dattri PYTHON`` the public dattri's ``IFAttributorEKFAC`` runs in that
 interpreter (a separate virtual environment) on the same checkpoint, data and
@@ -23,13 +24,15 @@ import subprocess
 import tempfile
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
+from dattri_cli import groundtruth, metric
 from dattri_cli.algorithm.influence_function import (
     IFAttributorCG,
     IFAttributorDataInf,
@@ -39,6 +42,7 @@ from dattri_cli.algorithm.influence_function import (
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.data import digits
 from dattri_cli.errors import DattriError
+from dattri_cli.groundtruth import GroundTruthSettings
 from dattri_cli.models import MLP
 from dattri_cli.models.train import TrainSettings, correct_probability, make_loss_funcs, train_one
 from dattri_cli.task import AttributionTask
@@ -47,10 +51,14 @@ SETTINGS = TrainSettings()  # configs/train/default.yaml: 30 epochs, SGD 0.1, mo
 DATTRI_DAMPING = 0.01  # one fixed damping for the side-by-side run (dattri has no automatic one)
 
 
-def build():
-    split = digits(n_train=1000, n_test=200, split_seed=0)
+#: (n_train, n_test, epochs) of the benchmark and of --smoke (seconds, for the test)
+SIZES = {"full": (1000, 200, SETTINGS.epochs), "smoke": (60, 12, 2)}
+
+
+def build(n_train: int, n_test: int, epochs: int):
+    split = digits(n_train=n_train, n_test=n_test, split_seed=0)
     model = MLP(split.num_features, split.num_classes, hidden=(128, 128))
-    state = train_one(model, split, SETTINGS, seed=0)[-1][1]
+    state = train_one(model, split, replace(SETTINGS, epochs=epochs), seed=0)[-1][1]
     return split, model, state
 
 
@@ -69,36 +77,26 @@ def attributors(model: nn.Module) -> Dict[str, Callable]:
     }
 
 
-def test_losses_after_retraining(split, model, subsets):
-    """``(num_subsets, num_test)`` test losses of the MLP retrained on each subset."""
-    out = []
-    for idx in subsets:
-        sub = type(split)(
-            split.name,
-            split.x_train[idx],
-            split.y_train[idx],
-            split.x_test,
-            split.y_test,
-            split.train_indices[idx],
-            split.test_indices,
-        )
-        state = train_one(model, sub, SETTINGS, seed=0)[-1][1]
-        model.load_state_dict(state)
-        with torch.no_grad():
-            out.append(nn.functional.cross_entropy(model(split.x_test), split.y_test, reduction="none"))
-    return torch.stack(out)
+def groundtruth_overrides(n_train: int, n_test: int, epochs: int) -> List[str]:
+    """The run config whose split, model and training build() reproduces (other keys at defaults)."""
+    return [
+        "model=mlp",
+        f"dataset.n_train={n_train}",
+        f"dataset.n_test={n_test}",
+        f"train.epochs={epochs}",
+        "progress=off",
+    ]
 
 
-def quick_lds(scores: torch.Tensor, subsets, losses: torch.Tensor):
-    masks = torch.zeros(len(subsets), scores.shape[0], dtype=scores.dtype)
-    for k, idx in enumerate(subsets):
-        masks[k, idx] = 1.0
-    predicted = -(masks @ scores)  # (num_subsets, num_test): more helpful samples in, lower loss
-    rhos = torch.tensor(
-        [spearmanr(predicted[:, j].numpy(), losses[:, j].numpy()).statistic for j in range(scores.shape[1])]
-    )
-    rhos = rhos[torch.isfinite(rhos)]
-    return float(rhos.mean()), float(rhos.std() / len(rhos) ** 0.5)
+def retrained_groundtruth(split, sizes, num_subsets: int, workers: int, work_dir: Path):
+    """``(subsets, targets)`` from ``dattri_cli.groundtruth`` on random halves of the training set."""
+    out = str(work_dir / "groundtruth.safetensors")
+    settings = GroundTruthSettings(num_subsets=num_subsets, workers=workers, out=out)
+    path = groundtruth.generate(groundtruth.compose(groundtruth_overrides(*sizes)), settings)
+    tensors, _ = groundtruth.load_groundtruth(path)
+    if not torch.equal(tensors["train_indices"], split.train_indices.to(torch.int64)):
+        raise SystemExit("the ground truth's training rows differ from build()'s split")
+    return tensors["subsets"], tensors["targets"]
 
 
 DATTRI_SIDE = textwrap.dedent(
@@ -165,9 +163,13 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--dattri", default=None, help="python of a venv with dattri 0.3.0 installed")
     parser.add_argument("--only", default=None, help="substring: run only the matching attributors")
+    parser.add_argument("--workers", type=int, default=1, help="processes for the retrainings")
+    parser.add_argument("--work-dir", default="/tmp/bench_ekfac", help="where the ground truth is kept")
+    parser.add_argument("--smoke", action="store_true", help="60 train / 12 test, 2 epochs (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    split, model, state = build()
+    sizes = SIZES["smoke" if args.smoke else "full"]
+    split, model, state = build(*sizes)
     loss_func, target_func = make_loss_funcs(model, SETTINGS.weight_decay, split.x_train.dim() - 1)
     train_loader, test_loader = split.loaders(64, 64)
     results, all_scores = {}, {}
@@ -207,17 +209,15 @@ def main() -> None:
                 f"spearman {spearmanr(a, b).statistic:.4f}, rel. diff "
                 f"{float((ours - d_scores.double()).norm() / d_scores.double().norm()):.3g}"
             )
-    gen = torch.Generator().manual_seed(1)
-    n = split.x_train.shape[0]
-    subsets = [torch.randperm(n, generator=gen)[: n // 2].sort().values for _ in range(args.subsets)]
     start = time.perf_counter()
-    losses = test_losses_after_retraining(split, model, subsets)
-    print(f"retrained {args.subsets} models on random halves in {time.perf_counter() - start:.1f} s")
-    print(f"\n{'attributor':52s} {'time [s]':>9s} {'quick LDS':>10s} {'+-se':>6s}")
+    subsets, targets = retrained_groundtruth(split, sizes, args.subsets, args.workers, Path(args.work_dir))
+    print(f"ground truth: {args.subsets} retrainings on random halves in {time.perf_counter() - start:.1f} s")
+    print(f"\n{'attributor':52s} {'time [s]':>9s} {'LDS':>7s} {'95% CI':>16s}")
     for name, scores in all_scores.items():
-        lds, se = quick_lds(scores.float().double(), subsets, losses.double())
-        results[name].update(lds=lds, se=se)
-        print(f"{name:52s} {results[name]['time']:9.2f} {lds:10.4f} {se:6.3f}")
+        res = metric.lds(scores.float(), subsets, targets)
+        results[name].update(lds=res.mean, ci=[res.ci_low, res.ci_high])
+        ci = f"[{res.ci_low:6.3f}, {res.ci_high:6.3f}]"
+        print(f"{name:52s} {results[name]['time']:9.2f} {res.mean:7.4f} {ci:>16s}")
     print(json.dumps(results))
 
 

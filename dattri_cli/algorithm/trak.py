@@ -36,26 +36,23 @@ from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_sh
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.func.batch import SAMPLE_IN_DIMS
+from dattri_cli.func.kernel import (  # noqa: F401 - re-exported: their home before func/kernel.py
+    DEFAULT_REGULARIZATION_HINT,
+    PSEUDO_INVERSE_RTOL,
+    RELATIVE_RIDGE,
+    SINGULAR_PIVOTS,
+    KernelSolver,
+    factor_kernel,
+)
 from dattri_cli.func.projection import RandomProjector, resolve_projector_kwargs
 from dattri_cli.func.utils import per_sample_value
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
 
-#: Ridge added to the kernel, relative to its mean diagonal entry. Far below
-#: float32 gradient noise, it only matters in directions the kernel does not see.
-RELATIVE_RIDGE = 1e-9
-#: A Cholesky pivot below this many ridges means a (numerically) null direction.
-SINGULAR_PIVOTS = 10.0
 #: Smallest Cholesky pivot, relative to the mean kernel diagonal, below which ``cache``
 #: warns: the projected gradients barely span some direction, and the scores are then
-#: dominated by it (on digits, ``proj_dim=512`` gives 3e-8 on LR and 2e-5 on the MLP with
-#: LDS 0.17 / 0.10, ``proj_dim=128`` gives 2e-2 / 9e-3 with LDS 0.55 / 0.33).
+#: dominated by it (measurements on digits: docs/benchmarks.md, "TRAK kernel conditioning").
 ILL_CONDITIONED_PIVOT = 1e-4
-#: Eigenvalues of a singular kernel below this times ``dim x`` the largest are treated as zero
-#: (the features are float32: their products carry about that much rounding).
-PSEUDO_INVERSE_RTOL = 1.2e-7
-#: A ridge value that messages suggest (the CLI's default in configs/attributor/trak.yaml).
-DEFAULT_REGULARIZATION_HINT = 1e-3
 
 
 @dataclass
@@ -100,77 +97,6 @@ class FeatureBlocks:
     def shape(self) -> Tuple[int, int]:
         """``(rows, dim)`` as if it were a tensor."""
         return (self.ranges[-1][1] - self.ranges[0][0], self.dim)
-
-
-@dataclass
-class KernelSolver:
-    """``(Phi^T Phi + regularization I)^-1`` of one checkpoint, applied to columns.
-
-    A Cholesky factor when the kernel is positive definite; otherwise (no ridge and
-    a singular kernel, e.g. fewer training rows than projected dimensions) the
-    pseudo-inverse from its eigendecomposition: the limit of the ridge solution as
-    the ridge goes to zero, the minimum-norm least-squares fit.
-    """
-
-    factor: Optional[Tensor] = None  # lower Cholesky factor, (d, d) float64
-    basis: Optional[Tensor] = None  # kept eigenvectors (pseudo-inverse), (d, r) float64
-    inverse_values: Optional[Tensor] = None  # their inverse eigenvalues, (r,)
-    min_pivot_relative: float = 0.0  # smallest pivot (or eigenvalue) over the mean diagonal
-
-    def solve(self, rhs: Tensor) -> Tensor:
-        """``K^-1 rhs`` (or ``K^+ rhs``) for a float64 ``(d, m)`` right-hand side."""
-        if self.factor is not None:
-            return torch.cholesky_solve(rhs, self.factor)
-        return self.basis @ (self.inverse_values[:, None] * (self.basis.T @ rhs))
-
-
-def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -> KernelSolver:
-    """Factor the float64 kernel ``Phi^T Phi + regularization I`` (summed over ``num_train`` rows).
-
-    A tiny relative ridge keeps Cholesky stable. When the kernel is singular all the
-    same (only possible without ``regularization``), the pseudo-inverse is used and a
-    warning names the overrides that make the kernel invertible.
-    """
-    dim = kernel.shape[0]
-    kernel = kernel.clone()
-    scale = kernel.diagonal().mean()
-    if not bool(torch.isfinite(scale)) or scale <= 0:
-        msg = (
-            "the TRAK kernel Phi^T Phi is zero or non-finite: all training gradients vanish; "
-            "check the checkpoint and the loss"
-        )
-        raise NumericalError(msg)
-    if regularization > 0:  # dattri 0.3.0: added to the kernel's diagonal before the solve
-        kernel.diagonal().add_(regularization)
-    ridge = RELATIVE_RIDGE * scale
-    with_ridge = kernel.clone()
-    with_ridge.diagonal().add_(ridge)
-    factor, info = torch.linalg.cholesky_ex(with_ridge)
-    if int(info) == 0 and bool(factor.diagonal().square().min() >= SINGULAR_PIVOTS * ridge):
-        pivots = factor.diagonal().square()
-        return KernelSolver(
-            factor=factor, min_pivot_relative=float(pivots.min() / factor.square().sum(dim=1).mean())
-        )
-    why = (
-        f"{num_train} training samples for {dim} projected dimensions"
-        if num_train < dim
-        else "some projected gradient direction never varies"
-    )
-    warnings.warn(
-        f"the TRAK kernel Phi^T Phi is singular ({why}); using its pseudo-inverse. Add a ridge "
-        f"(regularization, e.g. attributor.regularization={DEFAULT_REGULARIZATION_HINT}) or lower "
-        f"projector_kwargs.proj_dim (e.g. attributor.projector_kwargs.proj_dim="
-        f"{_power_of_two_at_most(min(num_train, max(dim // 4, 1)))})",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    values, vectors = torch.linalg.eigh(kernel)
-    keep = values > values.max() * dim * PSEUDO_INVERSE_RTOL
-    return KernelSolver(basis=vectors[:, keep], inverse_values=1.0 / values[keep], min_pivot_relative=0.0)
-
-
-def _power_of_two_at_most(n: int) -> int:
-    return 1 << max(int(n).bit_length() - 1, 0)
 
 
 class TRAKAttributor(BaseAttributor):
@@ -354,8 +280,8 @@ class TRAKAttributor(BaseAttributor):
             warnings.warn(
                 f"the TRAK kernel Phi^T Phi is ill-conditioned (smallest pivot {worst:.1e} of the mean): the "
                 f"training gradients barely vary in some of the {self.diagnostics['proj_dim']} projected "
-                "directions and will dominate the scores; a ridge (regularization, e.g. "
-                f"attributor.regularization={DEFAULT_REGULARIZATION_HINT}) or a smaller projector_kwargs.proj_dim "
+                "directions and will dominate the scores; a ridge (e.g. "
+                f'regularization={DEFAULT_REGULARIZATION_HINT}) or a smaller projector_kwargs["proj_dim"] '
                 "usually attributes better (check with `dattri eval`)",
                 RuntimeWarning,
                 stacklevel=2,
@@ -422,7 +348,7 @@ class TRAKAttributor(BaseAttributor):
                 raise ConfigError(msg)
         q = side.q[start - side.row_offset : stop - side.row_offset]
         scores = scores / len(side.features) * q[:, None]
-        check_finite(scores, "TRAK scores", hint="lower projector_kwargs.proj_dim")
+        check_finite(scores, "TRAK scores", hint='lower projector_kwargs["proj_dim"]')
         return scores.to(torch.float32)
 
     def self_attribute(self, train_dataloader: Optional[DataLoader] = None) -> Tensor:
@@ -439,7 +365,7 @@ class TRAKAttributor(BaseAttributor):
             leverage = (phi * factor.solve(phi.T).T).sum(dim=1)
             total = leverage if total is None else total + leverage
         out = total / len(side.features) * side.q
-        check_finite(out, "TRAK self-influence", hint="lower projector_kwargs.proj_dim")
+        check_finite(out, "TRAK self-influence", hint='lower projector_kwargs["proj_dim"]')
         return out.to(torch.float32)
 
 

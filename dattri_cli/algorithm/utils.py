@@ -1,13 +1,12 @@
-"""Small checks and conversions shared by the attributors."""
+"""Small checks and conversions shared by the attributors (tensor-level ones re-exported from ``func``)."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from dattri_cli.errors import ConfigError, NumericalError
+from dattri_cli.errors import ConfigError
 from dattri_cli.func.batch import batch_size_of, to_device
+from dattri_cli.func.utils import check_finite
 
 __all__ = ["batch_size_of", "check_finite", "check_not_shuffled", "num_samples", "to_device"]
 
@@ -22,10 +21,3 @@ def check_not_shuffled(loader: DataLoader, name: str) -> None:
 def num_samples(loader: DataLoader) -> int:
     """Number of samples a loader yields."""
     return len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
-
-
-def check_finite(tensor: Tensor, stage: str, hint: str) -> None:
-    """Stop with a message naming the stage if ``tensor`` holds NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
-        msg = f"non-finite values (NaN/Inf) in {stage}; {hint}"
-        raise NumericalError(msg)

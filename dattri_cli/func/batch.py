@@ -74,11 +74,6 @@ def add_leading_dim(batch: Any) -> Any:
     return map_tensors(lambda t: t.unsqueeze(0), batch)
 
 
-def drop_leading_dim(batch: Any) -> Any:
-    """Undo :func:`add_leading_dim`: ``(1, B, ...) -> (B, ...)``."""
-    return map_tensors(lambda t: t.squeeze(0), batch)
-
-
 def index_batch(batch: Any, index: Union[Tensor, slice]) -> Any:
     """The samples ``index`` (rows of every tensor leaf)."""
     return map_tensors(lambda t: t[index], batch)

@@ -29,7 +29,7 @@ def check_datainf_regularization(regularization: float) -> None:
     if not regularization > 0:
         msg = (
             f"DataInf needs a positive `regularization` (got {regularization}): each rank-one "
-            "per-sample Fisher is singular without it; set e.g. attributor.regularization=0.1"
+            "per-sample Fisher is singular without it; set e.g. regularization=0.1"
         )
         raise ConfigError(msg)
 

@@ -17,9 +17,9 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.utils import check_finite
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.func.batch import batch_size_of, concat_batches, index_batch, tensor_leaves, to_device
+from dattri_cli.func.utils import check_finite
 from dattri_cli.progress import track
 
 
@@ -72,7 +72,7 @@ def _singular(what: str, regularization: float, smallest: float, largest: float)
     msg = (
         f"the {what} plus regularization={regularization:g} is singular or nearly so "
         f"(pivots from {smallest:.3g} to {largest:.3g}); "
-        "set `regularization` to a positive value, e.g. attributor.regularization=0.01"
+        "set `regularization` to a positive value, e.g. regularization=0.01"
     )
     return NumericalError(msg)
 
@@ -239,7 +239,7 @@ def batched_cg(
         if bool((curvature <= eps * max_curvature).any()):
             msg = (
                 "the Hessian plus regularization is singular or indefinite along a CG direction; "
-                "set `regularization` to a positive value, e.g. attributor.regularization=0.01"
+                "set `regularization` to a positive value, e.g. regularization=0.01"
             )
             raise NumericalError(msg)
         alpha = rs[idx] / p_ap
@@ -425,7 +425,7 @@ def _ritz_pairs(
     if kept_values.numel() == 0:
         msg = (
             "Arnoldi found no eigenvalue of the Hessian plus regularization safely above zero; "
-            "set `regularization` to a positive value, e.g. attributor.regularization=0.01"
+            "set `regularization` to a positive value, e.g. regularization=0.01"
         )
         raise NumericalError(msg)
     return ArnoldiEigen(kept_values, kept_vectors, norm_constant, diagnostics)

@@ -209,9 +209,6 @@ class _Recorder:
             h.remove()
         self._handles = []
 
-    def reset(self) -> None:
-        self.records, self.model_output = {}, None
-
     def _layer_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: Tuple, output: Tensor) -> None:  # noqa: ARG001
             if name in self.records:

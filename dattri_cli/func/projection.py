@@ -39,10 +39,10 @@ from dattri_cli.errors import ConfigError
 #: The same defaults as the public dattri 0.3.0 (``DEFAULT_PROJECTOR_KWARGS``,
 #: plus its ``random_project`` default ``proj_type="normal"``), except
 #: ``proj_max_batch_size``: dattri's CPU projector ignores it, ours multiplies row
-#: blocks of exactly that many rows. 128-row blocks run the projection GEMM ~1.3x
-#: faster than 32-row ones on CPU (MKL, one thread, 26k x 512: ~99 vs ~78 GFLOP/s),
-#: and with :meth:`RandomProjector.project_stream` only a stream's last block is
-#: padded. ``device=None`` means "the device the gradients are on".
+#: blocks of exactly that many rows. 128 rows keep the projection GEMM efficient on
+#: CPU (docs/benchmarks.md, "Projection block size"), and with
+#: :meth:`RandomProjector.project_stream` only a stream's last block is padded.
+#: ``device=None`` means "the device the gradients are on".
 DEFAULT_PROJECTOR_KWARGS: Dict[str, Any] = {
     "proj_dim": 512,
     "proj_max_batch_size": 128,
@@ -90,7 +90,7 @@ def resolve_projector_kwargs(projector_kwargs: Optional[Dict[str, Any]]) -> Dict
     kwargs["proj_type"] = PROJ_TYPES[str(kwargs["proj_type"]).lower()]
     for key in ("proj_dim", "proj_max_batch_size"):
         if kwargs["proj_type"] != "identity" and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
-            msg = f"projector_kwargs.{key} must be a positive integer, got {kwargs[key]!r}"
+            msg = f'projector_kwargs["{key}"] must be a positive integer, got {kwargs[key]!r}'
             raise ConfigError(msg)
     return kwargs
 
@@ -233,10 +233,6 @@ class RandomProjector:
             for acc, block in zip(out, blocks):
                 acc += (block[:, start:stop] @ chunk).float()
         return torch.cat(out).div_(math.sqrt(self.proj_dim))
-
-    def __call__(self, grads: Tensor, ckpt_idx: int = 0) -> Tensor:
-        """Alias of :meth:`project`."""
-        return self.project(grads, ckpt_idx)
 
 
 def make_projector(projector_kwargs: Optional[Dict[str, Any]]) -> RandomProjector:

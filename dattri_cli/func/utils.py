@@ -2,18 +2,20 @@
 
 Attribution works on one flat parameter vector per checkpoint; user code works on
 ``{name: tensor}`` dictionaries for ``torch.func.functional_call``. The helpers here
-convert between the two without copying more than needed.
+convert between the two without copying more than needed. ``check_finite`` is the
+one NaN/Inf guard every stage uses.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from dattri_cli.errors import NumericalError
 from dattri_cli.func.batch import BATCH_OF_ONE_IN_DIMS, SAMPLE_IN_DIMS, add_leading_dim
 
 LayerName = Optional[Union[str, List[str]]]
@@ -26,6 +28,13 @@ def normalize_layer_name(layer_name: LayerName) -> Optional[List[str]]:
     if isinstance(layer_name, str):
         return [layer_name]
     return list(layer_name)
+
+
+def check_finite(tensor: Tensor, stage: str, hint: str) -> None:
+    """Stop with a message naming the stage if ``tensor`` holds NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        msg = f"non-finite values (NaN/Inf) in {stage}; {hint}"
+        raise NumericalError(msg)
 
 
 def flatten_params(tensors: Dict[str, Tensor]) -> Tensor:
@@ -71,39 +80,6 @@ def flatten_func(model: nn.Module, param_num: int = 0) -> Callable:
             args = list(args)
             if isinstance(args[param_num], Tensor):
                 args[param_num] = unflatten_params(args[param_num], shapes)
-            return function(*args, **kwargs)
-
-        return wrapped
-
-    return decorator
-
-
-def partial_param(
-    full_param: Dict[str, Tensor],
-    layer_name: Sequence[str],
-    param_num: int = 0,
-) -> Callable:
-    """Decorate a function of the full flat vector so it takes only some layers.
-
-    The parameters not in ``layer_name`` stay fixed at their values in
-    ``full_param``; the decorated function takes the flat concatenation of the
-    ``layer_name`` parameters at position ``param_num``.
-    """
-    names = list(full_param)
-    selected = list(layer_name)
-
-    def decorator(function: Callable) -> Callable:
-        @functools.wraps(function)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            args = list(args)
-            pieces = dict(full_param)
-            offset = 0
-            part = args[param_num]
-            for name in selected:
-                n = full_param[name].numel()
-                pieces[name] = part[offset : offset + n].view(full_param[name].shape)
-                offset += n
-            args[param_num] = torch.cat([pieces[k].reshape(-1) for k in names])
             return function(*args, **kwargs)
 
         return wrapped

@@ -319,9 +319,7 @@ def test_trak_regularization_is_a_ridge_on_the_kernel() -> None:
     unregularised = TRAKAttributor(
         _builtin_task(model, states), correct_probability(model, 1), {"proj_type": "identity"}
     )
-    with pytest.warns(
-        RuntimeWarning, match=r"80 training samples .*attributor\.regularization=.*proj_dim=64"
-    ):
+    with pytest.warns(RuntimeWarning, match=r'80 training samples .*e\.g\. regularization=.*"proj_dim"\]=64'):
         unregularised.cache(train)
     with pytest.raises(ConfigError, match="regularization"):
         TRAKAttributor(_builtin_task(model, states), correct_probability(model, 1), regularization=-1.0)

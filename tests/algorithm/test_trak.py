@@ -113,9 +113,8 @@ def test_train_loader_rules() -> None:
 
 
 def test_singular_kernel_uses_the_pseudo_inverse_and_says_how_to_avoid_it() -> None:
-    with pytest.warns(
-        RuntimeWarning, match=r"23 training samples for 64 .*attributor\.regularization=.*proj_dim=16"
-    ):
+    hint = r'23 training samples for 64 .*e\.g\. regularization=.*"proj_dim"\]=16'
+    with pytest.warns(RuntimeWarning, match=hint):
         _cached_scores([_checkpoint(3)], {"proj_dim": 64})
     x, y = TRAIN
     dead = x.clone()

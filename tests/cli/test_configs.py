@@ -75,3 +75,16 @@ def test_unknown_choice_is_refused_with_choices_listed():
     with pytest.raises(MissingConfigException) as info:
         compose_run(["attributor=does_not_exist"])
     assert "grad_dot" in str(info.value)
+
+
+def test_every_option_describes_itself():
+    from dattri_cli.catalog import catalog
+
+    for group, entries in catalog().items():
+        for name, info in entries.items():
+            about = info["about"]
+            assert about and not about.startswith("configs/") and f"{name}.yaml" not in about, (
+                group,
+                name,
+                about,
+            )

@@ -77,3 +77,32 @@ def test_shuffled_loader_is_refused_in_python_api():
     data = TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ConfigError, match="shuffle=False"):
         TracInAttributor(task, [1.0], False).attribute(DataLoader(data, shuffle=True), DataLoader(data))
+
+
+def test_library_messages_name_python_arguments_and_the_command_line_names_overrides(capsys):
+    import torch
+
+    from dattri_cli.errors import NumericalError, reported
+    from dattri_cli.func.hessian import symmetric_inverse
+
+    with pytest.raises(NumericalError) as info:
+        symmetric_inverse(torch.zeros(2, 2, dtype=torch.float64), 0.0)
+    assert "e.g. regularization=0.01" in str(info.value) and "attributor." not in str(info.value)
+    with pytest.raises(SystemExit), reported():
+        raise info.value
+    assert "e.g. attributor.regularization=0.01" in capsys.readouterr().err
+
+
+def test_cli_hint_spells_arguments_as_overrides_and_leaves_the_rest():
+    from dattri_cli.errors import cli_hint
+
+    python = 'lower projector_kwargs["proj_dim"] (e.g. projector_kwargs["proj_dim"]=16) '
+    python += "or add e.g. regularization=0.1"
+    assert cli_hint(python) == (
+        "lower projector_kwargs.proj_dim (e.g. attributor.projector_kwargs.proj_dim=16) "
+        "or add e.g. attributor.regularization=0.1"
+    )
+    assert cli_hint("x", group="model") == "x"
+    unchanged = ("use e.g. dataset.n_train=100", "the Hessian plus regularization=0 is singular", "plain")
+    for message in unchanged:
+        assert cli_hint(message) == message

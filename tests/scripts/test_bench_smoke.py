@@ -46,3 +46,24 @@ def test_bench_smoke_without_dattri(tmp_path: Path) -> None:
     grad_dot = report["rows"][1]
     assert grad_dot["floor_seconds_median"] > 0 and grad_dot["ours_over_floor"] > 0
     assert "| smoke | grad_dot |" in out.with_suffix(".md").read_text()
+
+
+def test_agreement_is_dattri_compare_s() -> None:
+    import importlib.util
+
+    import torch
+    from scipy.stats import pearsonr, spearmanr
+
+    spec = importlib.util.spec_from_file_location("bench_attributors", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 4, generator=gen)
+    b = a + 0.5 * torch.randn(30, 4, generator=gen)
+    got = bench.agreement(a, b)
+    x, y = a.double().numpy(), b.double().numpy()
+    assert abs(got["pearson"] - pearsonr(x.ravel(), y.ravel()).statistic) < 1e-12
+    assert abs(got["spearman"] - spearmanr(x.ravel(), y.ravel()).statistic) < 1e-12
+    per_test = sum(spearmanr(x[:, j], y[:, j]).statistic for j in range(4)) / 4
+    assert abs(got["spearman_per_test_mean"] - per_test) < 1e-12
+    assert bench.agreement(a, b[:5])["pearson"] is None
