@@ -153,6 +153,47 @@ def stream_train_scores(
         row += block.shape[0]
 
 
+def sum_over_checkpoints(
+    num_ckpts: int,
+    train_dataloader: DataLoader,
+    test_dataloader: DataLoader,
+    device: str,
+    test_side: Callable[[int], Tensor],
+    train_rep: Callable[[int, Any], Tensor],
+    finish: Callable[[int, Tensor], Tensor],
+    row_offset: int = 0,
+    weight: Callable[[int], float] = lambda _k: 1.0,
+    store: Callable[[int], Optional[BlockStore]] = lambda _k: None,
+    row_weights: Callable[[int], Optional[Tensor]] = lambda _k: None,
+) -> Tensor:
+    """``sum_k weight(k) * finish(k, train_rep(k, batch)) @ test_side(k).T``, streamed over the training batches.
+
+    The gradient -> transform -> inner-product loop every gradient-based attributor runs:
+    ``test_side(k)`` is the transformed test matrix of checkpoint ``k`` (computed once),
+    ``train_rep(k, batch)`` the raw train representation (kept in ``store(k)`` when one is
+    given, under absolute rows from ``row_offset``), ``finish`` its transform. The scores
+    take the test side's dtype and live on ``device``.
+    """
+    scores = None
+    for ckpt_idx in range(num_ckpts):
+        test_rep = test_side(ckpt_idx)
+        if scores is None:  # the representations' dtype, never a hard-coded one
+            shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+            scores = torch.zeros(shape, dtype=test_rep.dtype, device=device)
+        stream_train_scores(
+            train_dataloader,
+            lambda batch, k=ckpt_idx: train_rep(k, batch),
+            test_rep,
+            scores,
+            weight=weight(ckpt_idx),
+            store=store(ckpt_idx),
+            row_offset=row_offset,
+            finish=lambda rep, k=ckpt_idx: finish(k, rep),
+            row_weights=row_weights(ckpt_idx),
+        )
+    return scores
+
+
 class TestSideMemo:
     """Test-side results per checkpoint, kept while the training rows are scored block by block.
 
@@ -332,22 +373,15 @@ class BaseInnerProductAttributor(Attributor):
         check_not_shuffled(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
         num_ckpts = len(self.task.get_checkpoints())
-        scores = None
-        for ckpt_idx in range(num_ckpts):
-            test_rep = self._test_matrix(ckpt_idx, test_dataloader)
-            if scores is None:  # the representations' dtype, never a hard-coded one
-                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
-                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
-            stream_train_scores(
-                train_dataloader,
-                lambda batch, k=ckpt_idx: self._raw_train_rep(k, batch),
-                test_rep,
-                scores,
-                store=self._grad_store(ckpt_idx),
-                row_offset=row_offset,
-                finish=lambda rep, k=ckpt_idx: self.transform_train_rep(k, rep).detach(),
-                row_weights=self._row_weights(ckpt_idx, train_dataloader),
-            )
+        scores = sum_over_checkpoints(
+            num_ckpts, train_dataloader, test_dataloader, self.device,
+            test_side=lambda k: self._test_matrix(k, test_dataloader),
+            train_rep=self._raw_train_rep,
+            finish=lambda k, rep: self.transform_train_rep(k, rep).detach(),
+            row_offset=row_offset,
+            store=self._grad_store,
+            row_weights=lambda k: self._row_weights(k, train_dataloader),
+        )
         scores /= num_ckpts
         check_finite(scores, "scores", hint="increase `regularization`")
         return scores

@@ -14,11 +14,10 @@ from torch import Tensor
 from torch.nn.functional import normalize
 from torch.utils.data import DataLoader
 
-from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, stream_train_scores
+from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, sum_over_checkpoints
 from dattri_cli.algorithm.utils import (
     check_finite,
     check_not_shuffled,
-    num_samples,
     to_device,
 )
 from dattri_cli.errors import ConfigError
@@ -143,22 +142,15 @@ class TracInAttributor(Attributor):
                 f"{num_ckpts} checkpoints; give one weight per checkpoint"
             )
             raise ConfigError(msg)
-        scores = None
-        for ckpt_idx in range(num_ckpts):
-            test_rep = self._test_matrix(ckpt_idx, test_dataloader)
-            if scores is None:  # the representations' dtype, never a hard-coded one
-                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
-                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
-            stream_train_scores(
-                train_dataloader,
-                lambda batch, k=ckpt_idx: self._raw_rep(k, batch, target=False),
-                test_rep,
-                scores,
-                weight=float(self.weight_list[ckpt_idx]),
-                store=self._store(ckpt_idx),
-                row_offset=row_offset,
-                finish=self._normalize,
-            )
+        scores = sum_over_checkpoints(
+            num_ckpts, train_dataloader, test_dataloader, self.device,
+            test_side=lambda k: self._test_matrix(k, test_dataloader),
+            train_rep=lambda k, batch: self._raw_rep(k, batch, target=False),
+            finish=lambda _k, rep: self._normalize(rep),
+            row_offset=row_offset,
+            weight=lambda k: float(self.weight_list[k]),
+            store=self._store,
+        )
         check_finite(scores, "scores", hint="check the data and the checkpoints")
         return scores
 
