@@ -26,12 +26,20 @@ from dattri_cli.data.noise import NOISE_KEYS, flip_labels
 from dattri_cli.errors import ConfigError, DataError, DattriError
 from dattri_cli.feature_cache import BlockStore, train_fingerprint
 from dattri_cli.hashing import file_sha256, json_sha256
-from dattri_cli.models.train import Checkpoint, TrainSettings, correct_probability, make_loss_funcs, trained_checkpoints
+from dattri_cli.models.train import (
+    Checkpoint,
+    TrainSettings,
+    correct_probability,
+    make_loss_funcs,
+    trained_checkpoints,
+)
 from dattri_cli.task import AttributionTask, load_state_dict_file
 
 RUNNER_KEY = "runner"
 #: attributor parameters the runner fills (when the config leaves them unset): never in a YAML config
-RUNTIME_ATTRIBUTOR_PARAMS = ("task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name")
+RUNTIME_ATTRIBUTOR_PARAMS = (
+    "task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name",
+)
 #: model parameters filled from the data
 RUNTIME_MODEL_PARAMS = ("in_features", "num_classes")
 #: every parameter name filled at run time
@@ -215,7 +223,12 @@ def user_checkpoints(spec: Any, lr: float) -> List[Checkpoint]:
 
 
 def acquire_checkpoints(
-    resolved: Mapping[str, Any], build_model: Any, split: Split, settings: TrainSettings, seed: int, rank: int = 0
+    resolved: Mapping[str, Any],
+    build_model: Any,
+    split: Split,
+    settings: TrainSettings,
+    seed: int,
+    rank: int = 0,
 ) -> List[Checkpoint]:
     """The user's checkpoint files, or checkpoints trained (or found in the cache) from ``seed``."""
     if resolved.get("checkpoint"):
@@ -223,7 +236,8 @@ def acquire_checkpoints(
     key_parts = {"dataset": resolved["dataset"], "model": resolved["model"]}
     if rank != 0:  # rank 0 trains (or finds) the checkpoints; the others then find them cached
         distributed.barrier()
-    checkpoints = trained_checkpoints(build_model, split, settings, seed, Path(resolved["cache_dir"]), key_parts)
+    cache_dir = Path(resolved["cache_dir"])
+    checkpoints = trained_checkpoints(build_model, split, settings, seed, cache_dir, key_parts)
     if rank == 0:
         distributed.barrier()
     return checkpoints
@@ -253,7 +267,9 @@ def checkpoint_weights(checkpoints: List[Checkpoint], mode: str) -> torch.Tensor
     return torch.tensor([c.lr for c in checkpoints])
 
 
-def build_task(model: torch.nn.Module, checkpoints: List[Checkpoint], settings: TrainSettings, split: Split) -> AttributionTask:
+def build_task(
+    model: torch.nn.Module, checkpoints: List[Checkpoint], settings: TrainSettings, split: Split
+) -> AttributionTask:
     """The task over the checkpoints: training loss (with weight decay) and test cross-entropy."""
     sample_ndim = split.x_train.dim() - 1  # one sample's input dimensions (dattri's per-sample calls)
     loss_func, target_func = make_loss_funcs(model, settings.weight_decay, sample_ndim)
@@ -283,18 +299,23 @@ def build_attributor(
     attributor = build(attributor_cfg, "attributor", runtime)
     if not isinstance(attributor, Attributor):
         msg = (
-            f"attributor._target_ must build a dattri_cli.algorithm.base.Attributor, got {type(attributor).__name__}; "
-            "subclass it (docs/architecture.md)"
+            "attributor._target_ must build a dattri_cli.algorithm.base.Attributor, "
+            f"got {type(attributor).__name__}; subclass it (docs/architecture.md)"
         )
         raise ConfigError(msg)
     return attributor
 
 
 def feature_store_factory(
-    root: Path, checkpoint_hashes: List[str], split: Split, attributor: Attributor, dtype: torch.dtype, device: str,
+    root: Path,
+    checkpoint_hashes: List[str],
+    split: Split,
+    attributor: Attributor,
+    dtype: torch.dtype,
+    device: str,
     stats: Dict[str, List[BlockStore]],
 ) -> Callable[..., BlockStore]:
-    """``f(kind, ckpt_idx, extra) -> BlockStore`` keyed by what determines the blocks; opened stores land in ``stats``."""
+    """``f(kind, ckpt_idx, extra) -> BlockStore`` keyed by what determines the blocks (opened: ``stats``)."""
     fingerprint = train_fingerprint(split.x_train, split.y_train, split.train_indices)
 
     def make(kind: str, ckpt_idx: int, extra: Mapping[str, Any]) -> BlockStore:

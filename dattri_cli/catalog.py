@@ -34,7 +34,7 @@ def _yaml_files(root: Any) -> List[Any]:
 
 
 def _search_roots(group: str, extra_path: Sequence[str]) -> List[Any]:
-    """The group folder in the packaged configs, then in every ``pkg://`` / ``file://`` search path entry."""
+    """The group folder in the packaged configs, then in each ``pkg://`` / ``file://`` search path entry."""
     roots: List[Any] = [resources.files("dattri_cli.configs").joinpath(group)]
     for entry in extra_path:
         if entry.startswith("pkg://"):

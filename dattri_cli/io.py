@@ -229,7 +229,9 @@ def write_run_sidecar(out: Path, written: Any, config_hash: str, timings: Dict[s
     try:
         write_sidecar(sidecar_path(out), info)
     except DattriError as exc:
-        what = f"{out} is complete" if isinstance(written, str) else f"all {len(written)} row-block files are complete"
+        what = f"{out} is complete"
+        if not isinstance(written, str):
+            what = f"all {len(written)} row-block files are complete"
         msg = f"the scores were written ({what}) but the sidecar was not: {exc}"
         raise DattriError(msg) from exc
 

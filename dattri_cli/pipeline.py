@@ -75,7 +75,9 @@ def _setup(resolved: Mapping[str, Any], output_dir: Optional[Path]) -> _Setup:
         progress.set_mode(resolved.get("progress", "off"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    out = Path(resolved["out"]).expanduser() if resolved.get("out") else Path(output_dir or ".") / "scores.safetensors"
+    out = Path(output_dir or ".") / "scores.safetensors"
+    if resolved.get("out"):
+        out = Path(resolved["out"]).expanduser()
     device = builders.check_device(distributed.local_device(str(resolved.get("device", "cpu"))))
     rank, world = distributed.init_from_env(device)
     shard_cfg = resolved.get("shard") or {}
@@ -95,7 +97,9 @@ def _store_counts(timings: Dict[str, float], store_stats: Dict[str, Any]) -> Non
     timings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None) -> RunResult:
+def run(
+    cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None
+) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file(s)."""
     resolved = schema.validate_run(builders.to_dict(cfg))  # every value, before any work
     setup = _setup(resolved, output_dir)
@@ -158,7 +162,7 @@ def _score_and_write(
     timings: Dict[str, float],
     store_stats: Dict[str, Any],
 ) -> RunResult:
-    """Score the blocks and write one file each (one file for a single block; rank 0 gathers under torchrun).
+    """Score the blocks and write one file each (a single block: one file; rank 0 gathers under torchrun).
 
     The metadata and the self-influence are taken right after the first block's scores, where
     a single-file run takes them (same diagnostics, same random state); the self-influence
@@ -177,7 +181,8 @@ def _score_and_write(
             scores = torch.cat(parts)
         if not metadata:
             metadata = make_metadata(attributor.diagnostics if attributor.has_diagnostics else {})
-            self_scores = attributor.self_scores(train_loader).detach().to("cpu", torch.float32) if with_self_influence else None
+            if with_self_influence:
+                self_scores = attributor.self_scores(train_loader).detach().to("cpu", torch.float32)
         rows = slice(0, None) if block.mode in ("full", "rank") else slice(block.start, block.stop)
         block_meta = metadata if block.mode in ("full", "rank") else {**metadata, "shard": block.metadata()}
         extra = {} if self_scores is None else {"self_influence": self_scores[rows]}

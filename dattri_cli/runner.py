@@ -233,7 +233,9 @@ def prepare(attributor: Attributor, loader: DataLoader, row_offset: int, timings
     timings["cache_s"] = time.perf_counter() - start
 
 
-def score(attributor: Attributor, rows: TrainRows, test_loader: DataLoader, timings: Dict[str, float]) -> torch.Tensor:
+def score(
+    attributor: Attributor, rows: TrainRows, test_loader: DataLoader, timings: Dict[str, float]
+) -> torch.Tensor:
     """The scores of ``rows`` as float32 on the CPU, the time added to ``timings["attribute_s"]``."""
     start = time.perf_counter()
     scores = attributor.score_rows(rows, test_loader).detach().to("cpu", torch.float32)
@@ -275,7 +277,8 @@ def score_blocks(
             if block.mode == "full":
                 rows = TrainRows(train_loader, 0, block.n_train)
             else:
-                rows = TrainRows(row_loader(split, block.start, block.stop, int(train_loader.batch_size)), block.start, block.stop)
+                loader = row_loader(split, block.start, block.stop, int(train_loader.batch_size))
+                rows = TrainRows(loader, block.start, block.stop)
             scores = score(attributor, rows, test_loader, timings)
             yield block, scores
             del scores  # one block in memory at a time

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TrainRows:
-    """Training rows ``[start, stop)`` (positions in the full training set) and an unshuffled loader over them."""
+    """Training rows ``[start, stop)`` (positions in the full training set) and a loader over them."""
 
     loader: DataLoader
     start: int
@@ -80,7 +80,7 @@ class Attributor(ABC):
         self.feature_store: Optional[Callable[..., BlockStore]] = None
         #: absolute train row of the first sample of the loader given to ``attribute`` (or TRAK's ``cache``)
         self.train_row_offset = 0
-        #: test-side results kept across ``attribute`` calls (set by a run writing row blocks; None: none kept)
+        #: test-side results kept across ``attribute`` calls (set by a run writing row blocks)
         self.test_side_memo: Optional[TestSideMemo] = None
         #: solver diagnostics recorded in the score file (JSON-serialisable)
         self.diagnostics: Dict[str, Any] = {}
@@ -166,7 +166,7 @@ def sum_over_checkpoints(
     store: Callable[[int], Optional[BlockStore]] = lambda _k: None,
     row_weights: Callable[[int], Optional[Tensor]] = lambda _k: None,
 ) -> Tensor:
-    """``sum_k weight(k) * finish(k, train_rep(k, batch)) @ test_side(k).T``, streamed over the training batches.
+    """``sum_k weight(k) * finish(k, train_rep(k, batch)) @ test_side(k).T``, streamed over train batches.
 
     The gradient -> transform -> inner-product loop every gradient-based attributor runs:
     ``test_side(k)`` is the transformed test matrix of checkpoint ``k`` (computed once),
@@ -368,7 +368,7 @@ class BaseInnerProductAttributor(Attributor):
         return self.feature_store("train_grads", ckpt_idx, {"projection": None, "calls": "batch_of_one"})
 
     def _scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader, row_offset: int) -> Tensor:
-        """Scores of the loader's rows, the first being training row ``row_offset``, averaged over checkpoints."""
+        """Scores of the loader's rows (the first is row ``row_offset``), averaged over checkpoints."""
         check_not_shuffled(train_dataloader, "train_dataloader")
         check_not_shuffled(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)

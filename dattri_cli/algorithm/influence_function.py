@@ -678,7 +678,9 @@ class IFAttributorEKFAC(_CachedFullTrain):
         """
         self.prepare(full_train_dataloader, max_iter=max_iter)
 
-    def prepare(self, full_train_dataloader: DataLoader, row_offset: int = 0, max_iter: Optional[int] = None) -> None:
+    def prepare(
+        self, full_train_dataloader: DataLoader, row_offset: int = 0, max_iter: Optional[int] = None
+    ) -> None:
         """:meth:`cache`: fit the factors on the first ``max_iter`` batches (None: all)."""
         super().prepare(full_train_dataloader, row_offset)
         if max_iter is not None and not (isinstance(max_iter, int) and max_iter > 0):

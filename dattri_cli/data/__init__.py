@@ -46,7 +46,8 @@ class Split:
 
     def fingerprint(self) -> str:
         """SHA-256 of the tensors: identifies the exact data a checkpoint was trained on."""
-        return data_fingerprint((self.x_train, self.y_train, self.x_test, self.y_test, self.train_indices, self.test_indices))
+        tensors = (self.x_train, self.y_train, self.x_test, self.y_test, self.train_indices, self.test_indices)
+        return data_fingerprint(tensors)
 
     def loaders(self, train_batch_size: int, test_batch_size: int) -> Tuple[DataLoader, DataLoader]:
         """Unshuffled loaders over train and test."""
