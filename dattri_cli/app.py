@@ -20,7 +20,14 @@ from dattri_cli.errors import reported
 log = logging.getLogger("dattri_cli")
 
 
-def _log_warning(message: Warning | str, category: type, filename: str, lineno: int, file: object = None, line: object = None) -> None:  # noqa: ARG001
+def _log_warning(
+    message: Warning | str,
+    category: type,
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: object = None,
+) -> None:  # noqa: ARG001
     """Show a Python warning as one log line (console and the run's log file), not file:line + source."""
     log.warning("%s", message)
 

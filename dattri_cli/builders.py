@@ -38,7 +38,11 @@ from dattri_cli.task import AttributionTask, load_state_dict_file
 RUNNER_KEY = "runner"
 #: attributor parameters the runner fills (when the config leaves them unset): never in a YAML config
 RUNTIME_ATTRIBUTOR_PARAMS = (
-    "task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name",
+    "task",
+    "device",
+    "weight_list",
+    "correct_probability_func",
+    "final_linear_layer_name",
 )
 #: model parameters filled from the data
 RUNTIME_MODEL_PARAMS = ("in_features", "num_classes")
@@ -115,7 +119,9 @@ def build(node: Mapping[str, Any], where: str, runtime: Mapping[str, Any] | None
     missing = [
         name
         for name, p in params.items()
-        if p.default is inspect.Parameter.empty and name not in node and name not in extra
+        if p.default is inspect.Parameter.empty
+        and name not in node
+        and name not in extra
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     if missing:
@@ -340,9 +346,30 @@ def checkpoint_hashes(checkpoints: List[Checkpoint]) -> List[str]:
 
 
 __all__ = [
-    "CHECKPOINT_CHOICES", "NON_RESULT_KEYS", "RUNNER_KEY", "RUNTIME_ATTRIBUTOR_PARAMS", "RUNTIME_FILLED",
-    "RUNTIME_MODEL_PARAMS", "WEIGHT_CHOICES", "acquire_checkpoints", "build",
-    "build_attributor", "build_split", "build_split_and_flips", "build_task", "check_device", "check_kwargs",
-    "checkpoint_hashes", "checkpoint_weights", "config_hash", "feature_store_factory", "model_factory",
-    "resolve_target", "result_config", "select_checkpoints", "split_runner", "to_dict", "user_checkpoints",
+    "CHECKPOINT_CHOICES",
+    "NON_RESULT_KEYS",
+    "RUNNER_KEY",
+    "RUNTIME_ATTRIBUTOR_PARAMS",
+    "RUNTIME_FILLED",
+    "RUNTIME_MODEL_PARAMS",
+    "WEIGHT_CHOICES",
+    "acquire_checkpoints",
+    "build",
+    "build_attributor",
+    "build_split",
+    "build_split_and_flips",
+    "build_task",
+    "check_device",
+    "check_kwargs",
+    "checkpoint_hashes",
+    "checkpoint_weights",
+    "config_hash",
+    "feature_store_factory",
+    "model_factory",
+    "resolve_target",
+    "result_config",
+    "select_checkpoints",
+    "split_runner",
+    "to_dict",
+    "user_checkpoints",
 ]

@@ -39,11 +39,13 @@ def _search_roots(group: str, extra_path: Sequence[str]) -> List[Any]:
     for entry in extra_path:
         if entry.startswith("pkg://"):
             try:
-                roots.append(resources.files(entry[len("pkg://"):].replace("/", ".")).joinpath(group))
+                roots.append(resources.files(entry[len("pkg://") :].replace("/", ".")).joinpath(group))
             except (ModuleNotFoundError, TypeError):
                 continue
         else:
-            roots.append(Path(entry[len("file://"):] if entry.startswith("file://") else entry).joinpath(group))
+            roots.append(
+                Path(entry[len("file://") :] if entry.startswith("file://") else entry).joinpath(group)
+            )
     return roots
 
 
@@ -62,8 +64,14 @@ def catalog() -> Dict[str, Dict[str, Any]]:
         for item in _yaml_files(root.joinpath(group)):
             text = item.read_text()
             data = yaml.safe_load(text) or {}
-            options = {k: v for k, v in data.items() if not k.startswith("_") and k not in {"defaults", "runner"}}
-            entries[item.name[:-5]] = {"about": _first_comment(text), "target": data.get("_target_"), "options": options}
+            options = {
+                k: v for k, v in data.items() if not k.startswith("_") and k not in {"defaults", "runner"}
+            }
+            entries[item.name[:-5]] = {
+                "about": _first_comment(text),
+                "target": data.get("_target_"),
+                "options": options,
+            }
         out[group] = entries
     return out
 

@@ -69,7 +69,7 @@ def _completion_line() -> None:
         return
     match = re.match(r"^(\s*\S+)(\s+run)(\s|$)", line)
     if match:
-        os.environ["COMP_LINE"] = line[: match.end(1)] + line[match.end(2):]
+        os.environ["COMP_LINE"] = line[: match.end(1)] + line[match.end(2) :]
         point = os.environ.get("COMP_POINT", "")
         if point.isdigit() and int(point) >= match.end(2):
             os.environ["COMP_POINT"] = str(int(point) - (match.end(2) - match.end(1)))
@@ -149,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if command is None:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) then fails a write with EFBIG, which we report
+    if hasattr(
+        signal, "SIGXFSZ"
+    ):  # a file-size limit (ulimit -f) then fails a write with EFBIG, which we report
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if args[0] in READERS:  # their log lines (shards found, rows left out) go to stderr, plain
         import logging  # noqa: PLC0415

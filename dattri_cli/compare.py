@@ -87,7 +87,10 @@ def compare_scores(a: Tensor, b: Tensor, top_k: int = 10) -> Dict[str, Any]:
     same_nans = bool(torch.equal(nan_a, nan_b))
     either = nan_a | nan_b
     identical = same_nans and bool(torch.equal(a.masked_fill(either, 0), b.masked_fill(either, 0)))
-    x, y = a.masked_fill(either, 0).to(torch.float64).numpy(), b.masked_fill(either, 0).to(torch.float64).numpy()
+    x, y = (
+        a.masked_fill(either, 0).to(torch.float64).numpy(),
+        b.masked_fill(either, 0).to(torch.float64).numpy(),
+    )
     diff = np.abs(x - y)
     denom = np.maximum(np.abs(x), np.abs(y))
     rel = np.where(denom > 0, diff / np.where(denom > 0, denom, 1.0), 0.0)
@@ -103,7 +106,9 @@ def compare_scores(a: Tensor, b: Tensor, top_k: int = 10) -> Dict[str, Any]:
         "spearman": _overall(x, y, spearman=True),
         "mean_column_spearman": float(np.nanmean(columns)) if not np.isnan(columns).all() else float("nan"),
         "top_k": int(min(top_k, x.shape[0])),
-        "top_k_overlap": top_k_overlap(a.masked_fill(either, float("-inf")), b.masked_fill(either, float("-inf")), top_k),
+        "top_k_overlap": top_k_overlap(
+            a.masked_fill(either, float("-inf")), b.masked_fill(either, float("-inf")), top_k
+        ),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "max_rel_diff": float(rel.max()) if rel.size else 0.0,
     }
@@ -113,7 +118,9 @@ def check_thresholds(stats: Mapping[str, Any], a: Tensor, b: Tensor, opts: argpa
     """The failed checks, each as one sentence (empty when all pass)."""
     failures = []
     if not stats["same_nan_positions"]:
-        failures.append(f"NaN scores at different positions: A has {_describe_nans(stats['nan_a'])}, B has {_describe_nans(stats['nan_b'])}")
+        failures.append(
+            f"NaN scores at different positions: A has {_describe_nans(stats['nan_a'])}, B has {_describe_nans(stats['nan_b'])}"
+        )
     if opts.exact and not stats["identical"] and stats["same_nan_positions"]:
         failures.append(f"--exact: scores differ (max abs diff {stats['max_abs_diff']:.3g})")
     if opts.atol is not None or opts.rtol is not None or opts.scale_atol is not None:
@@ -121,7 +128,9 @@ def check_thresholds(stats: Mapping[str, Any], a: Tensor, b: Tensor, opts: argpa
         scale = float(finite.abs().max()) if finite.numel() else 0.0
         atol, rtol = (opts.atol or 0.0) + (opts.scale_atol or 0.0) * scale, opts.rtol or 0.0
         if not torch.allclose(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol, equal_nan=True):
-            failures.append(f"tolerance atol={atol:.3g} rtol={rtol}: max abs diff {stats['max_abs_diff']:.3g}, max rel diff {stats['max_rel_diff']:.3g}")
+            failures.append(
+                f"tolerance atol={atol:.3g} rtol={rtol}: max abs diff {stats['max_abs_diff']:.3g}, max rel diff {stats['max_rel_diff']:.3g}"
+            )
     if opts.min_spearman is not None and not stats["spearman"] >= opts.min_spearman:
         failures.append(f"--min-spearman {opts.min_spearman}: Spearman is {stats['spearman']:.6f}")
     return failures
@@ -158,7 +167,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true", help="require bitwise-equal scores")
     p.add_argument("--atol", type=float, default=None, help="require |a-b| <= atol + rtol*|b|")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (with or without --atol)")
-    p.add_argument("--scale-atol", type=float, default=None, help="add this fraction of max|b| to atol (scale-free tolerance)")
+    p.add_argument(
+        "--scale-atol",
+        type=float,
+        default=None,
+        help="add this fraction of max|b| to atol (scale-free tolerance)",
+    )
     p.add_argument("--min-spearman", type=float, default=None, help="require overall Spearman >= this")
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -173,12 +187,22 @@ def print_table(stats: Mapping[str, Any], failures: List[str]) -> None:
     table = Table(title=f"{Path(stats['a']).name} vs {Path(stats['b']).name}")
     table.add_column("statistic")
     table.add_column("value", justify="right")
-    for key in ("identical", "pearson", "spearman", "mean_column_spearman", "top_k_overlap", "max_abs_diff", "max_rel_diff"):
+    for key in (
+        "identical",
+        "pearson",
+        "spearman",
+        "mean_column_spearman",
+        "top_k_overlap",
+        "max_abs_diff",
+        "max_rel_diff",
+    ):
         value = stats[key]
         label = f"top-{stats['top_k']} overlap" if key == "top_k_overlap" else key.replace("_", " ")
         table.add_row(label, str(value) if isinstance(value, bool) else f"{value:.6g}")
     if stats["nan_a"]["count"] or stats["nan_b"]["count"]:
-        table.add_row("NaN scores (A / B)", f"{_describe_nans(stats['nan_a'])} / {_describe_nans(stats['nan_b'])}")
+        table.add_row(
+            "NaN scores (A / B)", f"{_describe_nans(stats['nan_a'])} / {_describe_nans(stats['nan_b'])}"
+        )
     table.add_row("metadata keys differing", ", ".join(stats["metadata_differs"]) or "none")
     console = make_console()
     console.print(table)

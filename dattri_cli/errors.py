@@ -44,7 +44,7 @@ def torch_load_refusal(path: object, exc: BaseException, what: str) -> str:
     if "Unsupported global" in text:
         return (
             f"{what} {path} holds pickled Python objects (code that runs when loaded), not only tensors, so it was not loaded; "
-            "only if you trust its source, convert it once to safetensors: python -c \"import torch; from safetensors.torch import save_file; "
+            'only if you trust its source, convert it once to safetensors: python -c "import torch; from safetensors.torch import save_file; '
             f"save_file(torch.load('{path}', weights_only=False), 'f.safetensors')\" and use f.safetensors"
         )
     if "Weights only load failed" in text:

@@ -26,7 +26,14 @@ log = logging.getLogger("dattri_cli")
 ARG_KEYS = ("scores", "groundtruth", "out", "bootstrap", "level", "seed")
 
 
-def check_compatible(scores_path: Path, gt_path: Path, st: Mapping[str, Tensor], sm: Mapping[str, Any], gt: Mapping[str, Tensor], gm: Mapping[str, Any]) -> None:
+def check_compatible(
+    scores_path: Path,
+    gt_path: Path,
+    st: Mapping[str, Tensor],
+    sm: Mapping[str, Any],
+    gt: Mapping[str, Tensor],
+    gm: Mapping[str, Any],
+) -> None:
     """Refuse a score file and a ground truth that describe different samples or models."""
     for key in ("train_indices", "test_indices"):
         if not torch.equal(st[key], gt[key]):
@@ -42,7 +49,11 @@ def check_compatible(scores_path: Path, gt_path: Path, st: Mapping[str, Tensor],
         msg = f"{scores_path} records no usable run config (dataset, model, train); score it with a file written by `dattri run`"
         raise DattriError(msg) from exc
     if key != gm.get("groundtruth_key"):
-        differ = [g for g in ("dataset", "model", "train") if _strip(g, config.get(g)) != _strip(g, gm["config"].get(g))]
+        differ = [
+            g
+            for g in ("dataset", "model", "train")
+            if _strip(g, config.get(g)) != _strip(g, gm["config"].get(g))
+        ]
         msg = (
             f"{scores_path} and {gt_path} do not belong together: their {', '.join(differ) or 'configs'} config differs "
             "(config hash mismatch); make the ground truth with the same overrides as the run"
@@ -56,7 +67,9 @@ def _strip(group: str, node: Optional[Mapping[str, Any]]) -> Optional[Dict[str, 
     return {k: v for k, v in node.items() if k not in RUN_ONLY_TRAIN_KEYS}
 
 
-def evaluate(scores_path: Path, gt_path: Path, bootstrap: int = 1000, level: float = 0.95, seed: int = 0) -> Dict[str, Any]:
+def evaluate(
+    scores_path: Path, gt_path: Path, bootstrap: int = 1000, level: float = 0.95, seed: int = 0
+) -> Dict[str, Any]:
     """Every metric the two files allow, as a JSON-ready dictionary."""
     st, sm = load_score_set(scores_path)
     gt, gm = load_groundtruth(gt_path)
@@ -74,17 +87,31 @@ def evaluate(scores_path: Path, gt_path: Path, bootstrap: int = 1000, level: flo
     }
     if gt["targets"].shape[0] >= 2:
         res = metric.lds(scores, gt["subsets"], gt["targets"], bootstrap=bootstrap, level=level, seed=seed)
-        report["lds"] = {"mean": res.mean, "ci_low": res.ci_low, "ci_high": res.ci_high, "level": level,
-                         "n_subsets": int(gt["targets"].shape[0]), "n_test_used": res.n_valid}
+        report["lds"] = {
+            "mean": res.mean,
+            "ci_low": res.ci_low,
+            "ci_high": res.ci_high,
+            "level": level,
+            "n_subsets": int(gt["targets"].shape[0]),
+            "n_test_used": res.n_valid,
+        }
         dropped = report["n_test"] - res.n_valid
         if dropped:
             flat_targets = int((gt["targets"].double().std(dim=0) == 0).sum())
             reasons = f"{flat_targets} with the same retrained loss on every subset" if flat_targets else ""
             if dropped - flat_targets > 0:
-                reasons += ("; " if reasons else "") + f"{dropped - flat_targets} whose predicted scores do not vary over subsets (no ranking)"
+                reasons += (
+                    "; " if reasons else ""
+                ) + f"{dropped - flat_targets} whose predicted scores do not vary over subsets (no ranking)"
             report["lds"]["n_test_dropped"] = dropped
             report["lds"]["dropped_because"] = reasons
-            log.warning("LDS over %d of %d test samples: %d left out, %s", res.n_valid, report["n_test"], dropped, reasons)
+            log.warning(
+                "LDS over %d of %d test samples: %d left out, %s",
+                res.n_valid,
+                report["n_test"],
+                dropped,
+                reasons,
+            )
     if "loo_targets" in gt and gt["loo_indices"].numel() >= 2:
         value = metric.loo_correlation(scores, gt["loo_indices"], gt["loo_targets"], gt["full_targets"])
         report["loo"] = {"mean_pearson": value, "n_removed": int(gt["loo_indices"].numel())}
@@ -95,7 +122,10 @@ def evaluate(scores_path: Path, gt_path: Path, bootstrap: int = 1000, level: flo
 
 def _mislabel(flipped: Tensor, scores: Tensor, self_influence: Optional[Tensor]) -> Dict[str, Any]:
     """AUC of finding the flipped labels, by harm to the test set and (if saved) self-influence."""
-    out: Dict[str, Any] = {"n_flipped": int(flipped.sum()), "by_harm": metric.mislabel_auc(flipped, metric.harm_signal(scores))}
+    out: Dict[str, Any] = {
+        "n_flipped": int(flipped.sum()),
+        "by_harm": metric.mislabel_auc(flipped, metric.harm_signal(scores)),
+    }
     if self_influence is not None:
         out["by_self_influence"] = metric.mislabel_auc(flipped, self_influence)
     return out
@@ -119,12 +149,22 @@ def print_report(report: Dict[str, Any]) -> None:
         ci = f"{lds['level']:.0%} CI [{lds['ci_low']:.4f}, {lds['ci_high']:.4f}], {lds['n_subsets']} subsets, {lds['n_test_used']} test samples"
         table.add_row("LDS (mean Spearman)", _fmt(lds["mean"]), ci)
     if report["loo"]:
-        table.add_row("LOO (mean Pearson)", _fmt(report["loo"]["mean_pearson"]), f"{report['loo']['n_removed']} samples removed")
+        table.add_row(
+            "LOO (mean Pearson)",
+            _fmt(report["loo"]["mean_pearson"]),
+            f"{report['loo']['n_removed']} samples removed",
+        )
     auc = report["mislabel_auc"]
     if auc:
-        table.add_row("mislabel AUC (harm)", _fmt(auc["by_harm"]), f"{auc['n_flipped']} flipped labels; rank by minus mean score")
+        table.add_row(
+            "mislabel AUC (harm)",
+            _fmt(auc["by_harm"]),
+            f"{auc['n_flipped']} flipped labels; rank by minus mean score",
+        )
         if "by_self_influence" in auc:
-            table.add_row("mislabel AUC (self-influence)", _fmt(auc["by_self_influence"]), "rank by self-influence")
+            table.add_row(
+                "mislabel AUC (self-influence)", _fmt(auc["by_self_influence"]), "rank by self-influence"
+            )
     make_console().print(table)
 
 
@@ -174,7 +214,13 @@ def main(args: List[str]) -> int:
         print(HELP)
         return 0
     opts = parse_args(args)
-    report = evaluate(Path(opts["scores"]), Path(opts["groundtruth"]), int(opts.get("bootstrap", 1000)), float(opts.get("level", 0.95)), int(opts.get("seed", 0)))
+    report = evaluate(
+        Path(opts["scores"]),
+        Path(opts["groundtruth"]),
+        int(opts.get("bootstrap", 1000)),
+        float(opts.get("level", 0.95)),
+        int(opts.get("seed", 0)),
+    )
     text = json.dumps(report, indent=2, sort_keys=True)
     if opts.get("out"):
         Path(opts["out"]).expanduser().write_text(text + "\n")

@@ -52,7 +52,9 @@ def block_name(start: int, stop: int) -> str:
 class BlockStore:
     """Named tensor blocks; ``directory=None`` keeps them in memory."""
 
-    def __init__(self, directory: Optional[Path] = None, key_parts: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self, directory: Optional[Path] = None, key_parts: Optional[Mapping[str, Any]] = None
+    ) -> None:
         """Open (creating if needed) the store; refuse a directory whose key differs."""
         self.directory = Path(directory) if directory is not None else None
         self._memory: Dict[str, Tensor] = {}
@@ -68,7 +70,9 @@ class BlockStore:
         if recorded != key_text:
             if key_file.exists() or key_file.is_symlink():
                 # never trust blocks computed for other inputs (or an unreadable key): start afresh
-                log.warning("feature cache: %s does not match this run's key; recomputing its blocks", key_file)
+                log.warning(
+                    "feature cache: %s does not match this run's key; recomputing its blocks", key_file
+                )
                 _remove(key_file)
                 for old in self.directory.glob("*.safetensors"):
                     _remove(old)
@@ -107,7 +111,12 @@ class BlockStore:
         from safetensors.torch import save_file  # noqa: PLC0415
 
         cpu = block.to("cpu")
-        meta = {"name": name, "sha256": tensor_sha256(cpu), "shape": json.dumps(list(cpu.shape)), "dtype": str(cpu.dtype)}
+        meta = {
+            "name": name,
+            "sha256": tensor_sha256(cpu),
+            "shape": json.dumps(list(cpu.shape)),
+            "dtype": str(cpu.dtype),
+        }
         path = self._path(name)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -172,8 +181,15 @@ def _read_block(path: Path, name: str) -> tuple:
         return None, "content hash differs from the recorded one"
     if name.startswith("r") and "-" in name:  # row blocks: the name says how many rows
         start, _, stop = name[1:].partition("-")
-        if start.isdigit() and stop.isdigit() and (block.dim() == 0 or block.shape[0] != int(stop) - int(start)):
-            return None, f"{block.shape[0] if block.dim() else 0} rows where the name says {int(stop) - int(start)}"
+        if (
+            start.isdigit()
+            and stop.isdigit()
+            and (block.dim() == 0 or block.shape[0] != int(stop) - int(start))
+        ):
+            return (
+                None,
+                f"{block.shape[0] if block.dim() else 0} rows where the name says {int(stop) - int(start)}",
+            )
     return block, None
 
 

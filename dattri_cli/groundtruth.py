@@ -42,7 +42,17 @@ log = logging.getLogger("dattri_cli")
 KIND = "groundtruth"
 # train settings that change how many models a run uses, not what one retraining learns
 RUN_ONLY_TRAIN_KEYS = ("num_models", "save_every")
-SETTING_KEYS = ("num_subsets", "alpha", "seeds_per_subset", "seed", "loo", "workers", "work_dir", "out", "max_jobs")
+SETTING_KEYS = (
+    "num_subsets",
+    "alpha",
+    "seeds_per_subset",
+    "seed",
+    "loo",
+    "workers",
+    "work_dir",
+    "out",
+    "max_jobs",
+)
 # settings that never change the result (left out of the metadata)
 _EXECUTION_KEYS = ("workers", "work_dir", "out", "max_jobs")
 
@@ -103,14 +113,18 @@ def groundtruth_key(cfg: Mapping[str, Any]) -> str:
     config gives the same key, whatever the attributor, loader or ensemble size.
     """
     train = {k: v for k, v in dict(cfg["train"]).items() if k not in RUN_ONLY_TRAIN_KEYS}
-    return builders.config_hash({"dataset": dict(cfg["dataset"]), "model": dict(cfg["model"]), "train": train})
+    return builders.config_hash(
+        {"dataset": dict(cfg["dataset"]), "model": dict(cfg["model"]), "train": train}
+    )
 
 
 def draw_subsets(n_train: int, settings: GroundTruthSettings) -> Tensor:
     """``(num_subsets, round(alpha * n_train))`` sorted row positions, seeded by ``settings.seed``."""
     size = round(settings.alpha * n_train)
     generator = torch.Generator().manual_seed(settings.seed)
-    rows = [torch.randperm(n_train, generator=generator)[:size].sort().values for _ in range(settings.num_subsets)]
+    rows = [
+        torch.randperm(n_train, generator=generator)[:size].sort().values for _ in range(settings.num_subsets)
+    ]
     return torch.stack(rows) if rows else torch.zeros(0, size, dtype=torch.int64)
 
 
@@ -159,7 +173,12 @@ def run_job(cfg: Dict[str, Any], settings: GroundTruthSettings, job: Job, work_d
         split = builders.build_split(cfg)
         n_train = int(split.y_train.shape[0])
         rows = _members(job, n_train, draw_subsets(n_train, settings), settings.loo)
-        part = replace(split, x_train=split.x_train[rows], y_train=split.y_train[rows], train_indices=split.train_indices[rows])
+        part = replace(
+            split,
+            x_train=split.x_train[rows],
+            y_train=split.y_train[rows],
+            train_indices=split.train_indices[rows],
+        )
         train_settings = TrainSettings(**cfg["train"])
         model = builders.model_factory(cfg, split, "cpu")()
         train_one(model, part, train_settings, settings.seed + job.repeat)
@@ -184,7 +203,9 @@ def _prepare_work_dir(work_dir: Path, manifest: Dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _run_pending(cfg: Dict[str, Any], settings: GroundTruthSettings, pending: List[Job], work_dir: Path) -> Iterator[str]:
+def _run_pending(
+    cfg: Dict[str, Any], settings: GroundTruthSettings, pending: List[Job], work_dir: Path
+) -> Iterator[str]:
     """Run jobs in-process (one worker) or in a spawn pool; yield each name as it finishes."""
     if settings.workers == 1 or len(pending) <= 1:
         for job in pending:
@@ -215,13 +236,22 @@ def _mean_targets(work_dir: Path, kind: str, count: int, repeats: int) -> Tensor
     return torch.stack(rows).to(torch.float32)
 
 
-def merge(work_dir: Path, settings: GroundTruthSettings, subsets: Tensor, split: Any, flips: Tensor, metadata: Dict[str, Any]) -> Dict[str, Tensor]:
+def merge(
+    work_dir: Path,
+    settings: GroundTruthSettings,
+    subsets: Tensor,
+    split: Any,
+    flips: Tensor,
+    metadata: Dict[str, Any],
+) -> Dict[str, Tensor]:
     """Assemble the ground-truth tensors from the finished jobs."""
     reps = settings.seeds_per_subset
     n_test = int(split.y_test.shape[0])
     tensors = {
         "subsets": subsets.to(torch.int64).contiguous(),
-        "targets": _mean_targets(work_dir, "subset", settings.num_subsets, reps) if settings.num_subsets else torch.zeros(0, n_test),
+        "targets": _mean_targets(work_dir, "subset", settings.num_subsets, reps)
+        if settings.num_subsets
+        else torch.zeros(0, n_test),
         "train_indices": split.train_indices.to(torch.int64).contiguous(),
         "test_indices": split.test_indices.to(torch.int64).contiguous(),
     }
@@ -256,17 +286,25 @@ def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[
         "settings": settings.result_settings(),
         "target": "test cross-entropy per test sample (make_loss_funcs target), mean over seeds_per_subset retrainings",
         "training_seeds": [settings.seed + r for r in range(settings.seeds_per_subset)],
-        "label_noise": {"fraction": float(dataset.get("label_noise", 0.0) or 0.0), "seed": int(dataset.get("label_noise_seed", 0) or 0), "flipped": int(flips.sum())},
+        "label_noise": {
+            "fraction": float(dataset.get("label_noise", 0.0) or 0.0),
+            "seed": int(dataset.get("label_noise_seed", 0) or 0),
+            "flipped": int(flips.sum()),
+        },
         "versions": {"dattri_cli": dattri_cli.__version__, "torch": torch.__version__},
     }
-    work_dir = Path(settings.work_dir).expanduser() if settings.work_dir else out.with_name(out.name + ".parts")
+    work_dir = (
+        Path(settings.work_dir).expanduser() if settings.work_dir else out.with_name(out.name + ".parts")
+    )
     _prepare_work_dir(work_dir, {k: metadata[k] for k in ("groundtruth_key", "settings", "label_noise")})
     pending = [j for j in jobs_for(settings) if not (work_dir / f"{j.name}.safetensors").is_file()]
     total = len(jobs_for(settings))
     if pending:
         log.info("ground truth: %d of %d retrainings to run in %s", len(pending), total, work_dir)
     limit = pending if settings.max_jobs is None else pending[: settings.max_jobs]
-    for _ in progress.track(_run_pending(resolved, settings, limit, work_dir), "retraining", total=len(limit)):
+    for _ in progress.track(
+        _run_pending(resolved, settings, limit, work_dir), "retraining", total=len(limit)
+    ):
         pass
     if len(limit) < len(pending):
         return None

@@ -66,7 +66,10 @@ def atomic_write(path: Path, write: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        msg = write_failure(path, exc) or f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        msg = (
+            write_failure(path, exc)
+            or f"cannot write {path} ({exc.strerror or exc}); choose a writable out=PATH"
+        )
         raise DattriError(msg) from exc
     os.close(fd)
     try:
@@ -223,7 +226,10 @@ def score_metadata(
 def write_run_sidecar(out: Path, written: Any, config_hash: str, timings: Dict[str, Any]) -> None:
     """The sidecar ``NAME.run.json`` beside ``out``: what was written, timings, host, time, config hash."""
     info = {
-        "scores": written, "timings": timings, "host": platform.node(), "finished_unix": time.time(),
+        "scores": written,
+        "timings": timings,
+        "host": platform.node(),
+        "finished_unix": time.time(),
         "config_hash": config_hash,
     }
     try:
@@ -256,7 +262,11 @@ def _expand(sources: Any) -> List[Path]:
         if path.is_dir():
             found.extend(sorted(path.glob("*-of-*.safetensors")))
         elif any(ch in text for ch in "*?["):
-            found.extend(sorted(Path().glob(text)) if not path.is_absolute() else sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor)))))
+            found.extend(
+                sorted(Path().glob(text))
+                if not path.is_absolute()
+                else sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor))))
+            )
         else:
             found.append(path)
     unique = sorted(set(found))
@@ -325,7 +335,11 @@ def _sibling_shards(entries: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
             continue
         meta = entry[3]
         index = int(meta[SHARD_KEY]["index"])
-        if index in have or meta.get("config_hash") != first.get("config_hash") or meta[SHARD_KEY].get("n_train") != shard.get("n_train"):
+        if (
+            index in have
+            or meta.get("config_hash") != first.get("config_hash")
+            or meta[SHARD_KEY].get("n_train") != shard.get("n_train")
+        ):
             continue
         have.add(index)
         found.append(entry)
@@ -365,7 +379,9 @@ class ShardedScores:
             if meta.get("config_hash") != first.get("config_hash"):
                 msg = f"{path} belongs to config {str(meta.get('config_hash'))[:12]}, not {str(first.get('config_hash'))[:12]} like {entries[0][2]}; shards of different runs cannot be merged"
                 raise DattriError(msg)
-            if meta[SHARD_KEY]["n_train"] != first[SHARD_KEY]["n_train"] or not torch.equal(test_indices, entries[0][4]):
+            if meta[SHARD_KEY]["n_train"] != first[SHARD_KEY]["n_train"] or not torch.equal(
+                test_indices, entries[0][4]
+            ):
                 msg = f"{path} has a different train or test set than {entries[0][2]}"
                 raise DattriError(msg)
         n_train = int(first[SHARD_KEY]["n_train"])
@@ -410,7 +426,9 @@ class ShardedScores:
 
     def column(self, j: int) -> Tensor:
         """All training scores of test column ``j``."""
-        return torch.cat([self._read(p, SCORES, slice(None), slice(j, j + 1)).flatten() for _, _, p in self.entries])
+        return torch.cat(
+            [self._read(p, SCORES, slice(None), slice(j, j + 1)).flatten() for _, _, p in self.entries]
+        )
 
     def extra(self, name: str) -> Tensor:
         """The per-row tensor ``name`` (one of :attr:`extra_names`) of all rows, in row order."""
@@ -418,7 +436,11 @@ class ShardedScores:
 
     def load(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The whole set in memory, as :func:`load_scores` returns a single file."""
-        tensors = {SCORES: self.rows(0, self.shape[0]), TRAIN_INDICES: self.train_indices, TEST_INDICES: self.test_indices}
+        tensors = {
+            SCORES: self.rows(0, self.shape[0]),
+            TRAIN_INDICES: self.train_indices,
+            TEST_INDICES: self.test_indices,
+        }
         tensors.update({name: self.extra(name) for name in self.extra_names})
         return tensors, dict(self.metadata)
 

@@ -61,7 +61,9 @@ class LDSResult:
     n_valid: int
 
 
-def bootstrap_ci(values: np.ndarray, num: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, num: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (NaNs dropped), seeded."""
     vals = values[~np.isnan(values)]
     if vals.size == 0:

@@ -98,7 +98,9 @@ def _store_counts(timings: Dict[str, float], store_stats: Dict[str, Any]) -> Non
 
 
 def run(
-    cfg: DictConfig | Mapping[str, Any], output_dir: Optional[Path] = None, choices: Optional[Dict[str, str]] = None
+    cfg: DictConfig | Mapping[str, Any],
+    output_dir: Optional[Path] = None,
+    choices: Optional[Dict[str, str]] = None,
 ) -> RunResult:
     """Compose the task from ``cfg``, attribute, and write the score file(s)."""
     resolved = schema.validate_run(builders.to_dict(cfg))  # every value, before any work
@@ -122,31 +124,56 @@ def run(
     loader_cfg = resolved["loader"]
     loaders = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
     batch_size = int(loader_cfg["train_batch_size"])
-    plan = runner.plan_rows(resolved.get("shard"), split.x_train.shape[0], batch_size, setup.rank, setup.world)
+    plan = runner.plan_rows(
+        resolved.get("shard"), split.x_train.shape[0], batch_size, setup.rank, setup.world
+    )
     hashes = builders.checkpoint_hashes(checkpoints)
     param_dtype = task.get_param(0)[0].dtype
     store_stats: Dict[str, Any] = {}
     if resolved.get("feature_cache", False) and attributor.uses_feature_store:
         attributor.feature_store = builders.feature_store_factory(
-            Path(str(resolved["cache_dir"])) / "features", hashes, split, attributor, param_dtype, setup.device,
+            Path(str(resolved["cache_dir"])) / "features",
+            hashes,
+            split,
+            attributor,
+            param_dtype,
+            setup.device,
             store_stats,
         )
 
     torch.manual_seed(seed)
     blocks = runner.plan_files(
-        setup.rows_per_file, plan, batch_size, int(split.test_indices.numel()),
-        runner.score_bytes(attributor, param_dtype), runner.available_memory(),
+        setup.rows_per_file,
+        plan,
+        batch_size,
+        int(split.test_indices.numel()),
+        runner.score_bytes(attributor, param_dtype),
+        runner.available_memory(),
     )
     if len(blocks) > 1:
         for block in blocks:  # before any heavy work
             io.check_writable(io.shard_path(setup.out, block.index, block.count), overwrite=setup.overwrite)
     make_metadata = functools.partial(
-        io.score_metadata, builders.result_config(resolved), builders.config_hash(resolved), attributor_cfg,
-        run_opts, choices, checkpoints, hashes,
+        io.score_metadata,
+        builders.result_config(resolved),
+        builders.config_hash(resolved),
+        attributor_cfg,
+        run_opts,
+        choices,
+        checkpoints,
+        hashes,
     )
     return _score_and_write(
-        attributor, split, loaders, plan, blocks, setup, make_metadata, bool(run_opts.get("self_influence")),
-        timings, store_stats,
+        attributor,
+        split,
+        loaders,
+        plan,
+        blocks,
+        setup,
+        make_metadata,
+        bool(run_opts.get("self_influence")),
+        timings,
+        store_stats,
     )
 
 

@@ -79,7 +79,9 @@ def main(argv: List[str]) -> None:
     parser.add_argument("path", type=Path, help="a scores.safetensors file written by `dattri run`")
     parser.add_argument("--test", default="0", help="test columns, comma-separated (default 0); one PNG each")
     parser.add_argument("--top-k", type=int, default=5, help="proponents and opponents shown (default 5)")
-    parser.add_argument("--out", type=Path, help="PNG path (one test column only); default beside the score file")
+    parser.add_argument(
+        "--out", type=Path, help="PNG path (one test column only); default beside the score file"
+    )
     args = parser.parse_args(argv)
     _pyplot()  # fail early and clearly without matplotlib
     sf = open_score_file(args.path)

@@ -20,8 +20,17 @@ from dattri_cli.errors import ConfigError
 from dattri_cli.schema import GROUPS, TOP_KEYS, closest, validate_run, yaml_value
 
 _LEAVE_TO_HYDRA = {
-    "-cp", "--config-path", "-cn", "--config-name", "-h", "--help", "--hydra-help", "-i", "--info",
-    "-sc", "--shell-completion",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-i",
+    "--info",
+    "-sc",
+    "--shell-completion",
 }
 _CONFIG_DIR = {"-cd", "--config-dir"}
 _WITH_VALUE = {"-c", "--cfg", "-p", "--package"} | _CONFIG_DIR
@@ -57,7 +66,7 @@ def _split_override(override: str) -> Tuple[str, str, str]:
     prefix = ""
     for p in ("++", "+", "~"):
         if override.startswith(p):
-            prefix, override = p, override[len(p):]
+            prefix, override = p, override[len(p) :]
             break
     key, _, value = override.partition("=")
     return prefix, key, value
@@ -116,7 +125,9 @@ def _missing_key_hint(key: str, overrides: Sequence[str]) -> str:
     """``key`` does not exist: name the closest key at the level where it goes astray."""
     from omegaconf import DictConfig  # noqa: PLC0415
 
-    choices = [o for o in overrides if _split_override(o)[1] in GROUPS or _split_override(o)[1] == "hydra.searchpath"]
+    choices = [
+        o for o in overrides if _split_override(o)[1] in GROUPS or _split_override(o)[1] == "hydra.searchpath"
+    ]
     try:
         node: Any = _compose(choices)
     except Exception:  # noqa: BLE001 - only a hint
@@ -152,7 +163,11 @@ def compose_checked(overrides: Sequence[str], config_dirs: Sequence[str] = (), v
         if match:
             msg = f"Could not override '{match.group(1)}': no such key{_missing_key_hint(match.group(1), overrides)}"
             raise ConfigError(msg) from exc
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type"))]
+        lines = [
+            ln.strip()
+            for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith(("full_key", "object_type"))
+        ]
         raise ConfigError("; ".join(lines[:2]) if lines else type(exc).__name__) from exc
     if validate:
         try:

@@ -37,6 +37,7 @@ from dattri_cli.errors import ConfigError
 
 log = logging.getLogger("dattri_cli")
 
+
 @dataclass
 class RowPlan:
     """Train rows ``[start, stop)`` of ``n_train`` scored here; ``index`` of ``count`` parts."""
@@ -55,7 +56,12 @@ class RowPlan:
 
     def metadata(self) -> Dict[str, Any]:
         """What a shard file records about its rows."""
-        return {"index": self.index, "count": self.count, "rows": [self.start, self.stop], "n_train": self.n_train}
+        return {
+            "index": self.index,
+            "count": self.count,
+            "rows": [self.start, self.stop],
+            "n_train": self.n_train,
+        }
 
 
 def block_rows(n_train: int, batch_size: int, index: int, count: int) -> tuple:
@@ -71,7 +77,9 @@ def block_rows(n_train: int, batch_size: int, index: int, count: int) -> tuple:
     return first * batch_size, min(last * batch_size, n_train)
 
 
-def plan_rows(shard_cfg: Optional[Mapping[str, Any]], n_train: int, batch_size: int, rank: int = 0, world: int = 1) -> RowPlan:
+def plan_rows(
+    shard_cfg: Optional[Mapping[str, Any]], n_train: int, batch_size: int, rank: int = 0, world: int = 1
+) -> RowPlan:
     """The rows this process scores, from ``shard.index``/``shard.count`` or the rank."""
     shard_cfg = shard_cfg or {}
     count = int(shard_cfg.get("count") or 1)
@@ -120,7 +128,9 @@ def parse_rows_per_file(value: Any) -> Optional[int]:
     return value
 
 
-def rows_per_file_setting(output_cfg: Optional[Mapping[str, Any]], shard_cfg: Optional[Mapping[str, Any]], world: int) -> Optional[int]:
+def rows_per_file_setting(
+    output_cfg: Optional[Mapping[str, Any]], shard_cfg: Optional[Mapping[str, Any]], world: int
+) -> Optional[int]:
     """The checked ``output.rows_per_file`` (None: auto); refused with shard.* or torchrun, which split rows themselves."""
     rows = parse_rows_per_file((output_cfg or {}).get("rows_per_file", AUTO))
     if rows is None:
@@ -175,10 +185,22 @@ def _warn_one_file(plan: RowPlan, need: int, memory: int) -> None:
         advice = "rank 0 gathers every row; run shards (shard.index/shard.count) instead, each holding only its rows"
     else:
         advice = "raise shard.count for smaller shards"
-    log.warning("the score matrix needs about %s but %s of memory is available; %s", _size(need), _size(memory), advice)
+    log.warning(
+        "the score matrix needs about %s but %s of memory is available; %s",
+        _size(need),
+        _size(memory),
+        advice,
+    )
 
 
-def plan_files(rows_per_file: Optional[int], plan: RowPlan, batch_size: int, n_test: int, bytes_per_score: int, memory: Optional[int]) -> List[RowPlan]:
+def plan_files(
+    rows_per_file: Optional[int],
+    plan: RowPlan,
+    batch_size: int,
+    n_test: int,
+    bytes_per_score: int,
+    memory: Optional[int],
+) -> List[RowPlan]:
     """The row blocks this process writes, one file each: ``[plan]`` for a single file.
 
     ``rows_per_file=None`` (auto) keeps one file unless the estimated matrix exceeds
@@ -204,9 +226,17 @@ def plan_files(rows_per_file: Optional[int], plan: RowPlan, batch_size: int, n_t
     count = math.ceil(math.ceil(plan.n_train / batch_size) / max(1, rows_per_file // batch_size))
     if count == 1:
         return [plan]
-    blocks = [RowPlan(i, count, *block_rows(plan.n_train, batch_size, i, count), plan.n_train, "shard") for i in range(count)]
+    blocks = [
+        RowPlan(i, count, *block_rows(plan.n_train, batch_size, i, count), plan.n_train, "shard")
+        for i in range(count)
+    ]
     largest = max(b.stop - b.start for b in blocks)
-    log.info("writing the scores as %d row-block files of at most %d rows (%s); `dattri merge` joins them", count, largest, reason)
+    log.info(
+        "writing the scores as %d row-block files of at most %d rows (%s); `dattri merge` joins them",
+        count,
+        largest,
+        reason,
+    )
     return blocks
 
 

@@ -109,8 +109,21 @@ class Int(Rule):
 class Float(Rule):
     """A finite number in a range; ``open_low``/``open_high`` exclude the bound."""
 
-    def __init__(self, low: Optional[float] = None, high: Optional[float] = None, open_low: bool = False, open_high: bool = False, nullable: bool = False) -> None:
-        self.low, self.high, self.open_low, self.open_high, self.nullable = low, high, open_low, open_high, nullable
+    def __init__(
+        self,
+        low: Optional[float] = None,
+        high: Optional[float] = None,
+        open_low: bool = False,
+        open_high: bool = False,
+        nullable: bool = False,
+    ) -> None:
+        self.low, self.high, self.open_low, self.open_high, self.nullable = (
+            low,
+            high,
+            open_low,
+            open_high,
+            nullable,
+        )
 
     def describe(self) -> str:
         if self.low is None and self.high is None:
@@ -244,7 +257,9 @@ class Mapping_(Rule):
 class Node:
     """A fixed mapping: every key has a rule (or a sub-node); others are refused."""
 
-    def __init__(self, fields: Dict[str, Any], check: Optional[Callable[[str, MutableMapping[str, Any]], None]] = None) -> None:
+    def __init__(
+        self, fields: Dict[str, Any], check: Optional[Callable[[str, MutableMapping[str, Any]], None]] = None
+    ) -> None:
         self.fields, self.extra_check = fields, check
 
     def check(self, key: str, value: Any) -> Any:
@@ -276,6 +291,7 @@ def check_keys(where: str, node: Mapping[str, Any], allowed: Iterable[str], what
 
 # ----------------------------------------------------------------- the tables
 
+
 def _check_shard(key: str, node: MutableMapping[str, Any]) -> None:
     index, count = node.get("index"), node.get("count", 1)
     if index is not None and not index < count:
@@ -283,21 +299,25 @@ def _check_shard(key: str, node: MutableMapping[str, Any]) -> None:
         raise ConfigError(msg)
 
 
-TRAIN = Node({
-    "epochs": Int(1),
-    "lr": Float(0.0, 100.0),
-    "momentum": Float(0.0, 1.0),
-    "batch_size": Int(1),
-    "weight_decay": Float(0.0, 100.0),
-    "num_models": Int(1),
-    "save_every": Int(0),
-})
+TRAIN = Node(
+    {
+        "epochs": Int(1),
+        "lr": Float(0.0, 100.0),
+        "momentum": Float(0.0, 1.0),
+        "batch_size": Int(1),
+        "weight_decay": Float(0.0, 100.0),
+        "num_models": Int(1),
+        "save_every": Int(0),
+    }
+)
 
-RUNNER = Node({
-    "checkpoints": Choice("final", "trajectory"),
-    "weights": Choice("ones", "learning_rates"),
-    "self_influence": Bool(),
-})
+RUNNER = Node(
+    {
+        "checkpoints": Choice("final", "trajectory"),
+        "weights": Choice("ones", "learning_rates"),
+        "self_influence": Bool(),
+    }
+)
 
 
 def _progress_modes() -> Tuple[str, ...]:
@@ -316,7 +336,13 @@ TOP = {
     "cache_dir": Str(),
     "feature_cache": Bool(),
     "shard": Node({"index": Int(0, nullable=True), "count": Int(1)}, _check_shard),
-    "output": Node({"rows_per_file": AnyOf(Choice("auto"), Int(1), text="auto or a positive number of training rows per score file")}),
+    "output": Node(
+        {
+            "rows_per_file": AnyOf(
+                Choice("auto"), Int(1), text="auto or a positive number of training rows per score file"
+            )
+        }
+    ),
     "loader": Node({"train_batch_size": Int(1), "test_batch_size": Int(1)}),
 }
 GROUPS = ("dataset", "model", "train", "attributor")
@@ -390,7 +416,11 @@ def _rule_from_annotation(annotation: Any) -> Optional[Rule]:
         rules = [_rule_from_annotation(a) for a in inner]
         if any(r is None for r in rules):
             return None
-        return AnyOf(*rules, nullable=len(inner) < len(args)) if len(rules) > 1 else _nullable(rules[0], len(inner) < len(args))
+        return (
+            AnyOf(*rules, nullable=len(inner) < len(args))
+            if len(rules) > 1
+            else _nullable(rules[0], len(inner) < len(args))
+        )
     if origin in (list, tuple, Sequence, typing.Sequence, List, Tuple) or annotation in (list, tuple):
         item = _rule_from_annotation(args[0]) if args and args[0] is not Ellipsis else None
         return ListOf(item or Anything(nullable=True))
@@ -424,7 +454,8 @@ def target_parameters(target: Callable) -> Tuple[Dict[str, inspect.Parameter], b
     params = dict(inspect.signature(target).parameters)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     params = {
-        k: p for k, p in params.items()
+        k: p
+        for k, p in params.items()
         if k != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     }
     return params, takes_any, _hints(target)
@@ -466,7 +497,11 @@ def _check_target_node(group: str, node: MutableMapping[str, Any]) -> None:
         try:
             resolve_projector_kwargs(node["projector_kwargs"])
         except ConfigError as exc:
-            raise ConfigError(f"attributor.{exc}" if str(exc).startswith("projector_kwargs") else f"attributor.projector_kwargs: {exc}") from exc
+            raise ConfigError(
+                f"attributor.{exc}"
+                if str(exc).startswith("projector_kwargs")
+                else f"attributor.projector_kwargs: {exc}"
+            ) from exc
 
 
 # -------------------------------------------------------------- entry points
@@ -524,7 +559,9 @@ def validate_run(cfg: MutableMapping[str, Any], check_paths: bool = True) -> Mut
     return cfg
 
 
-def validate_settings(where: str, values: MutableMapping[str, Any], rules: Mapping[str, Rule]) -> MutableMapping[str, Any]:
+def validate_settings(
+    where: str, values: MutableMapping[str, Any], rules: Mapping[str, Rule]
+) -> MutableMapping[str, Any]:
     """Check ``KEY=VALUE`` settings of a command (``groundtruth``, ``eval``) against ``rules``."""
     check_keys("", values, rules, f" for dattri {where}")
     for name, rule in rules.items():
@@ -571,6 +608,15 @@ def known_keys() -> Tuple[str, ...]:
 
 
 __all__ = [
-    "Bool", "ConfigError", "EVAL_SETTINGS", "GROUNDTRUTH_SETTINGS", "TOP_KEYS", "check_cache_dir",
-    "closest", "parse_bool", "validate_run", "validate_settings", "yaml_value",
+    "Bool",
+    "ConfigError",
+    "EVAL_SETTINGS",
+    "GROUNDTRUTH_SETTINGS",
+    "TOP_KEYS",
+    "check_cache_dir",
+    "closest",
+    "parse_bool",
+    "validate_run",
+    "validate_settings",
+    "yaml_value",
 ]

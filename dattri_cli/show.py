@@ -74,13 +74,27 @@ def open_score_file(path: Path, with_data: bool = True) -> ScoreFile:
         meta = shards.metadata
         train_indices = shards.train_indices
         split, note = _rebuild_split(meta, train_indices, shards.test_indices) if with_data else (None, "")
-        return ScoreFile(path, train_indices, shards.test_indices, meta, split, shards=shards, labels_note=note)
+        return ScoreFile(
+            path, train_indices, shards.test_indices, meta, split, shards=shards, labels_note=note
+        )
     tensors, meta = load_scores(path)
-    split, note = _rebuild_split(meta, tensors[TRAIN_INDICES], tensors[TEST_INDICES]) if with_data else (None, "")
-    return ScoreFile(path, tensors[TRAIN_INDICES], tensors[TEST_INDICES], meta, split, full=tensors[SCORES], labels_note=note)
+    split, note = (
+        _rebuild_split(meta, tensors[TRAIN_INDICES], tensors[TEST_INDICES]) if with_data else (None, "")
+    )
+    return ScoreFile(
+        path,
+        tensors[TRAIN_INDICES],
+        tensors[TEST_INDICES],
+        meta,
+        split,
+        full=tensors[SCORES],
+        labels_note=note,
+    )
 
 
-def _rebuild_split(meta: Dict[str, Any], train_indices: Tensor, test_indices: Tensor) -> Tuple[Optional[Split], str]:
+def _rebuild_split(
+    meta: Dict[str, Any], train_indices: Tensor, test_indices: Tensor
+) -> Tuple[Optional[Split], str]:
     """The recorded split through our fixed registry of datasets: a score file never runs code.
 
     Labels are a nicety: a moved data file or an unknown dataset gives ``(None, reason)``
@@ -127,7 +141,10 @@ def top_training_samples(sf: ScoreFile, col: int, k: int) -> Dict[str, List[Dict
             out.append(entry)
         return out
 
-    return {"proponents": rows(torch.topk(column, k).indices), "opponents": rows(torch.topk(-column, k).indices)}
+    return {
+        "proponents": rows(torch.topk(column, k).indices),
+        "opponents": rows(torch.topk(-column, k).indices),
+    }
 
 
 def score_stats(sf: ScoreFile) -> Dict[str, Optional[float]]:
@@ -155,7 +172,11 @@ def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
     meta = sf.metadata
     tests = []
     for col in cols:
-        entry = {"column": col, "dataset_index": int(sf.test_indices[col]), **top_training_samples(sf, col, k)}
+        entry = {
+            "column": col,
+            "dataset_index": int(sf.test_indices[col]),
+            **top_training_samples(sf, col, k),
+        }
         if sf.split is not None:
             entry["label"] = int(sf.split.y_test[col])
         tests.append(entry)
@@ -181,19 +202,25 @@ def _print_rich(summary: Dict[str, Any]) -> None:
     att = summary["attributor"]
     console.print(f"[bold]{summary['path']}[/]: scores {tuple(summary['shape'])} (train x test)")
     console.print(f"attributor {att.get('target')} {json.dumps(att.get('kwargs', {}), sort_keys=True)}")
-    console.print(f"choices {summary['choices']}; versions {summary['versions']}; config hash {str(summary['config_hash'])[:12]}")
+    console.print(
+        f"choices {summary['choices']}; versions {summary['versions']}; config hash {str(summary['config_hash'])[:12]}"
+    )
     if summary["diagnostics"]:
         console.print(f"diagnostics {json.dumps(summary['diagnostics'], sort_keys=True)[:400]}")
     st = summary["stats"]
     if st["min"] is not None:
-        console.print(f"scores: min {st['min']:.4g}, max {st['max']:.4g}, mean {st['mean']:.4g}, std {st['std'] or 0:.4g}, positive {st['fraction_positive']:.1%}")
+        console.print(
+            f"scores: min {st['min']:.4g}, max {st['max']:.4g}, mean {st['mean']:.4g}, std {st['std'] or 0:.4g}, positive {st['fraction_positive']:.1%}"
+        )
     for test in summary["tests"]:
         label = f", label {test['label']}" if "label" in test else ""
         table = Table(title=f"test column {test['column']} (dataset index {test['dataset_index']}{label})")
         for name in ("proponent (helps)", "score", "opponent (hurts)", "score "):
             table.add_column(name)
         for pro, con in zip(test["proponents"], test["opponents"]):
-            fmt = lambda e: f"row {e['row']} (#{e['dataset_index']}" + (f", label {e['label']})" if "label" in e else ")")  # noqa: E731
+            fmt = lambda e: (
+                f"row {e['row']} (#{e['dataset_index']}" + (f", label {e['label']})" if "label" in e else ")")
+            )  # noqa: E731
             table.add_row(fmt(pro), f"{pro['score']:+.4g}", fmt(con), f"{con['score']:+.4g}")
         console.print(table)
 
@@ -206,9 +233,13 @@ def main(argv: List[str]) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("path", type=Path, help="a score file, or shards: their folder, a glob, or one shard file")
+    parser.add_argument(
+        "path", type=Path, help="a score file, or shards: their folder, a glob, or one shard file"
+    )
     parser.add_argument("--test", help="test columns to explain, comma-separated (default: 0)")
-    parser.add_argument("--top-k", type=int, default=5, help="proponents/opponents per test column (default 5)")
+    parser.add_argument(
+        "--top-k", type=int, default=5, help="proponents/opponents per test column (default 5)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--no-labels", action="store_true", help="do not rebuild the dataset for labels")
     args = parser.parse_args(argv)

@@ -79,10 +79,15 @@ def default_checkpoint_load_func(model: nn.Module, checkpoint: Checkpoint) -> nn
             parts.append(f"unexpected keys {unexpected}")
         if wrong_shape:
             shapes = ", ".join(
-                f"{k} {tuple(state[k].shape)} vs model {tuple(model.state_dict()[k].shape)}" for k in wrong_shape
+                f"{k} {tuple(state[k].shape)} vs model {tuple(model.state_dict()[k].shape)}"
+                for k in wrong_shape
             )
             parts.append(f"keys with a different shape: {shapes}")
-        msg = "checkpoint does not fit the model: " + "; ".join(parts) + " (is `model` the architecture the checkpoint was saved from?)"
+        msg = (
+            "checkpoint does not fit the model: "
+            + "; ".join(parts)
+            + " (is `model` the architecture the checkpoint was saved from?)"
+        )
         raise CheckpointError(msg)
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -139,9 +144,7 @@ class AttributionTask:
             model = self.checkpoints_load_func(self.model, self.checkpoints[ckpt_idx])
             if model is not None:
                 self.model = model
-            self._named_params = {
-                k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad
-            }
+            self._named_params = {k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad}
             self._loaded_idx = ckpt_idx
         return self._named_params
 
@@ -216,7 +219,9 @@ class AttributionTask:
 
         return flat_func
 
-    def _func(self, func: Callable, flatten: bool, layer_name: LayerName, ckpt_idx: Optional[int]) -> Callable:
+    def _func(
+        self, func: Callable, flatten: bool, layer_name: LayerName, ckpt_idx: Optional[int]
+    ) -> Callable:
         if not flatten:
             if layer_name is not None:
                 msg = "layer_name needs flatten=True: the unflattened function takes every parameter"
@@ -260,7 +265,9 @@ class AttributionTask:
         leading dimension of one, ``(1, batch_size, ...)``, and the loss sees each sample
         as a batch of one; with ``(None, 0)`` it sees each sample without a batch dimension.
         """
-        return vmap(grad(self.get_loss_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different")
+        return vmap(
+            grad(self.get_loss_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different"
+        )
 
     def get_grad_target_func(
         self,
@@ -269,7 +276,9 @@ class AttributionTask:
         ckpt_idx: Optional[int] = None,
     ) -> Callable:
         """Per-sample target gradients, as :meth:`get_grad_loss_func` for ``target_func``."""
-        return vmap(grad(self.get_target_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different")
+        return vmap(
+            grad(self.get_target_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different"
+        )
 
     def register_forward_hook(self, layer_name: Union[str, List[str]]) -> None:
         """Not offered (as in dattri 0.3.0); attributors that need layer inputs hook the model themselves."""

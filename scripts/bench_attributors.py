@@ -72,11 +72,23 @@ WORKLOADS: Dict[str, Dict[str, Any]] = {
     "digits_lr": {"data": "digits", "n_train": 1000, "n_test": 200, "model": "lr", "hidden": ()},
     "digits_mlp": {"data": "digits", "n_train": 1000, "n_test": 200, "model": "mlp", "hidden": (128, 128)},
     "synthetic_big": {
-        "data": "synthetic", "n_train": 10000, "n_test": 1000, "n_features": 100, "n_classes": 10,
-        "model": "mlp", "hidden": (256, 256),
+        "data": "synthetic",
+        "n_train": 10000,
+        "n_test": 1000,
+        "n_features": 100,
+        "n_classes": 10,
+        "model": "mlp",
+        "hidden": (256, 256),
     },
     # 60 training samples: a TRAK kernel of at most 60 projected dimensions
-    "smoke": {"data": "digits", "n_train": 60, "n_test": 12, "model": "lr", "hidden": (), "trak_proj_dim": 32},
+    "smoke": {
+        "data": "digits",
+        "n_train": 60,
+        "n_test": 12,
+        "model": "lr",
+        "hidden": (),
+        "trak_proj_dim": 32,
+    },
 }
 DEFAULT_WORKLOADS = ["digits_lr", "digits_mlp"]
 MAX_LOADER_BATCH = 1000  # attribute-time loader batch size: min(n, this), both sides
@@ -84,23 +96,38 @@ MAX_LOADER_BATCH = 1000  # attribute-time loader batch size: min(n, this), both 
 # Attributor settings, identical on both sides. "lr_only" ones need a small P.
 ATTRIBUTORS: Dict[str, Dict[str, Any]] = {
     "if_explicit": {"kwargs": {"regularization": IF_REG}, "lr_only": True, "deterministic": True},
-    "if_cg": {"kwargs": {"max_iter": 10, "tol": 1e-7, "regularization": IF_REG}, "deterministic": True,
-              "floor": {"hvp_steps": 10}},
+    "if_cg": {
+        "kwargs": {"max_iter": 10, "tol": 1e-7, "regularization": IF_REG},
+        "deterministic": True,
+        "floor": {"hvp_steps": 10},
+    },
     "if_lissa": {
         # damping * scaling = 0.01 (= IF_REG); batches of 32, depth 100; random minibatches
-        "kwargs": {"batch_size": 32, "num_repeat": 1, "recursion_depth": 100, "damping": IF_REG / 50.0, "scaling": 50.0},
+        "kwargs": {
+            "batch_size": 32,
+            "num_repeat": 1,
+            "recursion_depth": 100,
+            "damping": IF_REG / 50.0,
+            "scaling": 50.0,
+        },
         "deterministic": False,
         "floor": {"hvp_steps": 100, "hvp_batch": 32},
     },
     # the Grad-Dot floor (train and test per-sample gradients) bounds every gradient-based method
-    "if_arnoldi": {"kwargs": {"proj_dim": 100, "max_iter": 100, "regularization": IF_REG, "seed": 0}, "deterministic": True,
-                   "floor": {}},
+    "if_arnoldi": {
+        "kwargs": {"proj_dim": 100, "max_iter": 100, "regularization": IF_REG, "seed": 0},
+        "deterministic": True,
+        "floor": {},
+    },
     "if_datainf": {"kwargs": {"regularization": 0.1}, "deterministic": True},
     "tracin": {"kwargs": {"normalized_grad": False}, "trajectory": True, "deterministic": True},
     "grad_dot": {"kwargs": {"normalized_grad": False}, "deterministic": True, "floor": {}},
     "grad_cos": {"kwargs": {"normalized_grad": True}, "deterministic": True},
-    "trak_proj": {"proj": {"proj_dim": 512, "proj_type": "normal", "proj_seed": 0}, "deterministic": False,
-                  "floor": {"proj_dim": 512}},
+    "trak_proj": {
+        "proj": {"proj_dim": 512, "proj_type": "normal", "proj_seed": 0},
+        "deterministic": False,
+        "floor": {"proj_dim": 512},
+    },
     "trak_identity": {"proj": {"proj_type": "identity"}, "lr_only": True, "deterministic": True},
     "rps": {"kwargs": {"l2_strength": 0.003, "epoch": 3000}, "deterministic": True},
     # dattri's EK-FAC fits the empirical Fisher with a fixed damping: ours is told to do the same
@@ -108,8 +135,17 @@ ATTRIBUTORS: Dict[str, Dict[str, Any]] = {
 }
 DEFAULT_ATTRIBUTORS = list(ATTRIBUTORS)
 TARGETS = {  # minimum speed-up dattri/ours
-    "if_cg": 10, "if_lissa": 10, "if_arnoldi": 10, "if_datainf": 10,
-    "tracin": 2, "grad_dot": 2, "grad_cos": 2, "trak_proj": 2, "trak_identity": 2, "rps": 2, "if_ekfac": 2,
+    "if_cg": 10,
+    "if_lissa": 10,
+    "if_arnoldi": 10,
+    "if_datainf": 10,
+    "tracin": 2,
+    "grad_dot": 2,
+    "grad_cos": 2,
+    "trak_proj": 2,
+    "trak_identity": 2,
+    "rps": 2,
+    "if_ekfac": 2,
 }
 
 
@@ -123,7 +159,9 @@ def final_layer(spec: Dict[str, Any]) -> str:
     return "linear" if spec["model"] == "lr" else "head"
 
 
-def load_files(work: Path, workload: str) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]], Dict[str, Any]]:
+def load_files(
+    work: Path, workload: str
+) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]], Dict[str, Any]]:
     """Data tensors, checkpoints (trajectory order, last = final) and the manifest."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
@@ -175,19 +213,36 @@ def prepare(work: Path, workload: str) -> Dict[str, Any]:
     else:
         n = spec["n_train"] + spec["n_test"]
         split = cli_data.synthetic(
-            n_samples=n, n_features=spec["n_features"], n_classes=spec["n_classes"], seed=0,
-            n_train=spec["n_train"], n_test=spec["n_test"], split_seed=0,
+            n_samples=n,
+            n_features=spec["n_features"],
+            n_classes=spec["n_classes"],
+            seed=0,
+            n_train=spec["n_train"],
+            n_test=spec["n_test"],
+            split_seed=0,
         )
     epochs = 4 if workload == "smoke" else 30
-    settings = TrainSettings(epochs=epochs, lr=0.1, momentum=0.9, batch_size=64, weight_decay=WEIGHT_DECAY,
-                             save_every=max(1, epochs // 3))
+    settings = TrainSettings(
+        epochs=epochs,
+        lr=0.1,
+        momentum=0.9,
+        batch_size=64,
+        weight_decay=WEIGHT_DECAY,
+        save_every=max(1, epochs // 3),
+    )
     torch.manual_seed(0)
     model = make_model(spec, split.num_features, split.num_classes)
     kept = train_one(model, split, settings, seed=0)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"x_train": split.x_train.contiguous(), "y_train": split.y_train.contiguous(),
-               "x_test": split.x_test.contiguous(), "y_test": split.y_test.contiguous()},
-              str(folder / "data.safetensors"))
+    save_file(
+        {
+            "x_train": split.x_train.contiguous(),
+            "y_train": split.y_train.contiguous(),
+            "x_test": split.x_test.contiguous(),
+            "y_test": split.y_test.contiguous(),
+        },
+        str(folder / "data.safetensors"),
+    )
     ckpts = []
     for epoch, state in kept:
         name = f"epoch{epoch:04d}.safetensors"
@@ -195,8 +250,12 @@ def prepare(work: Path, workload: str) -> Dict[str, Any]:
         ckpts.append({"file": name, "epoch": epoch, "lr": settings.lr})
     num_params = sum(p.numel() for p in model.parameters())
     manifest = {
-        "workload": workload, "spec": spec, "checkpoints": ckpts, "num_params": num_params,
-        "in_features": split.num_features, "num_classes": split.num_classes,
+        "workload": workload,
+        "spec": spec,
+        "checkpoints": ckpts,
+        "num_params": num_params,
+        "in_features": split.num_features,
+        "num_classes": split.num_classes,
         "train": settings.__dict__,
     }
     manifest_path.write_text(json.dumps(manifest, indent=1))
@@ -247,8 +306,14 @@ def soft_ce(logits: Tensor, probs: Tensor) -> Tensor:
 # one run (in a fresh process)
 
 
-def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Module,
-                     ckpts: List[Dict[str, Tensor]], manifest: Dict[str, Any]) -> Tuple[Any, Callable[[Dict], Tensor]]:
+def build_attributor(
+    side: str,
+    name: str,
+    spec: Dict[str, Any],
+    model: nn.Module,
+    ckpts: List[Dict[str, Tensor]],
+    manifest: Dict[str, Any],
+) -> Tuple[Any, Callable[[Dict], Tensor]]:
     """The attributor of ``side`` and a function running cache + attribute on the loaders."""
     conf = ATTRIBUTORS[name]
     kwargs = dict(conf.get("kwargs", {}))
@@ -273,9 +338,14 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
     final = ckpts[-1]
     if name.startswith("if_"):
         task = AttributionTask(loss_func=loss, model=model, checkpoints=final, target_func=target)
-        cls = {"if_explicit": inf.IFAttributorExplicit, "if_cg": inf.IFAttributorCG, "if_lissa": inf.IFAttributorLiSSA,
-               "if_arnoldi": inf.IFAttributorArnoldi, "if_datainf": inf.IFAttributorDataInf,
-               "if_ekfac": inf.IFAttributorEKFAC}[name]
+        cls = {
+            "if_explicit": inf.IFAttributorExplicit,
+            "if_cg": inf.IFAttributorCG,
+            "if_lissa": inf.IFAttributorLiSSA,
+            "if_arnoldi": inf.IFAttributorArnoldi,
+            "if_datainf": inf.IFAttributorDataInf,
+            "if_ekfac": inf.IFAttributorEKFAC,
+        }[name]
         attributor = cls(task, device="cpu", **kwargs)
 
         def run(ld: Dict) -> Tensor:
@@ -290,7 +360,9 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
         # exact gradients on both sides: dattri 0.3.0 always projects (its projector_kwargs
         # start from a non-None default), so it gets the identity projection
         proj = None if side == "ours" else {"proj_type": "identity"}
-        attributor = TracInAttributor(task, weight_list=torch.tensor(weights), projector_kwargs=proj, device="cpu", **kwargs)
+        attributor = TracInAttributor(
+            task, weight_list=torch.tensor(weights), projector_kwargs=proj, device="cpu", **kwargs
+        )
 
         def run(ld: Dict) -> Tensor:
             attributor.cache()
@@ -304,7 +376,9 @@ def build_attributor(side: str, name: str, spec: Dict[str, Any], model: nn.Modul
             proj["proj_dim"] = spec["trak_proj_dim"]
         if proj["proj_type"] == "identity":
             proj["proj_dim"] = manifest["num_params"]
-        attributor = TRAKAttributor(task, correct_probability_func=correct_probability, projector_kwargs=proj, device="cpu")
+        attributor = TRAKAttributor(
+            task, correct_probability_func=correct_probability, projector_kwargs=proj, device="cpu"
+        )
 
         def run(ld: Dict) -> Tensor:
             attributor.cache(ld["train"])
@@ -372,7 +446,9 @@ def floor_seconds(model: nn.Module, ckpt: Dict[str, Tensor], ld: Dict, floor: Di
         solved = test
         x_all, y_all = ld["train"].dataset.tensors
         for _ in range(int(floor.get("hvp_steps", 0))):
-            picked = torch.randperm(len(x_all))[: floor["hvp_batch"]] if floor.get("hvp_batch") else slice(None)
+            picked = (
+                torch.randperm(len(x_all))[: floor["hvp_batch"]] if floor.get("hvp_batch") else slice(None)
+            )
             solved = hvps(solved, (x_all[picked], y_all[picked]))
             solved = solved / solved.norm(dim=1, keepdim=True).clamp_min(1e-30)  # keep the values in range
         scores = train @ solved.T
@@ -478,7 +554,11 @@ def agreement(a: Tensor, b: Tensor) -> Dict[str, Optional[float]]:
 
 def find_dattri_python(path: str) -> Optional[str]:
     """The venv's python if it imports dattri; else try to create the venv there; else None."""
-    probe = [path, "-c", "import dattri, tqdm; print(dattri.__version__ if hasattr(dattri, '__version__') else '0.3.0')"]
+    probe = [
+        path,
+        "-c",
+        "import dattri, tqdm; print(dattri.__version__ if hasattr(dattri, '__version__') else '0.3.0')",
+    ]
     try:
         ok = subprocess.run(probe, capture_output=True, text=True, timeout=120, check=False).returncode == 0
     except OSError:
@@ -508,12 +588,20 @@ def summarize(rows: List[Dict[str, Any]]) -> None:
             row[side] = {
                 "seconds_median": statistics.median(r["seconds"] for r in runs) if runs else None,
                 "peak_rss_mib_max": max(r["peak_rss_mib"] for r in runs) if runs else None,
-                "rss_increase_mib_max": max(r["peak_rss_mib"] - r["rss_before_mib"] for r in runs) if runs else None,
+                "rss_increase_mib_max": max(r["peak_rss_mib"] - r["rss_before_mib"] for r in runs)
+                if runs
+                else None,
                 "errors": [r["error"] for r in row["runs"][side] if "error" in r],
             }
         o, d = row["ours"], row["dattri"]
-        row["time_ratio"] = d["seconds_median"] / o["seconds_median"] if o["seconds_median"] and d["seconds_median"] else None
-        row["rss_ratio"] = d["peak_rss_mib_max"] / o["peak_rss_mib_max"] if o["peak_rss_mib_max"] and d["peak_rss_mib_max"] else None
+        row["time_ratio"] = (
+            d["seconds_median"] / o["seconds_median"] if o["seconds_median"] and d["seconds_median"] else None
+        )
+        row["rss_ratio"] = (
+            d["peak_rss_mib_max"] / o["peak_rss_mib_max"]
+            if o["peak_rss_mib_max"] and d["peak_rss_mib_max"]
+            else None
+        )
         floors = [r["floor_seconds"] for r in row["runs"]["ours"] if "floor_seconds" in r]
         row["floor_seconds_median"] = statistics.median(floors) if floors else None
         if floors and o["seconds_median"]:
@@ -522,7 +610,9 @@ def summarize(rows: List[Dict[str, Any]]) -> None:
             row["dattri_over_floor"] = d["seconds_median"] / row["floor_seconds_median"]
         target = TARGETS.get(row["attributor"])
         row["time_target"] = target
-        row["time_target_met"] = None if row["time_ratio"] is None or target is None else row["time_ratio"] >= target
+        row["time_target_met"] = (
+            None if row["time_ratio"] is None or target is None else row["time_ratio"] >= target
+        )
 
 
 def fmt(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
@@ -530,8 +620,10 @@ def fmt(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
 
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
-    head = ("| workload | attributor | ours [s] | dattri [s] | time dattri/ours | target | ours RSS [MiB] "
-            "| dattri RSS [MiB] | RSS dattri/ours | Pearson | Spearman | per-test Spearman | notes |")
+    head = (
+        "| workload | attributor | ours [s] | dattri [s] | time dattri/ours | target | ours RSS [MiB] "
+        "| dattri RSS [MiB] | RSS dattri/ours | Pearson | Spearman | per-test Spearman | notes |"
+    )
     lines = [head, "|" + " --- |" * 13]
     for r in rows:
         ag = r.get("agreement") or {}
@@ -547,7 +639,14 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
                 notes.append(f"{side}: {err}")
         if r.get("dattri_skipped"):
             notes.append(f"dattri: {r['dattri_skipped']}")
-        target = "" if r["time_target"] is None else (f">= {r['time_target']}x " + ("met" if r["time_target_met"] else "MISSED" if r["time_target_met"] is False else ""))
+        target = (
+            ""
+            if r["time_target"] is None
+            else (
+                f">= {r['time_target']}x "
+                + ("met" if r["time_target_met"] else "MISSED" if r["time_target_met"] is False else "")
+            )
+        )
         lines.append(
             f"| {r['workload']} | {r['attributor']} | {fmt(r['ours']['seconds_median'], '.3f')} | "
             f"{fmt(r['dattri']['seconds_median'], '.3f')} | {fmt(r['time_ratio'], '.1f', 'x')} | {target.strip()} | "
@@ -573,7 +672,9 @@ def bar_chart(rows: List[Dict[str, Any]], path: Path) -> bool:
     xs = range(len(shown))
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(shown)), 4.5))
     ax.bar([x - 0.2 for x in xs], [r["time_ratio"] for r in shown], width=0.4, label="time dattri / ours")
-    ax.bar([x + 0.2 for x in xs], [r["rss_ratio"] or 0 for r in shown], width=0.4, label="peak RSS dattri / ours")
+    ax.bar(
+        [x + 0.2 for x in xs], [r["rss_ratio"] or 0 for r in shown], width=0.4, label="peak RSS dattri / ours"
+    )
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(list(xs))
@@ -589,19 +690,30 @@ def bar_chart(rows: List[Dict[str, Any]], path: Path) -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
-                        help=f"comma-separated among {', '.join(w for w in WORKLOADS if w != 'smoke')}")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma-separated among {', '.join(w for w in WORKLOADS if w != 'smoke')}",
+    )
     parser.add_argument("--attributors", default=",".join(DEFAULT_ATTRIBUTORS), help="comma-separated")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per side (alternating ours, dattri)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
-    parser.add_argument("--loader-batch", type=int, default=MAX_LOADER_BATCH,
-                        help="batch size of the attribute-time train/test loaders, both sides (the IF cache "
-                             "loader stays one batch so both compute the Hessian of the mean loss)")
+    parser.add_argument(
+        "--loader-batch",
+        type=int,
+        default=MAX_LOADER_BATCH,
+        help="batch size of the attribute-time train/test loaders, both sides (the IF cache "
+        "loader stays one batch so both compute the Hessian of the mean loss)",
+    )
     parser.add_argument("--dattri-python", default=DEFAULT_DATTRI_PYTHON)
     parser.add_argument("--no-dattri", action="store_true", help="run ours only")
     parser.add_argument("--smoke", action="store_true", help="a tiny workload, one rep (seconds)")
-    parser.add_argument("--work-dir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dattri_cli_bench"))
-    parser.add_argument("--out", default=None, help="output prefix for .json/.md/.png (default: <work-dir>/results)")
+    parser.add_argument(
+        "--work-dir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dattri_cli_bench")
+    )
+    parser.add_argument(
+        "--out", default=None, help="output prefix for .json/.md/.png (default: <work-dir>/results)"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     args = parser.parse_args(argv)
     if args.worker:
@@ -631,13 +743,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     for workload in workloads:
         manifest = prepare(work, workload)
-        print(f"workload {workload}: {manifest['num_params']} parameters, {WORKLOADS[workload]['n_train']} train / "
-              f"{WORKLOADS[workload]['n_test']} test, {len(manifest['checkpoints'])} checkpoints", flush=True)
+        print(
+            f"workload {workload}: {manifest['num_params']} parameters, {WORKLOADS[workload]['n_train']} train / "
+            f"{WORKLOADS[workload]['n_test']} test, {len(manifest['checkpoints'])} checkpoints",
+            flush=True,
+        )
         for name in attributors:
             conf = ATTRIBUTORS[name]
             if conf.get("lr_only") and WORKLOADS[workload]["model"] != "lr":
                 continue
-            row: Dict[str, Any] = {"workload": workload, "attributor": name, "runs": {"ours": [], "dattri": []}}
+            row: Dict[str, Any] = {
+                "workload": workload,
+                "attributor": name,
+                "runs": {"ours": [], "dattri": []},
+            }
             skip = None
             if name == "if_datainf" and workload == "synthetic_big":
                 skip = "skipped: its transform holds test_batch x test_batch x P floats (~400 GB here)"
@@ -647,8 +766,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for side in sides:
                     stem = work / workload / f"{name}_{side}_{rep}"
                     job = {
-                        "workload": workload, "attributor": name, "side": side, "threads": args.threads,
-                        "work": str(work), "result_path": f"{stem}.json", "loader_batch": args.loader_batch,
+                        "workload": workload,
+                        "attributor": name,
+                        "side": side,
+                        "threads": args.threads,
+                        "work": str(work),
+                        "result_path": f"{stem}.json",
+                        "loader_batch": args.loader_batch,
                         "scores_path": f"{stem}.pt" if rep == 0 else None,
                         "floor": conf.get("floor") if side == "ours" else None,
                     }
@@ -656,23 +780,40 @@ def main(argv: Optional[List[str]] = None) -> int:
                     python = sys.executable if side == "ours" else dattri_python
                     result = run_job(python, job, args.timeout)
                     row["runs"][side].append(result)
-                    shown = result.get("error") or f"{result['seconds']:.3f} s, {result['peak_rss_mib']:.0f} MiB"
+                    shown = (
+                        result.get("error") or f"{result['seconds']:.3f} s, {result['peak_rss_mib']:.0f} MiB"
+                    )
                     print(f"  {name:14s} {side:6s} rep {rep}: {shown}", flush=True)
-            ours_scores, dattri_scores = work / workload / f"{name}_ours_0.pt", work / workload / f"{name}_dattri_0.pt"
-            if "dattri" in sides and ours_scores.is_file() and dattri_scores.is_file() \
-                    and "error" not in row["runs"]["ours"][0] and "error" not in row["runs"]["dattri"][0]:
+            ours_scores, dattri_scores = (
+                work / workload / f"{name}_ours_0.pt",
+                work / workload / f"{name}_dattri_0.pt",
+            )
+            if (
+                "dattri" in sides
+                and ours_scores.is_file()
+                and dattri_scores.is_file()
+                and "error" not in row["runs"]["ours"][0]
+                and "error" not in row["runs"]["dattri"][0]
+            ):
                 row["agreement"] = agreement(torch.load(ours_scores), torch.load(dattri_scores))
             else:
                 row["agreement"] = None
             rows.append(row)
     summarize(rows)
     meta = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.platform(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads, "reps": reps,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "reps": reps,
         "loader_batch": args.loader_batch,
-        "dattri": "0.3.0" if dattri_python else None, "dattri_python": dattri_python,
+        "dattri": "0.3.0" if dattri_python else None,
+        "dattri_python": dattri_python,
         "workloads": {w: WORKLOADS[w] for w in workloads},
         "attributor_settings": {a: ATTRIBUTORS[a] for a in attributors},
     }
@@ -681,7 +822,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.with_suffix(".md").write_text(table + "\n")
     chart = bar_chart(rows, out.with_suffix(".png")) if dattri_python else False
     print(table)
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + (f", {out.with_suffix('.png')}" if chart else ""))
+    print(
+        f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}"
+        + (f", {out.with_suffix('.png')}" if chart else "")
+    )
     return 0
 
 

@@ -73,8 +73,15 @@ def test_losses_after_retraining(split, model, subsets):
     """``(num_subsets, num_test)`` test losses of the MLP retrained on each subset."""
     out = []
     for idx in subsets:
-        sub = type(split)(split.name, split.x_train[idx], split.y_train[idx], split.x_test, split.y_test,
-                          split.train_indices[idx], split.test_indices)
+        sub = type(split)(
+            split.name,
+            split.x_train[idx],
+            split.y_train[idx],
+            split.x_test,
+            split.y_test,
+            split.train_indices[idx],
+            split.test_indices,
+        )
         state = train_one(model, sub, SETTINGS, seed=0)[-1][1]
         model.load_state_dict(state)
         with torch.no_grad():
@@ -87,9 +94,9 @@ def quick_lds(scores: torch.Tensor, subsets, losses: torch.Tensor):
     for k, idx in enumerate(subsets):
         masks[k, idx] = 1.0
     predicted = -(masks @ scores)  # (num_subsets, num_test): more helpful samples in, lower loss
-    rhos = torch.tensor([
-        spearmanr(predicted[:, j].numpy(), losses[:, j].numpy()).statistic for j in range(scores.shape[1])
-    ])
+    rhos = torch.tensor(
+        [spearmanr(predicted[:, j].numpy(), losses[:, j].numpy()).statistic for j in range(scores.shape[1])]
+    )
     rhos = rhos[torch.isfinite(rhos)]
     return float(rhos.mean()), float(rhos.std() / len(rhos) ** 0.5)
 
@@ -137,8 +144,14 @@ DATTRI_SIDE = textwrap.dedent(
 def run_dattri(python: str, split, state, tmp: Path):
     sizes = [split.num_features, 128, 128, split.num_classes]
     blob = {
-        "sizes": sizes, "weight_decay": SETTINGS.weight_decay, "damping": DATTRI_DAMPING, "state": state,
-        "x_train": split.x_train, "y_train": split.y_train, "x_test": split.x_test, "y_test": split.y_test,
+        "sizes": sizes,
+        "weight_decay": SETTINGS.weight_decay,
+        "damping": DATTRI_DAMPING,
+        "state": state,
+        "x_train": split.x_train,
+        "y_train": split.y_train,
+        "x_test": split.x_test,
+        "y_test": split.y_test,
     }
     torch.save(blob, tmp / "in.pt")
     (tmp / "side.py").write_text(DATTRI_SIDE)
@@ -161,7 +174,9 @@ def main() -> None:
     for name, make in attributors(model).items():
         if args.only and args.only not in name:
             continue
-        task = AttributionTask(loss_func, model, {k: v.clone() for k, v in state.items()}, target_func=target_func)
+        task = AttributionTask(
+            loss_func, model, {k: v.clone() for k, v in state.items()}, target_func=target_func
+        )
         torch.manual_seed(0)
         start = time.perf_counter()
         try:
@@ -187,9 +202,11 @@ def main() -> None:
         ours = all_scores.get(f"if_ekfac (empirical, damping {DATTRI_DAMPING})")
         if ours is not None:
             a, b = ours.flatten().numpy(), d_scores.double().flatten().numpy()
-            print(f"dattri vs ours (same settings): pearson {pearsonr(a, b).statistic:.4f}, "
-                  f"spearman {spearmanr(a, b).statistic:.4f}, rel. diff "
-                  f"{float((ours - d_scores.double()).norm() / d_scores.double().norm()):.3g}")
+            print(
+                f"dattri vs ours (same settings): pearson {pearsonr(a, b).statistic:.4f}, "
+                f"spearman {spearmanr(a, b).statistic:.4f}, rel. diff "
+                f"{float((ours - d_scores.double()).norm() / d_scores.double().norm()):.3g}"
+            )
     gen = torch.Generator().manual_seed(1)
     n = split.x_train.shape[0]
     subsets = [torch.randperm(n, generator=gen)[: n // 2].sort().values for _ in range(args.subsets)]

@@ -50,23 +50,34 @@ def child(method: str, n_train: int, n_test: int, proj_dim: int, workdir: str) -
         cfg = compose(config_name="run", overrides=overrides)
     result = pipeline.run(cfg)
     seconds = result.timings["cache_s"] + result.timings["attribute_s"]
-    print(json.dumps({
-        "method": method,
-        "n_train": n_train,
-        "n_test": n_test,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "output_mib": n_train * n_test * 4 / 2**20,
-        "seconds": seconds,
-        "train_samples_per_s": n_train / seconds,
-    }))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "n_train": n_train,
+                "n_test": n_test,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "output_mib": n_train * n_test * 4 / 2**20,
+                "seconds": seconds,
+                "train_samples_per_s": n_train / seconds,
+            }
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--proj-dim", type=int, default=32, help="TRAK projection; at most the 63 parameters of the synthetic LR")
+    parser.add_argument(
+        "--proj-dim",
+        type=int,
+        default=32,
+        help="TRAK projection; at most the 63 parameters of the synthetic LR",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script works")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "N_TRAIN"), help=argparse.SUPPRESS)
@@ -79,13 +90,25 @@ def main() -> None:
     rows = []
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    print(f"{'method':9} {'n_train':>8} {'peak RSS MiB':>13} {'output MiB':>11} {'RSS-out MiB':>12} {'vs first':>9} {'samples/s':>10}")
+    print(
+        f"{'method':9} {'n_train':>8} {'peak RSS MiB':>13} {'output MiB':>11} {'RSS-out MiB':>12} {'vs first':>9} {'samples/s':>10}"
+    )
     for method in args.methods:
         base = None
         for n in args.sizes:
             with tempfile.TemporaryDirectory() as work:
                 env["BENCH_WORKDIR"] = work
-                cmd = [sys.executable, __file__, "--child", method, str(n), "--n-test", str(args.n_test), "--proj-dim", str(args.proj_dim)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    method,
+                    str(n),
+                    "--n-test",
+                    str(args.n_test),
+                    "--proj-dim",
+                    str(args.proj_dim),
+                ]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)
@@ -95,7 +118,9 @@ def main() -> None:
             base = working if base is None else base
             row["working_mib"], row["working_vs_first"] = working, working / base
             rows.append(row)
-            print(f"{method:9} {n:>8} {row['peak_rss_mib']:>13.1f} {row['output_mib']:>11.1f} {working:>12.1f} {working / base:>8.2f}x {row['train_samples_per_s']:>10.0f}")
+            print(
+                f"{method:9} {n:>8} {row['peak_rss_mib']:>13.1f} {row['output_mib']:>11.1f} {working:>12.1f} {working / base:>8.2f}x {row['train_samples_per_s']:>10.0f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -1,7 +1,7 @@
 """Write docs/troubleshooting.md from the error catalogue the test suite walks.
 
-    python scripts/gen_troubleshooting.py          # rewrite the page
-    python scripts/gen_troubleshooting.py --check  # exit 1 if the page is stale
+python scripts/gen_troubleshooting.py          # rewrite the page
+python scripts/gen_troubleshooting.py --check  # exit 1 if the page is stale
 """
 
 from __future__ import annotations

@@ -53,7 +53,13 @@ def available_attributors() -> List[str]:
 
 def base_overrides(args: argparse.Namespace, model: str) -> List[str]:
     """The shared part of every config: data, model, training, cache."""
-    out = [f"model={model}", f"dataset.n_train={args.n_train}", f"dataset.n_test={args.n_test}", "progress=off", f"cache_dir={args.out_dir / 'cache'}"]
+    out = [
+        f"model={model}",
+        f"dataset.n_train={args.n_train}",
+        f"dataset.n_test={args.n_test}",
+        "progress=off",
+        f"cache_dir={args.out_dir / 'cache'}",
+    ]
     if args.epochs:
         out.append(f"train.epochs={args.epochs}")
     return out
@@ -72,7 +78,12 @@ def score_one(args: argparse.Namespace, model: str, name: str, truth: Path) -> D
     if "attributor=" not in " ".join(overrides):
         overrides.append(f"attributor={name}")
     if name in EXPLICIT_HESSIAN and num_params(overrides) > args.max_explicit_params:
-        return {"attributor": name, "model": model, "lds": None, "note": f"skipped: more than {args.max_explicit_params} parameters for an explicit Hessian"}
+        return {
+            "attributor": name,
+            "model": model,
+            "lds": None,
+            "note": f"skipped: more than {args.max_explicit_params} parameters for an explicit Hessian",
+        }
     out = args.out_dir / f"scores_{model}_{name}.safetensors"
     start = time.perf_counter()
     try:
@@ -84,7 +95,14 @@ def score_one(args: argparse.Namespace, model: str, name: str, truth: Path) -> D
             traceback.print_exc()
         return {"attributor": name, "model": model, "lds": None, "note": f"failed: {note}"}
     lds = report["lds"]
-    return {"attributor": name, "model": model, "lds": lds["mean"], "ci": [lds["ci_low"], lds["ci_high"]], "seconds": round(time.perf_counter() - start, 2), "note": ""}
+    return {
+        "attributor": name,
+        "model": model,
+        "lds": lds["mean"],
+        "ci": [lds["ci_low"], lds["ci_high"]],
+        "seconds": round(time.perf_counter() - start, 2),
+        "note": "",
+    }
 
 
 def ground_truth(args: argparse.Namespace, model: str) -> Path:
@@ -92,10 +110,19 @@ def ground_truth(args: argparse.Namespace, model: str) -> Path:
     out = args.out_dir / f"groundtruth_{model}.safetensors"
     if out.is_file() and not args.regenerate:
         return out
-    settings = gt.GroundTruthSettings(num_subsets=args.subsets, alpha=0.5, seeds_per_subset=args.seeds_per_subset, workers=args.workers, out=str(out))
+    settings = gt.GroundTruthSettings(
+        num_subsets=args.subsets,
+        alpha=0.5,
+        seeds_per_subset=args.seeds_per_subset,
+        workers=args.workers,
+        out=str(out),
+    )
     start = time.perf_counter()
     gt.generate(compose(base_overrides(args, model)), settings)
-    print(f"ground truth for {model}: {args.subsets} subsets in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    print(
+        f"ground truth for {model}: {args.subsets} subsets in {time.perf_counter() - start:.0f}s",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -129,14 +156,19 @@ def save_plot(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
-        print("matplotlib is not installed: skipping the PNG (pip install 'dattri-cli[plot]')", file=sys.stderr)
+        print(
+            "matplotlib is not installed: skipping the PNG (pip install 'dattri-cli[plot]')", file=sys.stderr
+        )
         return None
     models = sorted({r["model"] for r in rows})
     names = list(dict.fromkeys(r["attributor"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
     width = 0.8 / max(1, len(models))
     for k, m in enumerate(models):
-        values = [next((r["lds"] or 0.0 for r in rows if r["attributor"] == n and r["model"] == m), 0.0) for n in names]
+        values = [
+            next((r["lds"] or 0.0 for r in rows if r["attributor"] == n and r["model"] == m), 0.0)
+            for n in names
+        ]
         ax.bar([i + k * width for i in range(len(names))], values, width, label=m)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(names))], names, rotation=30)
     ax.set_ylabel("LDS")
@@ -150,7 +182,12 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Command-line options; ``--smoke`` shrinks everything."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["lr", "mlp"])
-    p.add_argument("--attributors", nargs="+", default=None, help="default: every config in configs/attributor (+ trak-5)")
+    p.add_argument(
+        "--attributors",
+        nargs="+",
+        default=None,
+        help="default: every config in configs/attributor (+ trak-5)",
+    )
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--subsets", type=int, default=50)
@@ -160,13 +197,26 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--max-explicit-params", type=int, default=20000)
     p.add_argument("--out-dir", type=Path, default=Path("lds_out"))
-    p.add_argument("--regenerate", action="store_true", help="retrain the ground truth even if its file exists")
+    p.add_argument(
+        "--regenerate", action="store_true", help="retrain the ground truth even if its file exists"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny problem: 40 train, 8 test, 3 subsets, 2 epochs")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing attributors")
     args = p.parse_args(argv)
     if args.smoke:
-        args.n_train, args.n_test, args.subsets, args.epochs, args.workers, args.bootstrap = 40, 8, 3, 2, 1, 50
-        args.attributors = args.attributors or ["grad_dot", "if_explicit", "trak"]  # trak fails here: a noted skip
+        args.n_train, args.n_test, args.subsets, args.epochs, args.workers, args.bootstrap = (
+            40,
+            8,
+            3,
+            2,
+            1,
+            50,
+        )
+        args.attributors = args.attributors or [
+            "grad_dot",
+            "if_explicit",
+            "trak",
+        ]  # trak fails here: a noted skip
     return args
 
 
@@ -180,8 +230,17 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         truth = ground_truth(args, model)
         for name in names:
             rows.append(score_one(args, model, name, truth))
-            print(f"{model:4s} {name:12s} {rows[-1]['lds'] if rows[-1]['lds'] is not None else rows[-1]['note']}", file=sys.stderr)
-    meta = {"n_train": args.n_train, "n_test": args.n_test, "subsets": args.subsets, "seeds_per_subset": args.seeds_per_subset, "epochs": args.epochs}
+            print(
+                f"{model:4s} {name:12s} {rows[-1]['lds'] if rows[-1]['lds'] is not None else rows[-1]['note']}",
+                file=sys.stderr,
+            )
+    meta = {
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "subsets": args.subsets,
+        "seeds_per_subset": args.seeds_per_subset,
+        "epochs": args.epochs,
+    }
     (args.out_dir / "lds_table.json").write_text(json.dumps({"setup": meta, "rows": rows}, indent=1) + "\n")
     print_table(rows)
     save_plot(rows, args.out_dir / "lds_table.png")

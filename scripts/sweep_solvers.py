@@ -68,7 +68,9 @@ def solvers() -> Dict[str, Callable]:
         "explicit": lambda t: IFAttributorExplicit(t, regularization=REG),
         "cg (10 it)": lambda t: IFAttributorCG(t, max_iter=10, regularization=REG),
         "cg (100 it)": lambda t: IFAttributorCG(t, max_iter=100, tol=1e-6, regularization=REG),
-        "cg rev-fwd (100 it)": lambda t: IFAttributorCG(t, max_iter=100, tol=1e-6, mode="rev-fwd", regularization=REG),
+        "cg rev-fwd (100 it)": lambda t: IFAttributorCG(
+            t, max_iter=100, tol=1e-6, mode="rev-fwd", regularization=REG
+        ),
         "lissa (bs 64, 500)": lambda t: IFAttributorLiSSA(
             t, batch_size=64, recursion_depth=500, damping=REG / 5.0, scaling=5.0
         ),

@@ -31,7 +31,14 @@ def run_sweep(solvers: List[str], overrides: List[str], sweep_dir: Path) -> None
     """One `dattri run -m` over the solvers; a failing job stops the sweep with its message."""
     exe = shutil.which("dattri")
     cmd = [exe] if exe else [sys.executable, "-m", "dattri_cli"]
-    cmd += ["run", "-m", f"attributor={','.join(solvers)}", "progress=off", f"hydra.sweep.dir={sweep_dir}", *overrides]
+    cmd += [
+        "run",
+        "-m",
+        f"attributor={','.join(solvers)}",
+        "progress=off",
+        f"hydra.sweep.dir={sweep_dir}",
+        *overrides,
+    ]
     print("$ " + " ".join(cmd[1:] if exe else cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -50,7 +57,10 @@ def collect(sweep_dir: Path) -> Dict[str, Dict]:
 def table(results: Dict[str, Dict]) -> str:
     """Markdown table; agreement columns only when if_explicit ran."""
     ref = results.get("if_explicit")
-    lines = ["| solver | cache+attribute (s) | Spearman vs explicit | max rel. diff vs explicit |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "| solver | cache+attribute (s) | Spearman vs explicit | max rel. diff vs explicit |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, res in results.items():
         if ref is None or name == "if_explicit":
             agree = ("-", "-")

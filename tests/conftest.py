@@ -22,7 +22,9 @@ def _work_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:  # noqa: ARG001
     """Fail loudly if a test wrote run folders into the repository."""
-    leaked = [name for name in ("outputs", "multirun") if (REPO / name).exists() and name not in _PRESENT_AT_START]
+    leaked = [
+        name for name in ("outputs", "multirun") if (REPO / name).exists() and name not in _PRESENT_AT_START
+    ]
     if leaked:
         session.exitstatus = 1
         print(f"\ntests left {', '.join(leaked)} in {REPO}")

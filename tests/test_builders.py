@@ -58,13 +58,18 @@ def test_checkpoint_choice_and_weights():
 def test_runtime_names_are_what_the_attributor_builder_fills():
     source = inspect.getsource(builders.build_attributor)
     assert all(f'"{name}"' in source for name in builders.RUNTIME_ATTRIBUTOR_PARAMS)
-    assert set(builders.RUNTIME_FILLED) == set(builders.RUNTIME_ATTRIBUTOR_PARAMS) | {"in_features", "num_classes"}
+    assert set(builders.RUNTIME_FILLED) == set(builders.RUNTIME_ATTRIBUTOR_PARAMS) | {
+        "in_features",
+        "num_classes",
+    }
 
 
 def _objects(tmp_path: Path, *overrides: str):
-    resolved = builders.to_dict(compose_run(
-        ["dataset.n_train=30", "dataset.n_test=4", "train.epochs=1", f"cache_dir={tmp_path}", *overrides]
-    ))
+    resolved = builders.to_dict(
+        compose_run(
+            ["dataset.n_train=30", "dataset.n_test=4", "train.epochs=1", f"cache_dir={tmp_path}", *overrides]
+        )
+    )
     split = builders.build_split(resolved)
     build_model = builders.model_factory(resolved, split, "cpu")
     settings = TrainSettings(**resolved["train"])
@@ -86,5 +91,7 @@ def test_every_packaged_attributor_builds_into_the_contract(tmp_path, name):
 def test_an_object_without_the_contract_is_refused(tmp_path):
     resolved, split, ckpts, task = _objects(tmp_path)
     cfg = {"_target_": f"{__name__}.NotAnAttributor"}
-    with pytest.raises(ConfigError, match="must build a dattri_cli.algorithm.base.Attributor, got NotAnAttributor"):
+    with pytest.raises(
+        ConfigError, match="must build a dattri_cli.algorithm.base.Attributor, got NotAnAttributor"
+    ):
         builders.build_attributor(cfg, {}, task, ckpts, split, "cpu")

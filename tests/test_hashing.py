@@ -32,11 +32,22 @@ def test_data_fingerprints_with_and_without_layout():
     train = (split.x_train, split.y_train, split.train_indices)
     assert hashing.data_fingerprint(train, with_layout=True) == train_fingerprint(*train)
     assert hashing.data_fingerprint(train) != hashing.data_fingerprint(train, with_layout=True)
-    every = (split.x_train, split.y_train, split.x_test, split.y_test, split.train_indices, split.test_indices)
+    every = (
+        split.x_train,
+        split.y_train,
+        split.x_test,
+        split.y_test,
+        split.train_indices,
+        split.test_indices,
+    )
     assert split.fingerprint() == hashing.data_fingerprint(every)
     same_bytes = torch.zeros(4, dtype=torch.int32)
-    assert hashing.data_fingerprint([same_bytes]) == hashing.data_fingerprint([torch.zeros(2, dtype=torch.int64)])
-    assert hashing.data_fingerprint([same_bytes], True) != hashing.data_fingerprint([torch.zeros(2, dtype=torch.int64)], True)
+    assert hashing.data_fingerprint([same_bytes]) == hashing.data_fingerprint(
+        [torch.zeros(2, dtype=torch.int64)]
+    )
+    assert hashing.data_fingerprint([same_bytes], True) != hashing.data_fingerprint(
+        [torch.zeros(2, dtype=torch.int64)], True
+    )
 
 
 def test_tensor_hash_covers_dtype_shape_and_values():

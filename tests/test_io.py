@@ -49,13 +49,18 @@ def test_file_size_limit_is_one_line_and_no_partial_file(tmp_path):
     pytest.importorskip("resource")
     for index, rows in enumerate(((0, 2000), (2000, 4000))):
         shard = {"index": index, "count": 2, "rows": list(rows), "n_train": 4000}
-        io.save_scores(tmp_path / f"scores-{index:05d}-of-00002.safetensors", torch.ones(2000, 20),
-                       torch.arange(*rows), torch.arange(20), {"config_hash": "a", "shard": shard})
+        io.save_scores(
+            tmp_path / f"scores-{index:05d}-of-00002.safetensors",
+            torch.ones(2000, 20),
+            torch.arange(*rows),
+            torch.arange(20),
+            {"config_hash": "a", "shard": shard},
+        )
     script = textwrap.dedent(f"""
         import resource
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
         from dattri_cli import cli
-        cli.main(["merge", {str(tmp_path)!r}, "out={tmp_path / 'merged.safetensors'}"])
+        cli.main(["merge", {str(tmp_path)!r}, "out={tmp_path / "merged.safetensors"}"])
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -65,7 +70,9 @@ def test_file_size_limit_is_one_line_and_no_partial_file(tmp_path):
 
 def test_sidecar_failure_says_the_scores_were_written(small_run, tmp_path, monkeypatch):
     def no_space(path, info):
-        io.atomic_write(Path(path), lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        io.atomic_write(
+            Path(path), lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        )
 
     monkeypatch.setattr(io, "write_sidecar", no_space)
     with pytest.raises(DattriError) as info:

@@ -64,7 +64,7 @@ def test_one_file_prepares_on_the_full_set_and_scores_every_row():
     plan = runner.RowPlan(0, 1, 0, 40, 40, "full")
     attributor, out, timings = _run(plan, [plan])
     assert attributor.calls == [("prepare", 40, 0), ("score_rows", 0, 40, False)]
-    (block, scores), = out
+    ((block, scores),) = out
     assert block is plan and scores.dtype == torch.float32 and scores.shape == (40, 3)
     assert {"cache_s", "attribute_s"} <= set(timings)
 

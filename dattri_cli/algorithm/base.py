@@ -141,7 +141,9 @@ def stream_train_scores(
         else:
             n = batch_size_of(batch)
             name = block_name(row_offset + row, row_offset + row + n)
-            train_rep = store.get_or_compute(name, lambda b=batch: train_rep_func(b), device=str(test_rep.device))
+            train_rep = store.get_or_compute(
+                name, lambda b=batch: train_rep_func(b), device=str(test_rep.device)
+            )
         if finish is not None:
             train_rep = finish(train_rep)
         block = train_rep @ test_rep.T
@@ -225,7 +227,9 @@ class TestSideMemo:
         return len(self._entries)
 
 
-def remembered(memo: Optional[TestSideMemo], ckpt_idx: int, test_dataloader: Any, compute: Callable[[], T]) -> T:
+def remembered(
+    memo: Optional[TestSideMemo], ckpt_idx: int, test_dataloader: Any, compute: Callable[[], T]
+) -> T:
     """``compute()``, through ``memo`` when one is set (an attributor's ``test_side_memo``)."""
     if memo is None:
         return compute()
@@ -333,7 +337,10 @@ class BaseInnerProductAttributor(Attributor):
     def _test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
         """Transformed test representations for all test samples of one checkpoint (memoised if asked)."""
         return remembered(
-            self.test_side_memo, ckpt_idx, test_dataloader, lambda: self._compute_test_matrix(ckpt_idx, test_dataloader)
+            self.test_side_memo,
+            ckpt_idx,
+            test_dataloader,
+            lambda: self._compute_test_matrix(ckpt_idx, test_dataloader),
         )
 
     def _compute_test_matrix(self, ckpt_idx: int, test_dataloader: DataLoader) -> Tensor:
@@ -361,7 +368,10 @@ class BaseInnerProductAttributor(Attributor):
         Only the base gradient is stored: subclasses overriding ``generate_train_rep``
         produce something else and are not cached under the gradient key.
         """
-        if self.feature_store is None or type(self).generate_train_rep is not BaseInnerProductAttributor.generate_train_rep:
+        if (
+            self.feature_store is None
+            or type(self).generate_train_rep is not BaseInnerProductAttributor.generate_train_rep
+        ):
             return None
         # keyed by the calling convention too: TracIn's per-sample calls run the user's function
         # differently (and may differ in the last bits), so the two never share gradients
@@ -374,7 +384,10 @@ class BaseInnerProductAttributor(Attributor):
         self._ensure_cached(train_dataloader)
         num_ckpts = len(self.task.get_checkpoints())
         scores = sum_over_checkpoints(
-            num_ckpts, train_dataloader, test_dataloader, self.device,
+            num_ckpts,
+            train_dataloader,
+            test_dataloader,
+            self.device,
             test_side=lambda k: self._test_matrix(k, test_dataloader),
             train_rep=self._raw_train_rep,
             finish=lambda k, rep: self.transform_train_rep(k, rep).detach(),

@@ -56,7 +56,9 @@ RELATIF_METHODS = (None, "l", "theta")
 # -- shared solvers: (func, params, loader, device, rhs, **hyper) -> (solution, diagnostics)
 
 
-def ihvp_explicit(func: Func, params: Tensor, loader: Any, device: str, rhs: Tensor, regularization: float = 0.0) -> Tuple[Tensor, Diagnostics]:
+def ihvp_explicit(
+    func: Func, params: Tensor, loader: Any, device: str, rhs: Tensor, regularization: float = 0.0
+) -> Tuple[Tensor, Diagnostics]:
     """Rows ``(H + reg I)^-1 v`` with a dense float64 Hessian (small models)."""
     inverse = symmetric_inverse(explicit_hessian(func, params, loader, device), regularization)
     return inverse.apply(rhs), dict(inverse.diagnostics)
@@ -169,7 +171,9 @@ def arnoldi_eigen(
     return eig
 
 
-def ihvp_arnoldi(func: Func, params: Tensor, loader: Any, device: str, rhs: Tensor, **kwargs: Any) -> Tuple[Tensor, Diagnostics]:
+def ihvp_arnoldi(
+    func: Func, params: Tensor, loader: Any, device: str, rhs: Tensor, **kwargs: Any
+) -> Tuple[Tensor, Diagnostics]:
     """Rows ``U^T diag(1/lambda) U v`` from the top Arnoldi eigenpairs of ``H + reg I``."""
     eig = arnoldi_eigen(func, params, loader, device, **kwargs)
     return eig.apply(rhs), dict(eig.diagnostics)
@@ -178,7 +182,10 @@ def ihvp_arnoldi(func: Func, params: Tensor, loader: Any, device: str, rhs: Tens
 SOLVERS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
     "explicit": (ihvp_explicit, ("regularization",)),
     "cg": (ihvp_cg, ("max_iter", "tol", "mode", "regularization")),
-    "arnoldi": (ihvp_arnoldi, ("proj_dim", "max_iter", "norm_constant", "tol", "regularization", "seed", "mode")),
+    "arnoldi": (
+        ihvp_arnoldi,
+        ("proj_dim", "max_iter", "norm_constant", "tol", "regularization", "seed", "mode"),
+    ),
     "lissa": (ihvp_lissa, ("batch_size", "num_repeat", "recursion_depth", "damping", "scaling", "mode")),
 }
 
@@ -188,7 +195,9 @@ class _CachedFullTrain(BaseInnerProductAttributor):
 
     has_diagnostics = True
 
-    def __init__(self, task: AttributionTask, layer_name: Optional[Union[str, List[str]]], device: Optional[str]) -> None:
+    def __init__(
+        self, task: AttributionTask, layer_name: Optional[Union[str, List[str]]], device: Optional[str]
+    ) -> None:
         super().__init__(task, layer_name, device)
         self.diagnostics: Dict[str, Diagnostics] = {}
 
@@ -199,7 +208,9 @@ class _CachedFullTrain(BaseInnerProductAttributor):
         return self.full_train_dataloader
 
     # -- RelatIF (dattri 0.3.0's ``relatif_method``) ------------------------------------
-    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader, relatif_method: Optional[str] = None) -> Tensor:
+    def attribute(
+        self, train_dataloader: DataLoader, test_dataloader: DataLoader, relatif_method: Optional[str] = None
+    ) -> Tensor:
         """Scores ``(num_train, num_test)``; with ``relatif_method`` each training row is normalised.
 
         ``"l"`` divides by ``sqrt(g_target_i^T H^-1 g_i)``, ``"theta"`` by ``||H^-1 g_i||``
@@ -216,7 +227,9 @@ class _CachedFullTrain(BaseInnerProductAttributor):
     @contextlib.contextmanager
     def _relatif(self, method: Optional[str]) -> Iterator[None]:
         if method not in RELATIF_METHODS:
-            msg = f"relatif_method must be one of {', '.join(repr(m) for m in RELATIF_METHODS)}, got {method!r}"
+            msg = (
+                f"relatif_method must be one of {', '.join(repr(m) for m in RELATIF_METHODS)}, got {method!r}"
+            )
             raise ConfigError(msg)
         self._relatif_method = method
         try:
@@ -312,8 +325,15 @@ class IFAttributorExplicit(_CachedFullTrain):
             # keep one checkpoint's factorization at a time: memory is P^2, not K * P^2
             self._inverse = {}
             hess = self._cached_stage(
-                "hessian", ckpt_idx, {}, ["hessian"],
-                lambda: {"hessian": explicit_hessian(self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device)},
+                "hessian",
+                ckpt_idx,
+                {},
+                ["hessian"],
+                lambda: {
+                    "hessian": explicit_hessian(
+                        self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device
+                    )
+                },
             )["hessian"]
             inverse = symmetric_inverse(hess, self.regularization)
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = inverse.diagnostics
@@ -349,8 +369,15 @@ class IFAttributorCG(_CachedFullTrain):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """All test rows solved together: one CG run per checkpoint."""
         solution, diagnostics = ihvp_cg(
-            self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device, test_rep,
-            max_iter=self.max_iter, tol=self.tol, mode=self.mode, regularization=self.regularization,
+            self._loss(ckpt_idx),
+            self._params(ckpt_idx),
+            self._loader(),
+            self.device,
+            test_rep,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            mode=self.mode,
+            regularization=self.regularization,
         )
         self.diagnostics[f"checkpoint_{ckpt_idx}"] = diagnostics
         return solution
@@ -393,9 +420,18 @@ class IFAttributorLiSSA(_CachedFullTrain):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """All test rows carried through one LiSSA recursion per checkpoint."""
         solution, diagnostics = ihvp_lissa(
-            self._loss(ckpt_idx), self._params(ckpt_idx), self._loader(), self.device, test_rep,
-            batch_size=self.batch_size, num_repeat=self.num_repeat, recursion_depth=self.recursion_depth,
-            damping=self.damping, scaling=self.scaling, mode=self.mode, collate_fn=self.lissa_collate_fn,
+            self._loss(ckpt_idx),
+            self._params(ckpt_idx),
+            self._loader(),
+            self.device,
+            test_rep,
+            batch_size=self.batch_size,
+            num_repeat=self.num_repeat,
+            recursion_depth=self.recursion_depth,
+            damping=self.damping,
+            scaling=self.scaling,
+            mode=self.mode,
+            collate_fn=self.lissa_collate_fn,
         )
         self.diagnostics[f"checkpoint_{ckpt_idx}"] = diagnostics
         return solution
@@ -427,7 +463,12 @@ class IFAttributorArnoldi(_CachedFullTrain):
             msg = f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio}"
             raise ConfigError(msg)
         self.precompute_data_ratio, self.proj_dim, self.max_iter = precompute_data_ratio, proj_dim, max_iter
-        self.norm_constant, self.tol, self.regularization, self.seed = norm_constant, tol, regularization, seed
+        self.norm_constant, self.tol, self.regularization, self.seed = (
+            norm_constant,
+            tol,
+            regularization,
+            seed,
+        )
         self._eigen: Dict[int, ArnoldiEigen] = {}
 
     def check_rank_split(self) -> None:
@@ -443,23 +484,42 @@ class IFAttributorArnoldi(_CachedFullTrain):
         batches = [b for i, b in enumerate(full_train_dataloader) if i < used]
         self._eigen = {}
         settings = {
-            "proj_dim": self.proj_dim, "max_iter": self.max_iter, "tol": self.tol,
-            "regularization": self.regularization, "seed": self.seed, "batches_used": used,
+            "proj_dim": self.proj_dim,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "regularization": self.regularization,
+            "seed": self.seed,
+            "batches_used": used,
         }
         for ckpt_idx in range(len(self.task.get_checkpoints())):
 
             def compute(k: int = ckpt_idx) -> Dict[str, Tensor]:
                 eig = arnoldi_eigen(
-                    self._loss(k), self._params(k), batches, self.device,
-                    proj_dim=self.proj_dim, max_iter=self.max_iter, norm_constant=self.norm_constant,
-                    tol=self.tol, regularization=self.regularization, seed=self.seed,
+                    self._loss(k),
+                    self._params(k),
+                    batches,
+                    self.device,
+                    proj_dim=self.proj_dim,
+                    max_iter=self.max_iter,
+                    norm_constant=self.norm_constant,
+                    tol=self.tol,
+                    regularization=self.regularization,
+                    seed=self.seed,
                 )
-                return {"eigenvalues": eig.eigenvalues, "eigenvectors": eig.eigenvectors,
-                        "diagnostics": _json_tensor(eig.diagnostics)}
+                return {
+                    "eigenvalues": eig.eigenvalues,
+                    "eigenvectors": eig.eigenvectors,
+                    "diagnostics": _json_tensor(eig.diagnostics),
+                }
 
-            blocks = self._cached_stage("arnoldi", ckpt_idx, settings, ["eigenvalues", "eigenvectors", "diagnostics"], compute)
+            blocks = self._cached_stage(
+                "arnoldi", ckpt_idx, settings, ["eigenvalues", "eigenvectors", "diagnostics"], compute
+            )
             eig = ArnoldiEigen(
-                blocks["eigenvalues"], blocks["eigenvectors"], self.norm_constant, _from_json_tensor(blocks["diagnostics"])
+                blocks["eigenvalues"],
+                blocks["eigenvectors"],
+                self.norm_constant,
+                _from_json_tensor(blocks["diagnostics"]),
             )
             self._eigen[ckpt_idx] = eig
             self.diagnostics[f"checkpoint_{ckpt_idx}"] = dict(eig.diagnostics)
@@ -522,7 +582,9 @@ class IFAttributorDataInf(_CachedFullTrain):
         loader = self._loader()
         used = math.ceil(len(loader) * self.fim_estimate_data_ratio)
         for batch in track(first_batches(loader, used), "DataInf training gradients"):
-            acc.add(self.generate_train_rep(ckpt_idx, add_leading_dim(to_device(batch, self.device))).detach())
+            acc.add(
+                self.generate_train_rep(ckpt_idx, add_leading_dim(to_device(batch, self.device))).detach()
+            )
         return acc.result()
 
 
@@ -593,14 +655,25 @@ class IFAttributor(Attributor):
         check_not_shuffled(train_dataloader, "train_dataloader")
         check_not_shuffled(test_dataloader, "test_dataloader")
         if self.full_train_dataloader is None:
-            warnings.warn("cache() was not called: treating train_dataloader as the full training set", stacklevel=2)
+            warnings.warn(
+                "cache() was not called: treating train_dataloader as the full training set", stacklevel=2
+            )
             self.cache(train_dataloader)
         test_grads = torch.cat([self._grads(b) for b in track(test_dataloader, "test gradients")])
         check_finite(test_grads, "test gradients", hint="check the test data and the parameters")
         transformed, self.diagnostics["checkpoint_0"] = self.solver(
-            self._batch_func, self.params, self.full_train_dataloader, self.device, test_grads, **self.ihvp_kwargs
+            self._batch_func,
+            self.params,
+            self.full_train_dataloader,
+            self.device,
+            test_grads,
+            **self.ihvp_kwargs,
         )
-        check_finite(transformed, f"{self.ihvp_solver} inverse-Hessian-vector products", hint="increase `regularization`")
+        check_finite(
+            transformed,
+            f"{self.ihvp_solver} inverse-Hessian-vector products",
+            hint="increase `regularization`",
+        )
         scores = torch.zeros(num_samples(train_dataloader), num_samples(test_dataloader), device=self.device)
         stream_train_scores(train_dataloader, self._grads, transformed.detach(), scores)
         check_finite(scores, "scores", hint="increase `regularization`")
@@ -686,7 +759,9 @@ class IFAttributorEKFAC(_CachedFullTrain):
         if max_iter is not None and not (isinstance(max_iter, int) and max_iter > 0):
             msg = f"max_iter must be a positive number of batches or None, got {max_iter!r}"
             raise ConfigError(msg)
-        self.fit_batches = len(full_train_dataloader) if max_iter is None else min(max_iter, len(full_train_dataloader))
+        self.fit_batches = (
+            len(full_train_dataloader) if max_iter is None else min(max_iter, len(full_train_dataloader))
+        )
         self.factors = {}
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             params = self.task.named_parameters(ckpt_idx)
@@ -702,7 +777,9 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 "layers": {},
             }
 
-    def _fit_or_load(self, ckpt_idx: int, params: Dict[str, Tensor], loader: DataLoader) -> Tuple[Dict[str, Any], int]:
+    def _fit_or_load(
+        self, ckpt_idx: int, params: Dict[str, Tensor], loader: DataLoader
+    ) -> Tuple[Dict[str, Any], int]:
         """Fit one checkpoint's factors, or read them from the train-side cache when the runner set one.
 
         Damping is applied at transform time, so another damping (or test set) reuses them.
@@ -711,8 +788,14 @@ class IFAttributorEKFAC(_CachedFullTrain):
 
         def fit() -> Dict[str, Tensor]:
             factors, count = kfac.fit_factors(
-                self.task.original_loss_func, params, loader, self.task.get_model(),
-                self.module_name, fisher=self.fisher, correct=self.correct_eigenvalues, device=self.device,
+                self.task.original_loss_func,
+                params,
+                loader,
+                self.task.get_model(),
+                self.module_name,
+                fisher=self.fisher,
+                correct=self.correct_eigenvalues,
+                device=self.device,
                 progress=track,
             )
             return kfac.factors_to_blocks(factors, count)
@@ -723,7 +806,9 @@ class IFAttributorEKFAC(_CachedFullTrain):
         if len(loader) != len(self.full_train_dataloader):  # only a prefix of the batches (max_iter)
             settings["fit_batches"] = len(loader)
         blocks = self._cached_stage(kind, ckpt_idx, settings, names, fit)
-        return kfac.factors_from_blocks(blocks, self.module_name, kfac.bias_of(self.task.get_model(), self.module_name))
+        return kfac.factors_from_blocks(
+            blocks, self.module_name, kfac.bias_of(self.task.get_model(), self.module_name)
+        )
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:
         if not self.factors:
@@ -736,7 +821,11 @@ class IFAttributorEKFAC(_CachedFullTrain):
         out = {}
         for name, f in self._factors(ckpt_idx).items():
             evals = f.eigenvalues(self.correct_eigenvalues)
-            out[name] = float(self.damping) if self.damping is not None else kfac.auto_damping(evals, self.damping_ratio)
+            out[name] = (
+                float(self.damping)
+                if self.damping is not None
+                else kfac.auto_damping(evals, self.damping_ratio)
+            )
         return out
 
     def _factors(self, ckpt_idx: int) -> Dict[str, Any]:
@@ -764,7 +853,9 @@ class IFAttributorEKFAC(_CachedFullTrain):
             kfac.check_invertible(name, evals, dampings[name])
             layers_diag[name] = {
                 "damping": dampings[name],
-                "damping_rule": "fixed" if self.damping is not None else f"{self.damping_ratio} x mean eigenvalue",
+                "damping_rule": "fixed"
+                if self.damping is not None
+                else f"{self.damping_ratio} x mean eigenvalue",
                 "mean_eigenvalue": float(evals.mean()),
                 "max_eigenvalue": float(evals.max()),
                 "min_eigenvalue": float(evals.min()),

@@ -300,7 +300,9 @@ class RPSAttributor(Attributor):
 
     def _checkpoint_scores(self, ckpt_idx: int, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
         train = self._layer_io(ckpt_idx, train_loader)
-        test = remembered(self.test_side_memo, ckpt_idx, test_loader, lambda: self._layer_io(ckpt_idx, test_loader))
+        test = remembered(
+            self.test_side_memo, ckpt_idx, test_loader, lambda: self._layer_io(ckpt_idx, test_loader)
+        )
         alpha = self.representer_weights(ckpt_idx, train)
         if alpha.shape[1] > 1:
             alpha = alpha[:, test.labels]  # the test sample's label picks the class

@@ -143,7 +143,10 @@ class TracInAttributor(Attributor):
             )
             raise ConfigError(msg)
         scores = sum_over_checkpoints(
-            num_ckpts, train_dataloader, test_dataloader, self.device,
+            num_ckpts,
+            train_dataloader,
+            test_dataloader,
+            self.device,
             test_side=lambda k: self._test_matrix(k, test_dataloader),
             train_rep=lambda k, batch: self._raw_rep(k, batch, target=False),
             finish=lambda _k, rep: self._normalize(rep),

@@ -145,7 +145,9 @@ def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -
     factor, info = torch.linalg.cholesky_ex(with_ridge)
     if int(info) == 0 and bool(factor.diagonal().square().min() >= SINGULAR_PIVOTS * ridge):
         pivots = factor.diagonal().square()
-        return KernelSolver(factor=factor, min_pivot_relative=float(pivots.min() / factor.square().sum(dim=1).mean()))
+        return KernelSolver(
+            factor=factor, min_pivot_relative=float(pivots.min() / factor.square().sum(dim=1).mean())
+        )
     why = (
         f"{num_train} training samples for {dim} projected dimensions"
         if num_train < dim
@@ -208,7 +210,9 @@ class TRAKAttributor(Attributor):
                 inverted (as dattri 0.3.0 adds it); makes the kernel invertible for
                 any ``proj_dim`` and data size.
         """
-        if not (isinstance(regularization, (int, float)) and math.isfinite(regularization) and regularization >= 0):
+        if not (
+            isinstance(regularization, (int, float)) and math.isfinite(regularization) and regularization >= 0
+        ):
             msg = f"regularization must be a finite number >= 0, got {regularization!r}"
             raise ConfigError(msg)
         self.regularization = float(regularization)
@@ -254,12 +258,18 @@ class TRAKAttributor(Attributor):
         side = "test" if target else "train"
         batches = track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
         items = ((None, self._grads(params, grad_func, batch)) for batch in batches)
-        return torch.cat([self._checked(rows, side) for _, rows in self.projector.project_stream(items, ckpt_idx)])
+        return torch.cat(
+            [self._checked(rows, side) for _, rows in self.projector.project_stream(items, ckpt_idx)]
+        )
 
     def _store(self, ckpt_idx: int) -> BlockStore:
         if self.feature_store is None:
             return BlockStore()
-        extra = {"projector_kwargs": self.projector_kwargs, "ckpt_idx": ckpt_idx, "norm_scaler": self.norm_scaler}
+        extra = {
+            "projector_kwargs": self.projector_kwargs,
+            "ckpt_idx": ckpt_idx,
+            "norm_scaler": self.norm_scaler,
+        }
         return self.feature_store("trak_features", ckpt_idx, extra)
 
     def _train_items(
@@ -312,7 +322,9 @@ class TRAKAttributor(Attributor):
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
         """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""
-        probs = per_sample_value(self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False).detach()
+        probs = per_sample_value(
+            self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False
+        ).detach()
         return 1.0 - probs.to(torch.float64).flatten()
 
     def _train_side(self, loader: DataLoader) -> TrainSide:
@@ -350,9 +362,7 @@ class TRAKAttributor(Attributor):
         self.full_train_dataloader = full_train_dataloader
         # Smallest Cholesky pivot over the mean kernel diagonal: a cheap conditioning indicator.
         self.diagnostics = {
-            "kernel_min_pivot_relative": [
-                f.min_pivot_relative for f in self.train_side.factors
-            ],
+            "kernel_min_pivot_relative": [f.min_pivot_relative for f in self.train_side.factors],
             "proj_dim": self.train_side.features[0].dim,
         }
         worst = min(self.diagnostics["kernel_min_pivot_relative"])

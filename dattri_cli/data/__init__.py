@@ -46,12 +46,21 @@ class Split:
 
     def fingerprint(self) -> str:
         """SHA-256 of the tensors: identifies the exact data a checkpoint was trained on."""
-        tensors = (self.x_train, self.y_train, self.x_test, self.y_test, self.train_indices, self.test_indices)
+        tensors = (
+            self.x_train,
+            self.y_train,
+            self.x_test,
+            self.y_test,
+            self.train_indices,
+            self.test_indices,
+        )
         return data_fingerprint(tensors)
 
     def loaders(self, train_batch_size: int, test_batch_size: int) -> Tuple[DataLoader, DataLoader]:
         """Unshuffled loaders over train and test."""
-        train = DataLoader(TensorDataset(self.x_train, self.y_train), batch_size=train_batch_size, shuffle=False)
+        train = DataLoader(
+            TensorDataset(self.x_train, self.y_train), batch_size=train_batch_size, shuffle=False
+        )
         test = DataLoader(TensorDataset(self.x_test, self.y_test), batch_size=test_batch_size, shuffle=False)
         return train, test
 
@@ -215,7 +224,11 @@ def _read_arrays(path: Path, suffix: str) -> dict:
             return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
     except Exception as exc:  # noqa: BLE001 - any parse failure means an empty, truncated or foreign file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        empty = "the file is empty" if path.stat().st_size == 0 else f"empty, truncated or not a {suffix} file: {reason}"
+        empty = (
+            "the file is empty"
+            if path.stat().st_size == 0
+            else f"empty, truncated or not a {suffix} file: {reason}"
+        )
         msg = f"cannot read data file {path} ({empty}); write it again"
         raise DataError(msg) from exc
 
@@ -285,8 +298,13 @@ def from_files(
         split = split_dataset(path.name, x, y, n_train, n_test, split_seed)
         unused = x.shape[0] - split.x_train.shape[0] - split.x_test.shape[0]
         log.info(
-            "%s: %d rows -> %d train + %d test (split_seed %d)%s", path, x.shape[0], split.x_train.shape[0],
-            split.x_test.shape[0], split_seed, f"; {unused} rows unused (dataset.n_train / dataset.n_test)" if unused else "",
+            "%s: %d rows -> %d train + %d test (split_seed %d)%s",
+            path,
+            x.shape[0],
+            split.x_train.shape[0],
+            split.x_test.shape[0],
+            split_seed,
+            f"; {unused} rows unused (dataset.n_train / dataset.n_test)" if unused else "",
         )
         _check_classes(str(path), split.y_train, split.y_test)
         return split
@@ -303,7 +321,15 @@ def from_files(
             f"({x.shape[0]} train rows, {x_test.shape[0]} test rows)"
         )
         raise DataError(msg)
-    log.info("%s: first %d of %d rows train; %s: first %d of %d rows test", path, n_tr, x.shape[0], test_path, n_te, x_test.shape[0])
+    log.info(
+        "%s: first %d of %d rows train; %s: first %d of %d rows test",
+        path,
+        n_tr,
+        x.shape[0],
+        test_path,
+        n_te,
+        x_test.shape[0],
+    )
     _check_classes(f"{path} / {test_path}", y[:n_tr], y_test[:n_te])
     train_idx, test_idx = torch.arange(n_tr), torch.arange(n_te)
     return Split(path.name, x[:n_tr], y[:n_tr], x_test[:n_te], y_test[:n_te], train_idx, test_idx)

@@ -41,13 +41,26 @@ REGISTRY: Dict[str, Recipe] = {
     "dattri_cli.data.synthetic": Recipe(
         synthetic,
         {
-            "n_samples": _INT, "n_features": _INT, "n_classes": _INT, "class_sep": _FLOAT, "seed": _INT,
-            "n_train": _OPT_INT, "n_test": _OPT_INT, "split_seed": _INT,
+            "n_samples": _INT,
+            "n_features": _INT,
+            "n_classes": _INT,
+            "class_sep": _FLOAT,
+            "seed": _INT,
+            "n_train": _OPT_INT,
+            "n_test": _OPT_INT,
+            "split_seed": _INT,
         },
     ),
     "dattri_cli.data.from_files": Recipe(
         from_files,
-        {"path": (str,), "test_path": _OPT_STR, "label_column": (str,), "n_train": _OPT_INT, "n_test": _OPT_INT, "split_seed": _INT},
+        {
+            "path": (str,),
+            "test_path": _OPT_STR,
+            "label_column": (str,),
+            "n_train": _OPT_INT,
+            "n_test": _OPT_INT,
+            "split_seed": _INT,
+        },
         path_params=("path", "test_path"),
     ),
 }
@@ -76,14 +89,20 @@ def rebuild_recorded_split(config: Any) -> Tuple[Optional[Split], str]:
     target = node.get("_target_")
     recipe = REGISTRY.get(target) if isinstance(target, str) else None
     if recipe is None:
-        return None, f"{NOT_AVAILABLE} ({str(target)[:80]!r} is not a built-in dataset; nothing named in a score file is imported)"
+        return (
+            None,
+            f"{NOT_AVAILABLE} ({str(target)[:80]!r} is not a built-in dataset; nothing named in a score file is imported)",
+        )
     kwargs: Dict[str, Any] = {}
     for key, value in node.items():
         if key == "_target_" or key in NOISE_KEYS:
             continue
         allowed = recipe.params.get(key)
         if allowed is None or not _plain(value, allowed):
-            return None, f"{NOT_AVAILABLE} (recorded dataset.{key}={str(value)[:40]!r} is not an argument of {target})"
+            return (
+                None,
+                f"{NOT_AVAILABLE} (recorded dataset.{key}={str(value)[:40]!r} is not an argument of {target})",
+            )
         kwargs[key] = value
     for key in recipe.path_params:
         if kwargs.get(key) is not None and not Path(kwargs[key]).expanduser().is_file():

@@ -95,13 +95,17 @@ def symmetric_inverse(matrix: Tensor, regularization: float, what: str = "Hessia
         smallest, largest = float(pivots.min()), float(pivots.max())
         if largest == 0.0 or smallest <= eps * largest:
             raise _singular(what, regularization, smallest, largest)
-        return SymmetricInverse(chol, None, {"positive_definite": True, "min_pivot": smallest, "max_pivot": largest})
+        return SymmetricInverse(
+            chol, None, {"positive_definite": True, "min_pivot": smallest, "max_pivot": largest}
+        )
     lu, piv, info = torch.linalg.lu_factor_ex(sym)
     pivots = lu.diagonal().abs()
     smallest, largest = float(pivots.min()), float(pivots.max())
     if int(info) != 0 or largest == 0.0 or smallest <= eps * largest:
         raise _singular(what, regularization, smallest, largest)
-    return SymmetricInverse(lu, piv, {"positive_definite": False, "min_pivot": smallest, "max_pivot": largest})
+    return SymmetricInverse(
+        lu, piv, {"positive_definite": False, "min_pivot": smallest, "max_pivot": largest}
+    )
 
 
 # -- Hessian-vector products ----------------------------------------------------------
@@ -117,7 +121,9 @@ def check_mode(mode: str) -> None:
         raise ConfigError(msg)
 
 
-def batch_hvp(func: Func, params: Tensor, batch: Tuple[Tensor, ...], mode: str = "rev-rev") -> Callable[[Tensor], Tensor]:
+def batch_hvp(
+    func: Func, params: Tensor, batch: Tuple[Tensor, ...], mode: str = "rev-rev"
+) -> Callable[[Tensor], Tensor]:
     """``V -> V @ H_batch`` for the Hessian of ``func(params, batch)``; ``V`` is ``(k, P)``.
 
     All ``k`` vectors share one linearisation: "rev-rev" differentiates the

@@ -116,7 +116,9 @@ def select_layers(model: nn.Module, module_name: Optional[Sequence[str]] = None)
             msg = f"module_name lists a layer twice: {names}"
             raise ConfigError(msg)
     else:
-        names = [n for n, m in modules.items() if isinstance(m, SUPPORTED_TYPES) and unsupported_reason(m) is None]
+        names = [
+            n for n, m in modules.items() if isinstance(m, SUPPORTED_TYPES) and unsupported_reason(m) is None
+        ]
     covered = {p for n in names for p in layer_param_names(model, n)}
     excluded: Dict[str, str] = {}
     for mod_name, module in modules.items():
@@ -152,7 +154,9 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """``(n, L, in[+1])``: the input of every location, with a 1 appended for a bias."""
     if isinstance(module, nn.Conv2d):
         padding = 0 if module.padding == "valid" else module.padding
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        patches = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )
         a = patches.transpose(1, 2)  # (n, L, in * kh * kw), channel-major like weight.reshape(out, -1)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1])

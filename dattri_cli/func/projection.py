@@ -167,7 +167,9 @@ class RandomProjector:
         ((_, projected),) = self.project_stream([(None, grads)], ckpt_idx)
         return projected
 
-    def project_stream(self, items: Iterable[Tuple[Key, Tensor]], ckpt_idx: int = 0) -> Iterator[Tuple[Key, Tensor]]:
+    def project_stream(
+        self, items: Iterable[Tuple[Key, Tensor]], ckpt_idx: int = 0
+    ) -> Iterator[Tuple[Key, Tensor]]:
         """Project ``(key, grads)`` items; yield ``(key, projected)`` in the same order.
 
         Rows are buffered across items and multiplied in blocks of exactly

@@ -121,14 +121,18 @@ def per_sample_grad(func: Callable, params: Any, data: Any, batch_of_one: bool =
     flat ``params``.
     """
     if batch_of_one:
-        return vmap(grad(func), in_dims=BATCH_OF_ONE_IN_DIMS, randomness="different")(params, add_leading_dim(data))
+        return vmap(grad(func), in_dims=BATCH_OF_ONE_IN_DIMS, randomness="different")(
+            params, add_leading_dim(data)
+        )
     return vmap(grad(func), in_dims=SAMPLE_IN_DIMS, randomness="different")(params, data)
 
 
 def per_sample_value(func: Callable, params: Any, data: Any, batch_of_one: bool = True) -> Tensor:
     """``func(params, sample)`` for every sample of ``data`` (conventions as :func:`per_sample_grad`), flattened."""
     if batch_of_one:
-        values = vmap(func, in_dims=BATCH_OF_ONE_IN_DIMS, randomness="different")(params, add_leading_dim(data))
+        values = vmap(func, in_dims=BATCH_OF_ONE_IN_DIMS, randomness="different")(
+            params, add_leading_dim(data)
+        )
     else:
         values = vmap(func, in_dims=SAMPLE_IN_DIMS, randomness="different")(params, data)
     return values.reshape(values.shape[0], -1)[:, 0] if values.dim() > 1 else values

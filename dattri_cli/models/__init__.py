@@ -52,7 +52,9 @@ class SmallCNN(nn.Module):
 
     final_layer = "head"
 
-    def __init__(self, in_features: int, num_classes: int, channels: int = 8, image_size: Optional[int] = None) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, channels: int = 8, image_size: Optional[int] = None
+    ) -> None:
         """Reshapes flat inputs to ``(1, side, side)``; ``side`` defaults to sqrt(in_features)."""
         super().__init__()
         side = image_size or round(in_features**0.5)

@@ -128,7 +128,9 @@ def save_state_dict(state: Dict[str, Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(cpu, tmp))
 
 
-def train_one(model: nn.Module, split: Split, settings: TrainSettings, seed: int) -> List[tuple[int, Dict[str, Tensor]]]:
+def train_one(
+    model: nn.Module, split: Split, settings: TrainSettings, seed: int
+) -> List[tuple[int, Dict[str, Tensor]]]:
     """Minibatch SGD from ``seed``; returns ``(epoch, state_dict)`` for each kept checkpoint."""
     torch.manual_seed(seed)
     for module in model.modules():
@@ -181,7 +183,13 @@ def trained_checkpoints(
             save_state_dict(state, path)
             checkpoints.append(Checkpoint(path, model_index, epoch, settings.lr))
     manifest = [
-        {"file": c.path.name, "model_index": c.model_index, "epoch": c.epoch, "lr": c.lr, **_file_record(c.path)}
+        {
+            "file": c.path.name,
+            "model_index": c.model_index,
+            "epoch": c.epoch,
+            "lr": c.lr,
+            **_file_record(c.path),
+        }
         for c in checkpoints
     ]
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,7 +219,10 @@ def _verified_checkpoints(folder: Path, manifest_path: Path) -> tuple[List[Check
     """The cached checkpoints, or ``([], reason)`` when the manifest or a file does not check out."""
     try:
         manifest = json.loads(manifest_path.read_text())
-        entries = [(str(c["file"]), int(c["model_index"]), int(c["epoch"]), float(c["lr"]), c["sha256"], c["shapes"]) for c in manifest]
+        entries = [
+            (str(c["file"]), int(c["model_index"]), int(c["epoch"]), float(c["lr"]), c["sha256"], c["shapes"])
+            for c in manifest
+        ]
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
         return [], f"manifest.json is unreadable or incomplete ({type(exc).__name__})"
     if not entries:

@@ -12,6 +12,7 @@ from dattri_cli.task import AttributionTask
 
 DIM = 5
 
+
 def _data(n: int, seed: int) -> Tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, DIM, generator=gen)
@@ -33,4 +34,3 @@ def _task(checkpoints: List[Dict[str, Tensor]]) -> AttributionTask:
         return nn.functional.binary_cross_entropy_with_logits(logits, y)
 
     return AttributionTask(loss_func=loss_func, model=model, checkpoints=checkpoints)
-

@@ -69,7 +69,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def loaders(train, test, bs_train=7, bs_test=4):
-    return DataLoader(TensorDataset(*train), batch_size=bs_train), DataLoader(TensorDataset(*test), batch_size=bs_test)
+    return DataLoader(TensorDataset(*train), batch_size=bs_train), DataLoader(
+        TensorDataset(*test), batch_size=bs_test
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -40,8 +40,10 @@ SPLIT = digits(n_train=80, n_test=10, split_seed=0)
 
 
 def _model_and_checkpoints(kind: str, count: int = 1) -> tuple[nn.Module, List[Dict[str, Tensor]]]:
-    make = (lambda: LogisticRegression(SPLIT.num_features, SPLIT.num_classes)) if kind == "lr" else (
-        lambda: MLP(SPLIT.num_features, SPLIT.num_classes, hidden=(16,))
+    make = (
+        (lambda: LogisticRegression(SPLIT.num_features, SPLIT.num_classes))
+        if kind == "lr"
+        else (lambda: MLP(SPLIT.num_features, SPLIT.num_classes, hidden=(16,)))
     )
     model = make()
     states = [train_one(make(), SPLIT, SETTINGS, seed=s)[-1][1] for s in range(count)]
@@ -107,7 +109,9 @@ def test_tracin_with_per_sample_functions_equals_builtin(normalized_grad: bool) 
     train, test = _loaders()
     weights = torch.tensor([0.5, 2.0])
     ours = TracInAttributor(_builtin_task(model, states), weights, normalized_grad).attribute(train, test)
-    theirs = TracInAttributor(_user_task(model, states, "sample"), weights, normalized_grad).attribute(train, test)
+    theirs = TracInAttributor(_user_task(model, states, "sample"), weights, normalized_grad).attribute(
+        train, test
+    )
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     assert ours.abs().max() > 0
 
@@ -116,9 +120,13 @@ def test_trak_reference_example_runs_verbatim_and_equals_builtin() -> None:
     model, states = _model_and_checkpoints("mlp", count=2)
     train, test = _loaders()
     proj = {"proj_dim": 32}
-    user = TRAKAttributor(_user_task(model, states, "sample"), _dattri_style_functions(model, 0)["p"], proj, regularization=1e-3)
+    user = TRAKAttributor(
+        _user_task(model, states, "sample"), _dattri_style_functions(model, 0)["p"], proj, regularization=1e-3
+    )
     user.cache(train)
-    builtin = TRAKAttributor(_builtin_task(model, states), correct_probability(model, 1), proj, regularization=1e-3)
+    builtin = TRAKAttributor(
+        _builtin_task(model, states), correct_probability(model, 1), proj, regularization=1e-3
+    )
     builtin.cache(train)
     torch.testing.assert_close(user.attribute(test), builtin.attribute(test), rtol=1e-4, atol=1e-6)
 
@@ -186,13 +194,18 @@ def test_dict_batches_reach_the_functions_as_dicts() -> None:
     dict_train = DataLoader(_DictDigits(SPLIT.x_train, SPLIT.y_train), batch_size=16)
     dict_test = DataLoader(_DictDigits(SPLIT.x_test, SPLIT.y_test), batch_size=4)
     train, test = _loaders()
-    for make in (lambda t: TracInAttributor(t, [1.0], False), lambda t: IFAttributorExplicit(t, regularization=1e-2)):
+    for make in (
+        lambda t: TracInAttributor(t, [1.0], False),
+        lambda t: IFAttributorExplicit(t, regularization=1e-2),
+    ):
         from_dicts = make(AttributionTask(loss, model, states))
         from_tuples = make(AttributionTask(tuple_loss, model, states))
         if hasattr(from_dicts, "full_train_dataloader"):
             from_dicts.cache(dict_train)
             from_tuples.cache(train)
-        torch.testing.assert_close(from_dicts.attribute(dict_train, dict_test), from_tuples.attribute(train, test))
+        torch.testing.assert_close(
+            from_dicts.attribute(dict_train, dict_test), from_tuples.attribute(train, test)
+        )
 
 
 # -- AttributionTask: dattri's signatures and semantics -------------------------------------
@@ -204,7 +217,9 @@ def test_task_gradient_functions_follow_in_dims() -> None:
     x, y = SPLIT.x_train[:5], SPLIT.y_train[:5]
     params, _ = task.get_param(0)
     batch_of_one = task.get_grad_loss_func()(params, (x.unsqueeze(0), y.unsqueeze(0)))  # in_dims (None, 1)
-    by_hand = torch.stack([torch.func.grad(task.get_loss_func())(params, (x[i : i + 1], y[i : i + 1])) for i in range(5)])
+    by_hand = torch.stack(
+        [torch.func.grad(task.get_loss_func())(params, (x[i : i + 1], y[i : i + 1])) for i in range(5)]
+    )
     torch.testing.assert_close(batch_of_one, by_hand)
     sample_task = _user_task(model, states, "sample")
     per_sample = sample_task.get_grad_loss_func(in_dims=(None, 0))(params, (x, y))
@@ -235,7 +250,9 @@ def test_task_function_getters_and_param_layer_map() -> None:
     params, _ = task.get_param(0)
     batch = (SPLIT.x_train[:8], SPLIT.y_train[:8])
     named = dict(model.named_parameters())
-    torch.testing.assert_close(task.get_loss_func()(params, batch), loss({k: v.detach() for k, v in named.items()}, batch))
+    torch.testing.assert_close(
+        task.get_loss_func()(params, batch), loss({k: v.detach() for k, v in named.items()}, batch)
+    )
     pieces, layer_map = task.get_param(0, layer_split=True)
     assert layer_map == [0, 0, 1, 1]  # weight and bias of each Linear share a layer
     assert [p.numel() for p in pieces] == [v.numel() for v in named.values()]
@@ -266,15 +283,25 @@ def _identity_trak_closed_form(model: nn.Module, state: Dict[str, Tensor], regul
 
 
 def test_trak_regularization_is_a_ridge_on_the_kernel() -> None:
-    model, states = _model_and_checkpoints("mlp")  # 1210 parameters > 80 training rows: singular without a ridge
+    model, states = _model_and_checkpoints(
+        "mlp"
+    )  # 1210 parameters > 80 training rows: singular without a ridge
     train, test = _loaders()
-    attributor = TRAKAttributor(_builtin_task(model, states), correct_probability(model, 1), {"proj_type": "identity"},
-                                regularization=0.05)
+    attributor = TRAKAttributor(
+        _builtin_task(model, states),
+        correct_probability(model, 1),
+        {"proj_type": "identity"},
+        regularization=0.05,
+    )
     attributor.cache(train)
     expected = _identity_trak_closed_form(model, states[0], 0.05).float()
     torch.testing.assert_close(attributor.attribute(test), expected, rtol=2e-3, atol=1e-5)
-    unregularised = TRAKAttributor(_builtin_task(model, states), correct_probability(model, 1), {"proj_type": "identity"})
-    with pytest.warns(RuntimeWarning, match=r"80 training samples .*attributor\.regularization=.*proj_dim=64"):
+    unregularised = TRAKAttributor(
+        _builtin_task(model, states), correct_probability(model, 1), {"proj_type": "identity"}
+    )
+    with pytest.warns(
+        RuntimeWarning, match=r"80 training samples .*attributor\.regularization=.*proj_dim=64"
+    ):
         unregularised.cache(train)
     with pytest.raises(ConfigError, match="regularization"):
         TRAKAttributor(_builtin_task(model, states), correct_probability(model, 1), regularization=-1.0)
@@ -283,7 +310,9 @@ def test_trak_regularization_is_a_ridge_on_the_kernel() -> None:
 def test_trak_self_attribute_accepts_the_cached_loader() -> None:
     model, states = _model_and_checkpoints("lr")
     train, _ = _loaders()
-    attributor = TRAKAttributor(_builtin_task(model, states), correct_probability(model, 1), {"proj_dim": 16}, regularization=1e-3)
+    attributor = TRAKAttributor(
+        _builtin_task(model, states), correct_probability(model, 1), {"proj_dim": 16}, regularization=1e-3
+    )
     attributor.cache(train)
     torch.testing.assert_close(attributor.self_attribute(train), attributor.self_attribute())
     with pytest.raises(ConfigError, match="cached"):
@@ -294,7 +323,9 @@ def test_datainf_fim_estimate_data_ratio_uses_the_first_batches() -> None:
     model, states = _model_and_checkpoints("lr")
     train, test = _loaders(batch=16)  # 5 batches; ratio 0.5 -> the first 3
     first_three = DataLoader(TensorDataset(SPLIT.x_train[:48], SPLIT.y_train[:48]), batch_size=16)
-    partial = IFAttributorDataInf(_builtin_task(model, states), regularization=0.1, fim_estimate_data_ratio=0.5)
+    partial = IFAttributorDataInf(
+        _builtin_task(model, states), regularization=0.1, fim_estimate_data_ratio=0.5
+    )
     partial.cache(train)
     by_hand = IFAttributorDataInf(_builtin_task(model, states), regularization=0.1)
     by_hand.cache(first_three)
@@ -328,14 +359,24 @@ def test_relatif_normalises_each_training_row(method: str) -> None:
     normalised = attributor.attribute(train, test, relatif_method=method)
     # by hand: the dense (H + reg I)^-1 applied to every training gradient
     params, _ = task.get_param(0)
-    g_loss = task.get_grad_loss_func()(params, (SPLIT.x_train.unsqueeze(0), SPLIT.y_train.unsqueeze(0))).double()
-    g_target = task.get_grad_target_func()(params, (SPLIT.x_train.unsqueeze(0), SPLIT.y_train.unsqueeze(0))).double()
+    g_loss = task.get_grad_loss_func()(
+        params, (SPLIT.x_train.unsqueeze(0), SPLIT.y_train.unsqueeze(0))
+    ).double()
+    g_target = task.get_grad_target_func()(
+        params, (SPLIT.x_train.unsqueeze(0), SPLIT.y_train.unsqueeze(0))
+    ).double()
     hessian = torch.func.hessian(task.get_loss_func())(params, (SPLIT.x_train, SPLIT.y_train)).double()
     solved = torch.linalg.solve(hessian + 1e-2 * torch.eye(hessian.shape[0], dtype=torch.float64), g_loss.T).T
     denom = (g_target * solved).sum(1).clamp_min(1e-12).sqrt() if method == "l" else solved.norm(dim=1)
-    torch.testing.assert_close(normalised, (plain.double() / denom[:, None]).to(plain.dtype), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        normalised, (plain.double() / denom[:, None]).to(plain.dtype), rtol=1e-3, atol=1e-6
+    )
     self_scores = attributor.self_attribute(train, relatif_method=method)
-    torch.testing.assert_close(self_scores, (attributor.self_attribute(train).double() / denom).to(self_scores.dtype),
-                               rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        self_scores,
+        (attributor.self_attribute(train).double() / denom).to(self_scores.dtype),
+        rtol=1e-3,
+        atol=1e-6,
+    )
     with pytest.raises(ConfigError, match="relatif_method"):
         attributor.attribute(train, test, relatif_method="bogus")

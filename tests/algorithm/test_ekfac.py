@@ -170,10 +170,27 @@ def test_factors_are_reused_from_the_train_side_cache(small_run):
     """A second run with another damping and another test set reads the factors back."""
     from dattri_cli import pipeline
 
-    first = pipeline.run(small_run("attributor=if_ekfac", "feature_cache=true", "model=mlp", "model.hidden=[8]", out="a.safetensors"))
-    again = pipeline.run(small_run("attributor=if_ekfac", "feature_cache=true", "model=mlp", "model.hidden=[8]", out="b.safetensors"))
-    other = pipeline.run(small_run("attributor=if_ekfac", "feature_cache=true", "model=mlp", "model.hidden=[8]",
-                                   "attributor.damping_ratio=0.5", "dataset.n_test=7", out="c.safetensors"))
+    first = pipeline.run(
+        small_run(
+            "attributor=if_ekfac", "feature_cache=true", "model=mlp", "model.hidden=[8]", out="a.safetensors"
+        )
+    )
+    again = pipeline.run(
+        small_run(
+            "attributor=if_ekfac", "feature_cache=true", "model=mlp", "model.hidden=[8]", out="b.safetensors"
+        )
+    )
+    other = pipeline.run(
+        small_run(
+            "attributor=if_ekfac",
+            "feature_cache=true",
+            "model=mlp",
+            "model.hidden=[8]",
+            "attributor.damping_ratio=0.5",
+            "dataset.n_test=7",
+            out="c.safetensors",
+        )
+    )
     assert first.timings["feature_cache_misses"] >= 1
     assert again.timings["feature_cache_hits"] >= 1 and again.timings["feature_cache_misses"] == 0
     assert other.timings["feature_cache_hits"] >= 1 and other.timings["feature_cache_misses"] == 0

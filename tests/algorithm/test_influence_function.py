@@ -154,7 +154,9 @@ def test_arnoldi_before_cache_raises_value_error(model: nn.Linear) -> None:
 
 def test_lissa_is_close_with_the_right_sign_and_scale(model: nn.Linear, exact: torch.Tensor) -> None:
     torch.manual_seed(0)
-    attributor = IFAttributorLiSSA(make_task(model), batch_size=12, recursion_depth=200, num_repeat=2, scaling=1.5)
+    attributor = IFAttributorLiSSA(
+        make_task(model), batch_size=12, recursion_depth=200, num_repeat=2, scaling=1.5
+    )
     scores = run(attributor)
     assert rel_err(scores, exact) < 0.25  # a flipped sign gives 2, a missed 1/scaling 0.5
     fitted_scale = float((scores * exact).sum() / (exact * exact).sum())
@@ -163,7 +165,9 @@ def test_lissa_is_close_with_the_right_sign_and_scale(model: nn.Linear, exact: t
 
 
 def test_lissa_damping_times_scaling_is_the_regularization(model: nn.Linear) -> None:
-    attributor = IFAttributorLiSSA(make_task(model), batch_size=N_TRAIN, recursion_depth=150, damping=0.1, scaling=1.0)
+    attributor = IFAttributorLiSSA(
+        make_task(model), batch_size=N_TRAIN, recursion_depth=150, damping=0.1, scaling=1.0
+    )
     assert rel_err(run(attributor), exact_scores(model, reg=0.1)) < 1e-4
 
 

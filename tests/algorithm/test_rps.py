@@ -51,7 +51,9 @@ def _loader(data: Tuple[Tensor, Tensor], batch_size: int = 7) -> DataLoader:
     return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
 
 
-def _fitted(classes: int, checkpoints: List[Dict[str, Tensor]], train: Tuple[Tensor, Tensor], **kwargs: object) -> RPSAttributor:
+def _fitted(
+    classes: int, checkpoints: List[Dict[str, Tensor]], train: Tuple[Tensor, Tensor], **kwargs: object
+) -> RPSAttributor:
     attributor = RPSAttributor(_task(classes, checkpoints), "head", **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # must converge without warnings
@@ -79,7 +81,10 @@ def test_finetuned_layer_is_the_regularised_optimum() -> None:
     io = attributor._layer_io(0, _loader(train))
     theta = attributor.finetuned_theta[0].clone().requires_grad_(True)
     targets = torch.softmax(io.logits, dim=1)
-    loss = -(targets * torch.log_softmax(io.features @ theta.T, dim=1)).sum(1).mean() + 0.003 * theta.square().sum()
+    loss = (
+        -(targets * torch.log_softmax(io.features @ theta.T, dim=1)).sum(1).mean()
+        + 0.003 * theta.square().sum()
+    )
     (grad,) = torch.autograd.grad(loss, theta)
     assert grad.abs().max() < 1e-7
 
@@ -97,7 +102,10 @@ def test_scores_follow_the_test_label_and_normalisation() -> None:
     scores_cos = cos.attribute(_loader(train), _loader(test))
     unit = nn.functional.normalize
     torch.testing.assert_close(
-        scores_cos.double(), (unit(io_train.features) @ unit(io_test.features).T) * alpha[:, test[1]], rtol=1e-5, atol=1e-8
+        scores_cos.double(),
+        (unit(io_train.features) @ unit(io_test.features).T) * alpha[:, test[1]],
+        rtol=1e-5,
+        atol=1e-8,
     )
 
 

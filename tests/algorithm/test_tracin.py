@@ -14,9 +14,6 @@ from dattri_cli.errors import ConfigError
 from tests.algorithm.binary_logistic import _checkpoint, _data, _task
 
 
-
-
-
 def _analytic_grads(ckpt: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Per-sample BCE gradient: (sigmoid(w.x + b) - y) * [x, 1]."""
     residual = torch.sigmoid(x @ ckpt["weight"][0] + ckpt["bias"][0]) - y
@@ -31,8 +28,12 @@ TRAIN = _data(23, seed=0)
 TEST = _data(9, seed=1)
 
 
-def _scores(checkpoints: List[Dict[str, Tensor]], weights: List[float], normalized: bool, **kwargs: object) -> Tensor:
-    attributor = TracInAttributor(_task(checkpoints), weight_list=torch.tensor(weights), normalized_grad=normalized, **kwargs)
+def _scores(
+    checkpoints: List[Dict[str, Tensor]], weights: List[float], normalized: bool, **kwargs: object
+) -> Tensor:
+    attributor = TracInAttributor(
+        _task(checkpoints), weight_list=torch.tensor(weights), normalized_grad=normalized, **kwargs
+    )
     attributor.cache()
     return attributor.attribute(_loader(*TRAIN, batch_size=5), _loader(*TEST, batch_size=4))
 
@@ -48,9 +49,7 @@ def test_grad_dot_equals_analytic_products() -> None:
 def test_tracin_is_learning_rate_weighted_sum_over_checkpoints() -> None:
     ckpts = [_checkpoint(3), _checkpoint(4), _checkpoint(5)]
     lrs = [0.1, 0.05, 0.3]
-    expected = sum(
-        lr * _analytic_grads(c, *TRAIN) @ _analytic_grads(c, *TEST).T for c, lr in zip(ckpts, lrs)
-    )
+    expected = sum(lr * _analytic_grads(c, *TRAIN) @ _analytic_grads(c, *TEST).T for c, lr in zip(ckpts, lrs))
     torch.testing.assert_close(_scores(ckpts, lrs, normalized=False), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -66,7 +65,9 @@ def test_grad_cos_equals_cosine_similarity() -> None:
 def test_identity_projection_is_exact() -> None:
     ckpt = _checkpoint(3)
     exact = _scores([ckpt], [1.0], normalized=False)
-    torch.testing.assert_close(_scores([ckpt], [1.0], normalized=False, projector_kwargs={"proj_type": "identity"}), exact)
+    torch.testing.assert_close(
+        _scores([ckpt], [1.0], normalized=False, projector_kwargs={"proj_type": "identity"}), exact
+    )
 
 
 def test_projection_seed_changes_scores_and_fixed_seed_reproduces_them() -> None:

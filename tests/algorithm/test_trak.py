@@ -18,8 +18,6 @@ from tests.algorithm.binary_logistic import _checkpoint, _data, _task
 IDENTITY = {"proj_type": "identity"}
 
 
-
-
 def _correct_probability(params: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
     """p(correct label) of the logistic model for a batch of one."""
     x, y = batch
@@ -73,7 +71,9 @@ def test_ensemble_averages_kernel_products_and_q_separately() -> None:
     ckpts = [_checkpoint(3), _checkpoint(4)]
     kernel = (_kernel_product(ckpts[0]) + _kernel_product(ckpts[1])) / 2
     q = (_one_minus_p(ckpts[0], *TRAIN) + _one_minus_p(ckpts[1], *TRAIN)) / 2
-    torch.testing.assert_close(_cached_scores(ckpts, IDENTITY).double(), kernel * q[:, None], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        _cached_scores(ckpts, IDENTITY).double(), kernel * q[:, None], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_two_identical_checkpoints_equal_one() -> None:
@@ -113,7 +113,9 @@ def test_train_loader_rules() -> None:
 
 
 def test_singular_kernel_uses_the_pseudo_inverse_and_says_how_to_avoid_it() -> None:
-    with pytest.warns(RuntimeWarning, match=r"23 training samples for 64 .*attributor\.regularization=.*proj_dim=16"):
+    with pytest.warns(
+        RuntimeWarning, match=r"23 training samples for 64 .*attributor\.regularization=.*proj_dim=16"
+    ):
         _cached_scores([_checkpoint(3)], {"proj_dim": 64})
     x, y = TRAIN
     dead = x.clone()
@@ -124,7 +126,9 @@ def test_singular_kernel_uses_the_pseudo_inverse_and_says_how_to_avoid_it() -> N
     ckpt = _checkpoint(3)
     g = _grads(ckpt, dead, y)
     expected = g @ torch.linalg.pinv(g.T @ g) @ _grads(ckpt, *TEST).T * _one_minus_p(ckpt, dead, y)[:, None]
-    torch.testing.assert_close(attributor.attribute(_loader(*TEST, batch_size=4)).double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        attributor.attribute(_loader(*TEST, batch_size=4)).double(), expected, rtol=1e-4, atol=1e-6
+    )
     with warnings.catch_warnings():  # a ridge makes the same kernel invertible
         warnings.simplefilter("error")
         regularised = TRAKAttributor(_task([ckpt]), _correct_probability, IDENTITY, regularization=1e-3)
@@ -158,7 +162,9 @@ def _row_by_row(attributor: TRAKAttributor) -> None:
     attributor._grads = grads  # type: ignore[method-assign]
 
 
-def _phi_and_scores(batch_size: int, stores: Dict[int, BlockStore] | None = None) -> Tuple[List[Tensor], Tensor]:
+def _phi_and_scores(
+    batch_size: int, stores: Dict[int, BlockStore] | None = None
+) -> Tuple[List[Tensor], Tensor]:
     attributor = _attributor([_checkpoint(3), _checkpoint(4)], {"proj_dim": 5, "proj_max_batch_size": 32})
     _row_by_row(attributor)
     if stores is not None:

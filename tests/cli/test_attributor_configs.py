@@ -24,7 +24,9 @@ def test_config_matches_constructor(name: str) -> None:
     kwargs = {k for k in node if not k.startswith("_") and k not in {"runner", "defaults"}}
     assert kwargs <= set(params), kwargs - set(params)
     assert not kwargs & RUNTIME  # filled by the runner, never in YAML
-    assert set(params) - kwargs - RUNTIME <= {k for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    assert set(params) - kwargs - RUNTIME <= {
+        k for k, p in params.items() if p.default is not inspect.Parameter.empty
+    }
     assert node["runner"]["checkpoints"] in {"final", "trajectory"}
     assert node["runner"]["weights"] in {"ones", "learning_rates"}
     if node.get("projector_kwargs") is not None:

@@ -12,7 +12,9 @@ from dattri_cli.io import save_scores
 
 
 def _write(path, scores):
-    save_scores(path, scores, torch.arange(scores.shape[0]), torch.arange(scores.shape[1]), {"config_hash": "x"})
+    save_scores(
+        path, scores, torch.arange(scores.shape[0]), torch.arange(scores.shape[1]), {"config_hash": "x"}
+    )
     return path
 
 

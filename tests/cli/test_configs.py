@@ -44,7 +44,8 @@ def test_option_composes_and_binds(group, option):
     target = builders.resolve_target(node, group)
     given = {k for k in node if not k.startswith("_")}
     required = {
-        n for n, p in params.items()
+        n
+        for n, p in params.items()
         if p.default is inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }

@@ -23,7 +23,9 @@ def dattri(args, cwd, env_extra=None, check=True):
     env = {**os.environ, **(env_extra or {})}
     proc = subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
-        raise AssertionError(f"dattri {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"dattri {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -71,7 +73,9 @@ def test_cfg_job_prints_composed_config(tmp_path):
 
 
 def test_python_dash_m_works(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dattri_cli", "--version"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dattri_cli", "--version"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "dattri-cli" in proc.stdout
 
 
@@ -100,8 +104,21 @@ def test_unknown_command(tmp_path):
 @pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     wheel = next(tmp_path.glob("dattri_cli-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -71,7 +71,9 @@ def test_shuffled_loader_is_refused_in_python_api():
     from dattri_cli.task import AttributionTask
 
     model = torch.nn.Linear(2, 2)
-    task = AttributionTask(lambda p, b: torch.func.functional_call(model, p, (b[0],)).sum(), model, model.state_dict())
+    task = AttributionTask(
+        lambda p, b: torch.func.functional_call(model, p, (b[0],)).sum(), model, model.state_dict()
+    )
     data = TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ConfigError, match="shuffle=False"):
         TracInAttributor(task, [1.0], False).attribute(DataLoader(data, shuffle=True), DataLoader(data))

@@ -24,10 +24,27 @@ def test_lds_reports_left_out_test_samples(tmp_path, capsys, caplog):
     targets = torch.rand(5, 4, generator=gen)
     targets[:, 2] = 0.7  # the same retrained loss on every subset: no ranking to compare
     subsets = torch.stack([torch.randperm(8, generator=gen)[:4].sort().values for _ in range(5)])
-    tensors = {"subsets": subsets, "targets": targets, "train_indices": torch.arange(8), "test_indices": torch.arange(4)}
-    write_tensor_file(tmp_path / "gt.safetensors", tensors, {"kind": KIND, "config": CONFIG, "groundtruth_key": groundtruth_key(CONFIG)})
+    tensors = {
+        "subsets": subsets,
+        "targets": targets,
+        "train_indices": torch.arange(8),
+        "test_indices": torch.arange(4),
+    }
+    write_tensor_file(
+        tmp_path / "gt.safetensors",
+        tensors,
+        {"kind": KIND, "config": CONFIG, "groundtruth_key": groundtruth_key(CONFIG)},
+    )
     with caplog.at_level(logging.WARNING, logger="dattri_cli"), pytest.raises(SystemExit) as info:
-        cli.main(["eval", f"scores={tmp_path / 's.safetensors'}", f"groundtruth={tmp_path / 'gt.safetensors'}", "--json", "bootstrap=10"])
+        cli.main(
+            [
+                "eval",
+                f"scores={tmp_path / 's.safetensors'}",
+                f"groundtruth={tmp_path / 'gt.safetensors'}",
+                "--json",
+                "bootstrap=10",
+            ]
+        )
     assert info.value.code == 0
     lds = json.loads(capsys.readouterr().out)["lds"]
     assert lds["n_test_used"] == 3 and lds["n_test_dropped"] == 1

@@ -34,8 +34,12 @@ def test_file_contents_and_metadata(tmp_path):
     assert "loo_targets" not in tensors
     assert meta["groundtruth_key"] == gt.groundtruth_key(gt.builders.to_dict(compose_run(TINY)))
     # an ensemble size or attributor change keeps the key; a data change does not
-    assert meta["groundtruth_key"] == gt.groundtruth_key(gt.builders.to_dict(compose_run([*TINY, "train.num_models=3", "attributor=if_explicit"])))
-    assert meta["groundtruth_key"] != gt.groundtruth_key(gt.builders.to_dict(compose_run([*TINY, "dataset.n_test=7"])))
+    assert meta["groundtruth_key"] == gt.groundtruth_key(
+        gt.builders.to_dict(compose_run([*TINY, "train.num_models=3", "attributor=if_explicit"]))
+    )
+    assert meta["groundtruth_key"] != gt.groundtruth_key(
+        gt.builders.to_dict(compose_run([*TINY, "dataset.n_test=7"]))
+    )
     assert "workers" not in meta["settings"]
 
 
@@ -59,9 +63,16 @@ def test_killed_job_resumes_to_identical_bytes(tmp_path, reference):
 
 def test_work_dir_of_other_settings_is_refused(tmp_path):
     cfg = compose_run(TINY)
-    gt.generate(cfg, _settings(tmp_path, "a.safetensors", num_subsets=1, loo=[], work_dir=str(tmp_path / "w")))
+    gt.generate(
+        cfg, _settings(tmp_path, "a.safetensors", num_subsets=1, loo=[], work_dir=str(tmp_path / "w"))
+    )
     with pytest.raises(DattriError, match="different config"):
-        gt.generate(cfg, _settings(tmp_path, "b.safetensors", num_subsets=1, loo=[], alpha=0.3, work_dir=str(tmp_path / "w")))
+        gt.generate(
+            cfg,
+            _settings(
+                tmp_path, "b.safetensors", num_subsets=1, loo=[], alpha=0.3, work_dir=str(tmp_path / "w")
+            ),
+        )
 
 
 def test_bad_settings_are_refused(tmp_path):

@@ -54,7 +54,15 @@ def test_same_config_twice_gives_identical_bytes(small_run, tmp_path, attributor
 def test_ensemble_and_trajectory_checkpoints(small_run):
     ens = pipeline.run(small_run("train.num_models=2", out="ens.safetensors"))
     assert [c["model_index"] for c in ens.metadata["checkpoints"]] == [0, 1]
-    traj = pipeline.run(small_run("train=trajectory", "train.save_every=1", "attributor.runner.checkpoints=trajectory", "attributor.runner.weights=learning_rates", out="traj.safetensors"))
+    traj = pipeline.run(
+        small_run(
+            "train=trajectory",
+            "train.save_every=1",
+            "attributor.runner.checkpoints=trajectory",
+            "attributor.runner.weights=learning_rates",
+            out="traj.safetensors",
+        )
+    )
     assert [c["epoch"] for c in traj.metadata["checkpoints"]] == [1, 2, 3]
 
 
@@ -75,7 +83,14 @@ def test_bring_your_own_checkpoint_and_data(small_run, tmp_path):
     save_file({f"linear.{k}": v for k, v in model.state_dict().items()}, str(tmp_path / "ckpt.safetensors"))
     torch.save({f"linear.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ckpt.pt")
     for ckpt in ("ckpt.safetensors", "ckpt.pt"):
-        cfg = small_run("dataset=file", f"dataset.path={tmp_path / 'data.npz'}", "dataset.n_train=40", "dataset.n_test=10", f"checkpoint={tmp_path / ckpt}", out=f"{ckpt}.out.safetensors")
+        cfg = small_run(
+            "dataset=file",
+            f"dataset.path={tmp_path / 'data.npz'}",
+            "dataset.n_train=40",
+            "dataset.n_test=10",
+            f"checkpoint={tmp_path / ckpt}",
+            out=f"{ckpt}.out.safetensors",
+        )
         result = pipeline.run(cfg)
         assert result.scores.shape == (40, 10)
 
@@ -83,13 +98,18 @@ def test_bring_your_own_checkpoint_and_data(small_run, tmp_path):
 def test_csv_dataset_with_label_column(small_run, tmp_path):
     rows = ["a,b,label"] + [f"{i % 7},{(i * 3) % 5},{i % 2}" for i in range(30)]
     (tmp_path / "d.csv").write_text("\n".join(rows))
-    cfg = small_run("dataset=file", f"dataset.path={tmp_path / 'd.csv'}", "dataset.n_train=20", "dataset.n_test=5")
+    cfg = small_run(
+        "dataset=file", f"dataset.path={tmp_path / 'd.csv'}", "dataset.n_train=20", "dataset.n_test=5"
+    )
     assert pipeline.run(cfg).scores.shape == (20, 5)
 
 
 def _ckpt_with_wrong_shape(tmp_path: Path) -> Path:
     path = tmp_path / "wrong.safetensors"
-    save_file({"linear.weight": torch.zeros(3, 3), "linear.bias": torch.zeros(3), "extra": torch.zeros(1)}, str(path))
+    save_file(
+        {"linear.weight": torch.zeros(3, 3), "linear.bias": torch.zeros(3), "extra": torch.zeros(1)},
+        str(path),
+    )
     return path
 
 
@@ -157,9 +177,17 @@ def test_readme_byo_example_runs(tmp_path, cache_dir):
     env = {**os.environ, "PYTHONPATH": str(work), "DATTRI_CACHE_DIR": str(cache_dir)}
     subprocess.run([sys.executable, "make_files.py"], cwd=work, check=True, env=env, capture_output=True)
     args = [
-        "run", "model=custom", "model._target_=my_model.TinyNet", "checkpoint=tiny.safetensors",
-        "dataset=file", "dataset.path=data.npz", "dataset.n_train=200", "dataset.n_test=20",
-        "attributor=if_explicit", "attributor.regularization=0.01", "out=byo.safetensors",
+        "run",
+        "model=custom",
+        "model._target_=my_model.TinyNet",
+        "checkpoint=tiny.safetensors",
+        "dataset=file",
+        "dataset.path=data.npz",
+        "dataset.n_train=200",
+        "dataset.n_test=20",
+        "attributor=if_explicit",
+        "attributor.regularization=0.01",
+        "out=byo.safetensors",
     ]
     subprocess.run([shutil.which("dattri"), *args], cwd=work, check=True, env=env, capture_output=True)
     tensors, meta = load_scores(work / "byo.safetensors")

@@ -59,7 +59,9 @@ def test_config_reference_is_current():
 
 def test_show_reads_a_shard_set_like_the_merged_file(small_run, tmp_path, capsys):
     shard_paths = [
-        pipeline.run(small_run("attributor=grad_dot", f"shard.index={i}", "shard.count=2", out="sh.safetensors")).path
+        pipeline.run(
+            small_run("attributor=grad_dot", f"shard.index={i}", "shard.count=2", out="sh.safetensors")
+        ).path
         for i in range(2)
     ]
     full = pipeline.run(small_run("attributor=grad_dot", out="full.safetensors")).path

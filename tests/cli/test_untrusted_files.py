@@ -29,7 +29,11 @@ def hostile_config(marker: Path) -> dict:
 
 def write_hostile_scores(path: Path, marker: Path, shard=None, rows=range(N_TRAIN)) -> Path:
     rows = list(rows)
-    meta = {"config": hostile_config(marker), "config_hash": "f" * 64, "attributor": {"target": "pathlib.Path.touch"}}
+    meta = {
+        "config": hostile_config(marker),
+        "config_hash": "f" * 64,
+        "attributor": {"target": "pathlib.Path.touch"},
+    }
     if shard is not None:
         meta["shard"] = shard
     scores = torch.arange(len(rows) * N_TEST, dtype=torch.float32).reshape(len(rows), N_TEST)
@@ -114,7 +118,9 @@ def test_eval_does_not_instantiate(hostile, tmp_path, capsys):
         "test_indices": torch.arange(100, 100 + N_TEST),
     }
     gt = tmp_path / "gt.safetensors"
-    write_tensor_file(gt, tensors, {"kind": KIND, "config": config, "groundtruth_key": groundtruth_key(config)})
+    write_tensor_file(
+        gt, tensors, {"kind": KIND, "config": config, "groundtruth_key": groundtruth_key(config)}
+    )
     assert _run(["eval", f"scores={path}", f"groundtruth={gt}", "--json", "bootstrap=10"]) == 0
     assert not marker.exists()
     assert json.loads(capsys.readouterr().out)["lds"] is not None
@@ -122,7 +128,15 @@ def test_eval_does_not_instantiate(hostile, tmp_path, capsys):
 
 def test_unknown_recorded_dataset_keys_are_not_passed_on(tmp_path, capsys):
     """A built-in target with an argument it does not take is not rebuilt either."""
-    meta = {"config": {"dataset": {"_target_": "dattri_cli.data.digits", "_recursive_": True, "n_train": {"_target_": "os.getcwd"}}}}
+    meta = {
+        "config": {
+            "dataset": {
+                "_target_": "dattri_cli.data.digits",
+                "_recursive_": True,
+                "n_train": {"_target_": "os.getcwd"},
+            }
+        }
+    }
     path = tmp_path / "s.safetensors"
     save_scores(path, torch.zeros(4, 2), torch.arange(4), torch.arange(2), meta)
     assert _run(["show", str(path), "--json"]) == 0
@@ -159,18 +173,37 @@ def test_pickled_checkpoint_is_refused_without_running(tmp_path, capsys, cache_d
     marker = tmp_path / "pwned"
     path = _hostile_pt(tmp_path, {"linear.weight": Payload(marker)})
     assert not marker.exists()
-    code = _run(["run", "progress=off", f"checkpoint={path}", f"out={tmp_path / 's.safetensors'}", f"cache_dir={cache_dir}"])
+    code = _run(
+        [
+            "run",
+            "progress=off",
+            f"checkpoint={path}",
+            f"out={tmp_path / 's.safetensors'}",
+            f"cache_dir={cache_dir}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert "pickled Python objects" in err and "safetensors" in err
-    assert "weights_only=False" not in err.replace("weights_only=False), 'f.safetensors'", "")  # only in the opt-in recipe
+    assert "weights_only=False" not in err.replace(
+        "weights_only=False), 'f.safetensors'", ""
+    )  # only in the opt-in recipe
     assert "Traceback" not in err
 
 
 def test_pickled_data_file_is_refused_without_running(tmp_path, capsys, cache_dir):
     marker = tmp_path / "pwned"
     path = _hostile_pt(tmp_path, {"x": torch.zeros(10, 2), "y": Payload(marker)})
-    code = _run(["run", "progress=off", "dataset=file", f"dataset.path={path}", f"out={tmp_path / 's.safetensors'}", f"cache_dir={cache_dir}"])
+    code = _run(
+        [
+            "run",
+            "progress=off",
+            "dataset=file",
+            f"dataset.path={path}",
+            f"out={tmp_path / 's.safetensors'}",
+            f"cache_dir={cache_dir}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert "pickled Python objects" in err and "Traceback" not in err

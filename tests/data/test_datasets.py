@@ -22,7 +22,9 @@ def test_digits_split_is_seeded_and_disjoint():
 def test_synthetic_size_is_configurable_and_seeded():
     s = synthetic(n_samples=300, n_features=7, n_classes=4, n_train=200, n_test=50)
     assert s.x_train.shape == (200, 7) and s.num_classes == 4
-    assert torch.equal(s.x_train, synthetic(n_samples=300, n_features=7, n_classes=4, n_train=200, n_test=50).x_train)
+    assert torch.equal(
+        s.x_train, synthetic(n_samples=300, n_features=7, n_classes=4, n_train=200, n_test=50).x_train
+    )
 
 
 def test_fingerprint_changes_with_data():

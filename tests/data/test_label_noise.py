@@ -22,7 +22,9 @@ def test_flips_are_seeded_counted_and_wrong():
 
 
 def test_pipeline_applies_dataset_label_noise():
-    cfg = builders.to_dict(compose_run(["dataset.n_train=40", "dataset.n_test=5", "dataset.label_noise=0.25"]))
+    cfg = builders.to_dict(
+        compose_run(["dataset.n_train=40", "dataset.n_test=5", "dataset.label_noise=0.25"])
+    )
     split, mask = builders.build_split_and_flips(cfg)
     clean = builders.build_split(compose_run(["dataset.n_train=40", "dataset.n_test=5"]))
     assert int(mask.sum()) == 10

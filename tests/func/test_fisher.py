@@ -14,7 +14,9 @@ def naive_datainf(grads: torch.Tensor, tests: torch.Tensor, sizes: list, reg: fl
     out, start = [], 0
     for size in sizes:
         g = grads[:, start : start + size]
-        inverse = sum(torch.linalg.inv(torch.outer(gi, gi) + reg * torch.eye(size, dtype=g.dtype)) for gi in g)
+        inverse = sum(
+            torch.linalg.inv(torch.outer(gi, gi) + reg * torch.eye(size, dtype=g.dtype)) for gi in g
+        )
         out.append(tests[:, start : start + size] @ (inverse / g.shape[0]))
         start += size
     return torch.cat(out, dim=1)

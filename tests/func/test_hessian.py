@@ -34,7 +34,13 @@ def problem() -> dict:
     x = torch.randn(N, D, generator=gen, dtype=torch.float64)
     t = torch.randint(0, C, (N,), generator=gen)
     w = 0.5 * torch.randn(P, generator=gen, dtype=torch.float64)
-    return {"x": x, "t": t, "w": w, "hess": analytic_hessian(w, x), "v": torch.randn(5, P, generator=gen, dtype=torch.float64)}
+    return {
+        "x": x,
+        "t": t,
+        "w": w,
+        "hess": analytic_hessian(w, x),
+        "v": torch.randn(5, P, generator=gen, dtype=torch.float64),
+    }
 
 
 def jacobian_of_logits(x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +157,10 @@ def test_sampler_blocks_sum_to_the_whole_set_sampler(problem: dict, batch_size: 
     x, t, v = problem["x"], problem["t"], problem["v"]
     whole = minibatch_hvp_sampler(loss, problem["w"], (x, t), batch_size)
     bounds = [(0, 12), (12, 18), (18, N)]
-    parts = [minibatch_hvp_sampler(loss, problem["w"], (x[a:b], t[a:b]), batch_size, offset=a, total=N) for a, b in bounds]
+    parts = [
+        minibatch_hvp_sampler(loss, problem["w"], (x[a:b], t[a:b]), batch_size, offset=a, total=N)
+        for a, b in bounds
+    ]
     empty_parts = 0
     for seed in range(8):
         torch.manual_seed(seed)

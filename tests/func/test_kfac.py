@@ -20,7 +20,6 @@ from dattri_cli.func import kfac
 from dattri_cli.func.utils import per_sample_grad
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()
@@ -56,7 +55,11 @@ def test_linear_factors_and_correction_match_definitions(fisher: str) -> None:
     p = torch.softmax(model(x).detach(), dim=1)
     resid = p - one_hot(y, c).double()  # gradient of each sample's CE in its logits
     # per-sample curvature in the logits: softmax Hessian (GN) or residual outer product (EF)
-    out_curv = torch.diag_embed(p) - p[:, :, None] * p[:, None, :] if fisher == "gauss_newton" else resid[:, :, None] * resid[:, None, :]
+    out_curv = (
+        torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        if fisher == "gauss_newton"
+        else resid[:, :, None] * resid[:, None, :]
+    )
     torch.testing.assert_close(f.a_cov, xt.T @ xt / n)
     torch.testing.assert_close(f.s_cov, out_curv.mean(0))
     # corrected eigenvalues: E_i[(q_s_j^T H_i q_s_j) (q_a_k^T x_i)^2]
@@ -233,7 +236,10 @@ def test_shared_layer_and_unused_layer_are_errors() -> None:
     model2 = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
 
     def loss(params, batch):
-        return cross_entropy(functional_call(model2[0], {"weight": params["0.weight"], "bias": params["0.bias"]}, (batch[0],)), batch[1])
+        return cross_entropy(
+            functional_call(model2[0], {"weight": params["0.weight"], "bias": params["0.bias"]}, (batch[0],)),
+            batch[1],
+        )
 
     with pytest.raises(ConfigError, match=r"not used by the loss"):
         fit(model2, loss, x, y, "empirical", names=["0", "1"])

@@ -40,7 +40,9 @@ def test_same_projection_for_any_batch_size(proj_type: str) -> None:
         pieces = [proj.project(x[s : s + batch], ckpt_idx=3) for s in range(0, 64, batch)]
         assert torch.equal(torch.cat(pieces), full)
     # A fresh projector with the same settings gives the same numbers.
-    assert torch.equal(RandomProjector(proj_dim=48, proj_type=proj_type, proj_max_batch_size=16).project(x, 3), full)
+    assert torch.equal(
+        RandomProjector(proj_dim=48, proj_type=proj_type, proj_max_batch_size=16).project(x, 3), full
+    )
 
 
 def _stream(proj: RandomProjector, x: torch.Tensor, sizes: list, ckpt_idx: int = 0) -> list:
@@ -49,7 +51,9 @@ def _stream(proj: RandomProjector, x: torch.Tensor, sizes: list, ckpt_idx: int =
     return list(proj.project_stream(((s, x[s : s + n]) for s, n in zip(starts, sizes)), ckpt_idx))
 
 
-@pytest.mark.parametrize("sizes", [[100, 100], [3, 197], [200], [1] * 200, [31, 1, 32, 33, 64, 39], [0, 200, 0]])
+@pytest.mark.parametrize(
+    "sizes", [[100, 100], [3, 197], [200], [1] * 200, [31, 1, 32, 33, 64, 39], [0, 200, 0]]
+)
 def test_stream_rows_do_not_depend_on_the_grouping(sizes: list) -> None:
     x = _vectors(n=200, p=901)
     proj = RandomProjector(proj_dim=40, proj_max_batch_size=32)
@@ -64,7 +68,9 @@ def test_stream_projects_only_full_blocks_until_the_end(monkeypatch: pytest.Monk
     proj = RandomProjector(proj_dim=8, proj_max_batch_size=16)
     calls = []
     original = proj._project_blocks
-    monkeypatch.setattr(proj, "_project_blocks", lambda rows, k, n, b: calls.append(n) or original(rows, k, n, b))
+    monkeypatch.setattr(
+        proj, "_project_blocks", lambda rows, k, n, b: calls.append(n) or original(rows, k, n, b)
+    )
     x = _vectors(n=100, p=50)
     seen = []
     for key, _ in proj.project_stream((s, x[s : s + 10]) for s in range(0, 100, 10)):
@@ -110,7 +116,9 @@ def test_seed_and_checkpoint_change_the_projection() -> None:
 def test_linear_and_scaled() -> None:
     x = _vectors(n=3, p=50)
     proj = RandomProjector(proj_dim=10, proj_type="rademacher")
-    assert torch.allclose(proj.project(2 * x[:1] - x[1:2]), 2 * proj.project(x[:1]) - proj.project(x[1:2]), atol=1e-5)
+    assert torch.allclose(
+        proj.project(2 * x[:1] - x[1:2]), 2 * proj.project(x[:1]) - proj.project(x[1:2]), atol=1e-5
+    )
     # Rademacher entries are +-1, so e_1 maps to +-1/sqrt(d) in every coordinate.
     e1 = torch.zeros(1, 50)
     e1[0, 0] = 1.0

@@ -13,8 +13,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--smoke", "--methods", "trak", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=240,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_scale.py"),
+            "--smoke",
+            "--methods",
+            "trak",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())

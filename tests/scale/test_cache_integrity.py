@@ -31,8 +31,16 @@ class _Lines(logging.Handler):
 
 
 def _run(cache: Path, out: Path, *overrides: str):
-    base = ["dataset.n_train=60", "dataset.n_test=12", "train.epochs=3", "loader.train_batch_size=16",
-            "loader.test_batch_size=5", "progress=off", f"cache_dir={cache}", f"out={out}"]
+    base = [
+        "dataset.n_train=60",
+        "dataset.n_test=12",
+        "train.epochs=3",
+        "loader.train_batch_size=16",
+        "loader.test_batch_size=5",
+        "progress=off",
+        f"cache_dir={cache}",
+        f"out={out}",
+    ]
     logger = logging.getLogger("dattri_cli")
     handler = _Lines()
     logger.addHandler(handler)

@@ -18,10 +18,20 @@ from tests.conftest import compose_run
 
 CASES = {
     "grad_dot": ["attributor=grad_dot"],
-    "if_cg": ["attributor=if_cg", "attributor.regularization=0.1", "attributor.max_iter=60", "attributor.tol=1e-4"],
+    "if_cg": [
+        "attributor=if_cg",
+        "attributor.regularization=0.1",
+        "attributor.max_iter=60",
+        "attributor.tol=1e-4",
+    ],
     # minibatches of 8 from 60 rows split 32 / 28: most draw rows of both ranks
-    "if_lissa": ["attributor=if_lissa", "attributor.recursion_depth=30", "attributor.batch_size=8",
-                 "attributor.scaling=5", "attributor.damping=0.02"],
+    "if_lissa": [
+        "attributor=if_lissa",
+        "attributor.recursion_depth=30",
+        "attributor.batch_size=8",
+        "attributor.scaling=5",
+        "attributor.damping=0.02",
+    ],
     "trak": ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"],
     "if_datainf": ["attributor=if_datainf"],
     "if_ekfac": ["attributor=if_ekfac"],
@@ -30,12 +40,22 @@ CASES = {
 
 
 def _base(cache: Path, out: Path) -> list:
-    return ["dataset.n_train=60", "dataset.n_test=12", "train.epochs=3", "loader.train_batch_size=16",
-            "loader.test_batch_size=5", "progress=off", f"cache_dir={cache}", f"out={out}"]
+    return [
+        "dataset.n_train=60",
+        "dataset.n_test=12",
+        "train.epochs=3",
+        "loader.train_batch_size=16",
+        "loader.test_batch_size=5",
+        "progress=off",
+        f"cache_dir={cache}",
+        f"out={out}",
+    ]
 
 
 def _rank(rank: int, port: int, cache: str, work: str) -> None:
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     for name, overrides in CASES.items():
         pipeline.run(compose_run(_base(Path(cache), Path(work) / f"dist_{name}.safetensors") + overrides))
     distributed.shutdown()
@@ -52,9 +72,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 def test_two_gloo_ranks_equal_one_process(cache_dir, tmp_path):
-    single = {name: pipeline.run(compose_run(_base(cache_dir, tmp_path / f"one_{name}.safetensors") + o)) for name, o in CASES.items()}
+    single = {
+        name: pipeline.run(compose_run(_base(cache_dir, tmp_path / f"one_{name}.safetensors") + o))
+        for name, o in CASES.items()
+    }
     mp.spawn(_rank, args=(_free_port(), str(cache_dir), str(tmp_path)), nprocs=2, join=True)
     for name, one in single.items():
         tensors, meta = load_scores(tmp_path / f"dist_{name}.safetensors")

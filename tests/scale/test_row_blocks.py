@@ -22,7 +22,11 @@ from dattri_cli.errors import ConfigError
 from dattri_cli.io import load_score_set, load_scores
 
 TRAK = ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"]
-CASES = {"grad_dot": ["attributor=grad_dot"], "if_cg": ["attributor=if_cg", "attributor.regularization=0.01", "attributor.max_iter=4"], "trak": TRAK}
+CASES = {
+    "grad_dot": ["attributor=grad_dot"],
+    "if_cg": ["attributor=if_cg", "attributor.regularization=0.01", "attributor.max_iter=4"],
+    "trak": TRAK,
+}
 BATCH = "loader.train_batch_size=10"  # 60 rows in 6 batches
 BLOCKS = [BATCH, "output.rows_per_file=25"]  # rounded down to 2 whole batches per file -> 3 files
 
@@ -52,7 +56,12 @@ def test_each_row_block_is_the_shard_file_of_its_index(small_run):
 
 def test_self_influence_sidecar_show_and_eval(small_run, tmp_path, capsys):
     # LiSSA draws random minibatches: the blocked run must keep the unblocked run's random state
-    args = ["attributor=if_lissa", "attributor.recursion_depth=5", "+attributor.runner.self_influence=true", BATCH]
+    args = [
+        "attributor=if_lissa",
+        "attributor.recursion_depth=5",
+        "+attributor.runner.self_influence=true",
+        BATCH,
+    ]
     full = pipeline.run(small_run(*args, out="full.safetensors"))
     blocked = pipeline.run(small_run(*args, "output.rows_per_file=20", out="blocks/scores.safetensors"))
     self_full = load_scores(full.path)[0]["self_influence"]
@@ -132,11 +141,15 @@ def test_auto_splits_only_when_memory_is_short(small_run, monkeypatch, caplog):
 def test_plan_files_rounds_to_whole_batches():
     full = runner.RowPlan(0, 1, 0, 1000, 1000, "full")
     spans = lambda blocks: [(b.start, b.stop) for b in blocks]  # noqa: E731
-    assert spans(runner.plan_files(250, full, 100, 10, 12, None)) == [(i * 200, i * 200 + 200) for i in range(5)]
+    assert spans(runner.plan_files(250, full, 100, 10, 12, None)) == [
+        (i * 200, i * 200 + 200) for i in range(5)
+    ]
     assert len(runner.plan_files(30, full, 100, 10, 12, None)) == 10  # below one batch: one batch per file
     assert runner.plan_files(5000, full, 100, 10, 12, None) == [full]
     assert runner.plan_files(None, full, 100, 10, 12, 10**9) == [full]
-    assert len(runner.plan_files(None, full, 100, 10, 12, 2 * 12 * 10 * 300)) == 4  # 300 rows fit -> 3 batches per file
+    assert (
+        len(runner.plan_files(None, full, 100, 10, 12, 2 * 12 * 10 * 300)) == 4
+    )  # 300 rows fit -> 3 batches per file
     shard = runner.RowPlan(1, 2, 500, 1000, 1000, "shard")
     assert runner.plan_files(None, shard, 100, 10, 12, 100) == [shard]  # a shard keeps one file (and warns)
 

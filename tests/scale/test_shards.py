@@ -11,7 +11,11 @@ from dattri_cli.errors import DattriError
 from dattri_cli.io import load_scores, merge_shards, open_score_set
 
 TRAK = ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"]
-CASES = {"grad_dot": ["attributor=grad_dot"], "if_cg": ["attributor=if_cg", "attributor.regularization=0.01"], "trak": TRAK}
+CASES = {
+    "grad_dot": ["attributor=grad_dot"],
+    "if_cg": ["attributor=if_cg", "attributor.regularization=0.01"],
+    "trak": TRAK,
+}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -19,7 +23,9 @@ def test_merged_shards_equal_unsharded_bytes(small_run, tmp_path, name):
     full = pipeline.run(small_run(*CASES[name], out="full.safetensors"))
     paths = []
     for i in range(3):  # 60 rows in 4 batches of 16 -> shards of 1, 1 and 2 batches
-        result = pipeline.run(small_run(*CASES[name], f"shard.index={i}", "shard.count=3", out="part.safetensors"))
+        result = pipeline.run(
+            small_run(*CASES[name], f"shard.index={i}", "shard.count=3", out="part.safetensors")
+        )
         assert result.path.name == f"part-{i:05d}-of-00003.safetensors"
         assert result.metadata["config_hash"] == full.metadata["config_hash"]
         paths.append(result.path)
@@ -47,7 +53,14 @@ def test_merge_cli_directory_and_refusals(small_run, tmp_path, capsys):
         merge_shards([shard_dir / "s-00000-of-00002.safetensors", other.path], tmp_path / "x.safetensors")
     overlap = pipeline.run(small_run("shard.index=1", "shard.count=4", out="ov.safetensors"))
     with pytest.raises(DattriError, match="exactly once"):
-        merge_shards([shard_dir / "s-00000-of-00002.safetensors", overlap.path, shard_dir / "s-00001-of-00002.safetensors"], tmp_path / "x.safetensors")
+        merge_shards(
+            [
+                shard_dir / "s-00000-of-00002.safetensors",
+                overlap.path,
+                shard_dir / "s-00001-of-00002.safetensors",
+            ],
+            tmp_path / "x.safetensors",
+        )
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(SystemExit):
         cli_main(["merge", str(shard_dir)])
@@ -66,8 +79,15 @@ def test_merge_finds_shards_of_one_job_in_sibling_run_folders(small_run, tmp_pat
     from tests.conftest import compose_run
 
     full = pipeline.run(small_run(out="full.safetensors"))
-    cfg_args = ["dataset.n_train=60", "dataset.n_test=12", "train.epochs=3", "loader.train_batch_size=16",
-                "loader.test_batch_size=5", "progress=off", f"cache_dir={cache_dir}"]  # small_run's, without out=
+    cfg_args = [
+        "dataset.n_train=60",
+        "dataset.n_test=12",
+        "train.epochs=3",
+        "loader.train_batch_size=16",
+        "loader.test_batch_size=5",
+        "progress=off",
+        f"cache_dir={cache_dir}",
+    ]  # small_run's, without out=
     runs = tmp_path / "outputs" / "2026-01-01"
     for i, folder in enumerate(("10-00-00_grad_dot_digits_lr", "10-05-00_grad_dot_digits_lr")):
         pipeline.run(compose_run([*cfg_args, f"shard.index={i}", "shard.count=2"]), output_dir=runs / folder)
@@ -76,4 +96,7 @@ def test_merge_finds_shards_of_one_job_in_sibling_run_folders(small_run, tmp_pat
     cli_main(["merge", str(runs / "10-00-00_grad_dot_digits_lr"), f"out={tmp_path / 'm.safetensors'}"])
     assert (tmp_path / "m.safetensors").read_bytes() == full.path.read_bytes()
     with pytest.raises(DattriError, match="missing"):  # an explicit list of files is taken as given
-        merge_shards([runs / "10-00-00_grad_dot_digits_lr" / "scores-00000-of-00002.safetensors"], tmp_path / "x.safetensors")
+        merge_shards(
+            [runs / "10-00-00_grad_dot_digits_lr" / "scores-00000-of-00002.safetensors"],
+            tmp_path / "x.safetensors",
+        )

@@ -24,17 +24,31 @@ from tests.conftest import compose_run
 
 FAST: Dict[str, List[str]] = {
     "grad_dot": ["attributor=grad_dot"],
-    "if_cg": ["attributor=if_cg", "attributor.regularization=0.1", "attributor.max_iter=60", "attributor.tol=1e-4"],
+    "if_cg": [
+        "attributor=if_cg",
+        "attributor.regularization=0.1",
+        "attributor.max_iter=60",
+        "attributor.tol=1e-4",
+    ],
     "trak": ["attributor=trak", "attributor.projector_kwargs.proj_dim=16"],
 }
 OTHERS: Dict[str, List[str]] = {
     "grad_cos": ["attributor=grad_cos"],
     "tracin": ["attributor=tracin"],
     "if_explicit": ["attributor=if_explicit", "attributor.regularization=0.01"],
-    "if_lissa": ["attributor=if_lissa", "attributor.recursion_depth=30", "attributor.batch_size=8",
-                 "attributor.scaling=5", "attributor.damping=0.02"],
-    "if_arnoldi": ["attributor=if_arnoldi", "attributor.regularization=0.01", "attributor.max_iter=20",
-                   "attributor.proj_dim=10"],
+    "if_lissa": [
+        "attributor=if_lissa",
+        "attributor.recursion_depth=30",
+        "attributor.batch_size=8",
+        "attributor.scaling=5",
+        "attributor.damping=0.02",
+    ],
+    "if_arnoldi": [
+        "attributor=if_arnoldi",
+        "attributor.regularization=0.01",
+        "attributor.max_iter=20",
+        "attributor.proj_dim=10",
+    ],
     "if_datainf": ["attributor=if_datainf"],
     "if_ekfac": ["attributor=if_ekfac"],
     "if_kfac": ["attributor=if_kfac"],
@@ -44,13 +58,26 @@ GROUPS = {"fast": FAST, "others": OTHERS}
 
 
 def _base(cache: Path, out: Path) -> list:
-    return ["dataset.n_train=60", "dataset.n_test=12", "train.epochs=3", "loader.train_batch_size=16",
-            "loader.test_batch_size=5", "progress=off", f"cache_dir={cache}", f"out={out}"]
+    return [
+        "dataset.n_train=60",
+        "dataset.n_test=12",
+        "train.epochs=3",
+        "loader.train_batch_size=16",
+        "loader.test_batch_size=5",
+        "progress=off",
+        f"cache_dir={cache}",
+        f"out={out}",
+    ]
 
 
 def _rank(rank: int, world: int, port: int, cache: str, work: str, group: str) -> None:
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     for name, overrides in GROUPS[group].items():
         pipeline.run(compose_run(_base(Path(cache), Path(work) / f"w{world}_{name}.safetensors") + overrides))
     distributed.shutdown()
@@ -65,17 +92,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 @pytest.mark.parametrize("group", ["fast", pytest.param("others", marks=pytest.mark.slow)])
 def test_one_two_three_ranks_write_the_same_bytes(group, cache_dir, tmp_path):
     for name, overrides in GROUPS[group].items():
         pipeline.run(compose_run(_base(cache_dir, tmp_path / f"w1_{name}.safetensors") + overrides))
     for world in (2, 3):
-        mp.spawn(_rank, args=(world, _free_port(), str(cache_dir), str(tmp_path), group), nprocs=world, join=True)
+        mp.spawn(
+            _rank, args=(world, _free_port(), str(cache_dir), str(tmp_path), group), nprocs=world, join=True
+        )
     differ = [
         f"{name} with {world} ranks"
         for name in GROUPS[group]
         for world in (2, 3)
-        if (tmp_path / f"w{world}_{name}.safetensors").read_bytes() != (tmp_path / f"w1_{name}.safetensors").read_bytes()
+        if (tmp_path / f"w{world}_{name}.safetensors").read_bytes()
+        != (tmp_path / f"w1_{name}.safetensors").read_bytes()
     ]
     assert not differ, f"score files differ from one process: {differ}"

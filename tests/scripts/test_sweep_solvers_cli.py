@@ -13,9 +13,22 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sweep_solvers_cli.py
 def test_sweep_smoke(tmp_path, cache_dir):
     env = {**os.environ, "DATTRI_CACHE_DIR": str(cache_dir)}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--solvers", "if_explicit,if_cg", "--sweep-dir", str(tmp_path / "sw"),
-         "--", "train.weight_decay=0.1"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--smoke",
+            "--solvers",
+            "if_explicit,if_cg",
+            "--sweep-dir",
+            str(tmp_path / "sw"),
+            "--",
+            "train.weight_decay=0.1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| `")}
