@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
 
 import yaml
 
@@ -24,15 +25,43 @@ def _first_comment(text: str) -> str:
     return " ".join(b for b in block if b)
 
 
+def _yaml_files(root: Any) -> List[Any]:
+    """The ``*.yaml`` entries of a config group folder, by name (none if it cannot be listed)."""
+    try:
+        return sorted((p for p in root.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name)
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return []
+
+
+def _search_roots(group: str, extra_path: Sequence[str]) -> List[Any]:
+    """The group folder in the packaged configs, then in each ``pkg://`` / ``file://`` search path entry."""
+    roots: List[Any] = [resources.files("dattri_cli.configs").joinpath(group)]
+    for entry in extra_path:
+        if entry.startswith("pkg://"):
+            try:
+                roots.append(resources.files(entry[len("pkg://") :].replace("/", ".")).joinpath(group))
+            except (ModuleNotFoundError, TypeError):
+                continue
+        else:
+            roots.append(
+                Path(entry[len("file://") :] if entry.startswith("file://") else entry).joinpath(group)
+            )
+    return roots
+
+
+def options(group: str, extra_path: Sequence[str] = ()) -> List[str]:
+    """Sorted option names of a config group: the packaged YAML files plus those on ``extra_path``."""
+    found = {p.name[:-5] for root in _search_roots(group, extra_path) for p in _yaml_files(root)}
+    return sorted(found)
+
+
 def catalog() -> Dict[str, Dict[str, Any]]:
     """``{group: {option: {"about": str, "options": {key: default}}}}``."""
     root = resources.files("dattri_cli.configs")
     out: Dict[str, Dict[str, Any]] = {}
     for group in GROUPS:
         entries = {}
-        for item in sorted(root.joinpath(group).iterdir(), key=lambda p: p.name):
-            if not item.name.endswith(".yaml"):
-                continue
+        for item in _yaml_files(root.joinpath(group)):
             text = item.read_text()
             data = yaml.safe_load(text) or {}
             options = {

@@ -127,7 +127,7 @@ class OrderedSum:
     :func:`split_reductions` each rank keeps its partials; then rank 0 folds its own
     and broadcasts the running sum, rank 1 continues from it and broadcasts, and so
     on, so every rank ends with the one-process bits however many ranks there are,
-    as long as rank spans are whole loader batches (:func:`scale.block_rows`).
+    as long as rank spans are whole loader batches (:func:`runner.block_rows`).
     Memory: under torchrun a rank holds one partial per training batch of its rows.
     """
 
@@ -151,7 +151,7 @@ class OrderedSum:
         import torch.distributed as dist  # noqa: PLC0415
 
         rank, size = world()
-        if not self.parts:  # scale.block_rows gives every rank at least one batch
+        if not self.parts:  # runner.block_rows gives every rank at least one batch
             msg = "a rank holds no training batch; lower the number of processes"
             raise ValueError(msg)
         total = self.total

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dattri_cli import metric
 from dattri_cli.errors import ConfigError, DattriError
-from dattri_cli.groundtruth import _RUN_ONLY_TRAIN_KEYS, groundtruth_key, load_groundtruth
+from dattri_cli.groundtruth import RUN_ONLY_TRAIN_KEYS, groundtruth_key, load_groundtruth
 from dattri_cli.io import load_score_set
 
 log = logging.getLogger("dattri_cli")
@@ -68,7 +68,7 @@ def check_compatible(
 def _strip(group: str, node: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     if node is None or group != "train":
         return dict(node) if node is not None else None
-    return {k: v for k, v in node.items() if k not in _RUN_ONLY_TRAIN_KEYS}
+    return {k: v for k, v in node.items() if k not in RUN_ONLY_TRAIN_KEYS}
 
 
 def evaluate(

@@ -21,7 +21,6 @@ recomputed and atomically replaced, with one log line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,10 +29,10 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
-import torch
 from torch import Tensor
 
-from dattri_cli.io import _atomic_write
+from dattri_cli.hashing import data_fingerprint, json_sha256, tensor_sha256
+from dattri_cli.io import atomic_write
 
 log = logging.getLogger("dattri_cli")
 
@@ -44,7 +43,7 @@ KILL_ENV = "DATTRI_TEST_KILL_AFTER_BLOCKS"
 
 def cache_key(parts: Mapping[str, Any]) -> str:
     """SHA-256 of the sorted JSON of ``parts``."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(dict(parts))
 
 
 def block_name(start: int, stop: int) -> str:
@@ -79,7 +78,7 @@ class BlockStore:
                 _remove(key_file)
                 for old in self.directory.glob("*.safetensors"):
                     _remove(old)
-            _atomic_write(key_file, lambda tmp: Path(tmp).write_text(key_text))
+            atomic_write(key_file, lambda tmp: Path(tmp).write_text(key_text))
 
     @classmethod
     def keyed(cls, root: Path, kind: str, parts: Mapping[str, Any]) -> "BlockStore":
@@ -123,7 +122,7 @@ class BlockStore:
         path = self._path(name)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        _atomic_write(path, lambda tmp: save_file({"block": cpu}, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file({"block": cpu}, tmp, metadata=meta))
         self._written += 1
         limit = os.environ.get(KILL_ENV)
         if limit and self._written >= int(limit):
@@ -146,14 +145,6 @@ class BlockStore:
         block = compute()
         self.put(name, block)
         return block
-
-
-def tensor_sha256(tensor: Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes (any dtype, any device)."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    digest = hashlib.sha256(f"{flat.dtype}{tuple(tensor.shape)}".encode())
-    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def _read_text(path: Path) -> Optional[str]:
@@ -206,11 +197,7 @@ def _read_block(path: Path, name: str) -> tuple:
 
 def train_fingerprint(x_train: Tensor, y_train: Tensor, train_indices: Tensor) -> str:
     """SHA-256 of the training tensors and their indices (the test side plays no part)."""
-    digest = hashlib.sha256()
-    for t in (x_train, y_train, train_indices):
-        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return data_fingerprint((x_train, y_train, train_indices), with_layout=True)
 
 
 __all__ = ["KILL_ENV", "BlockStore", "block_name", "cache_key", "tensor_sha256", "train_fingerprint"]

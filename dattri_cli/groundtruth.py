@@ -35,13 +35,13 @@ from torch import Tensor
 import dattri_cli
 from dattri_cli import builders, progress
 from dattri_cli.errors import ConfigError, DattriError
-from dattri_cli.io import _atomic_write, check_writable, read_tensor_file, write_tensor_file
+from dattri_cli.io import atomic_write, check_writable, read_tensor_file, write_tensor_file
 
 log = logging.getLogger("dattri_cli")
 
 KIND = "groundtruth"
 # train settings that change how many models a run uses, not what one retraining learns
-_RUN_ONLY_TRAIN_KEYS = ("num_models", "save_every")
+RUN_ONLY_TRAIN_KEYS = ("num_models", "save_every")
 SETTING_KEYS = (
     "num_subsets",
     "alpha",
@@ -112,10 +112,10 @@ def groundtruth_key(cfg: Mapping[str, Any]) -> str:
     A score file belongs to a ground truth when the same function of its recorded
     config gives the same key, whatever the attributor, loader or ensemble size.
     """
-    from dattri_cli.pipeline import config_hash  # noqa: PLC0415
-
-    train = {k: v for k, v in dict(cfg["train"]).items() if k not in _RUN_ONLY_TRAIN_KEYS}
-    return config_hash({"dataset": dict(cfg["dataset"]), "model": dict(cfg["model"]), "train": train})
+    train = {k: v for k, v in dict(cfg["train"]).items() if k not in RUN_ONLY_TRAIN_KEYS}
+    return builders.config_hash(
+        {"dataset": dict(cfg["dataset"]), "model": dict(cfg["model"]), "train": train}
+    )
 
 
 def draw_subsets(n_train: int, settings: GroundTruthSettings) -> Tensor:
@@ -166,12 +166,11 @@ def run_job(cfg: Dict[str, Any], settings: GroundTruthSettings, job: Job, work_d
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from dattri_cli.models.train import TrainSettings, train_one  # noqa: PLC0415
-    from dattri_cli.pipeline import build_split, model_factory  # noqa: PLC0415
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same arithmetic in the pool and in-process
     try:
-        split = build_split(cfg)
+        split = builders.build_split(cfg)
         n_train = int(split.y_train.shape[0])
         rows = _members(job, n_train, draw_subsets(n_train, settings), settings.loo)
         part = replace(
@@ -181,13 +180,13 @@ def run_job(cfg: Dict[str, Any], settings: GroundTruthSettings, job: Job, work_d
             train_indices=split.train_indices[rows],
         )
         train_settings = TrainSettings(**cfg["train"])
-        model = model_factory(cfg, split, "cpu")()
+        model = builders.model_factory(cfg, split, "cpu")()
         train_one(model, part, train_settings, settings.seed + job.repeat)
         targets = per_sample_targets(model, split.x_test, split.y_test, train_settings.weight_decay)
     finally:
         torch.set_num_threads(threads)
     path = Path(work_dir) / f"{job.name}.safetensors"
-    _atomic_write(path, lambda tmp: save_file({"targets": targets.contiguous()}, tmp))
+    atomic_write(path, lambda tmp: save_file({"targets": targets.contiguous()}, tmp))
     return job.name
 
 
@@ -204,7 +203,7 @@ def _prepare_work_dir(work_dir: Path, manifest: Dict[str, Any]) -> None:
             raise DattriError(msg)
         return
     work_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _run_pending(
@@ -270,14 +269,14 @@ def merge(
 
 def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[Path]:
     """Run every unfinished retraining, then write the merged file; None if ``max_jobs`` stopped early."""
-    from dattri_cli.pipeline import build_split_and_flips, config_hash  # noqa: PLC0415
+
     from dattri_cli.schema import validate_run  # noqa: PLC0415
 
     resolved = validate_run(builders.to_dict(cfg))  # every value, before any data is loaded
     progress.set_mode(resolved.get("progress", "off"))
     out = Path(settings.out).expanduser()
     check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
-    split, flips = build_split_and_flips(resolved)
+    split, flips = builders.build_split_and_flips(resolved)
     n_train = int(split.y_train.shape[0])
     settings.check(n_train)
     subsets = draw_subsets(n_train, settings)
@@ -285,7 +284,7 @@ def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[
     metadata = {
         "kind": KIND,
         "groundtruth_key": groundtruth_key(resolved),
-        "run_config_hash": config_hash(resolved),
+        "run_config_hash": builders.config_hash(resolved),
         "config": {k: resolved[k] for k in ("dataset", "model", "train")},
         "settings": settings.result_settings(),
         "target": "test cross-entropy per test sample (make_loss_funcs target), mean over seeds_per_subset retrainings",

@@ -1,4 +1,4 @@
-"""Score files: names, atomic writes and reading back.
+"""Score files: names, atomic writes, metadata, sidecars and reading back.
 
 A score file is safetensors with tensors ``scores`` (float32, ``(n_train, n_test)``),
 ``train_indices`` and ``test_indices`` (int64, positions in the source dataset),
@@ -13,10 +13,12 @@ import errno
 import json
 import logging
 import os
+import platform
 import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -56,7 +58,7 @@ def write_failure(path: Path, exc: BaseException) -> str | None:
     return None
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
 
     The file gets the permissions a plain ``open`` would give (``0o666`` less the umask),
@@ -143,7 +145,7 @@ def write_tensor_file(path: Path, tensors: Dict[str, Tensor], metadata: Dict[str
     from safetensors.torch import save_file  # noqa: PLC0415
 
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **metadata}, sort_keys=True)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_tensor_file(path: Path, what: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
@@ -188,7 +190,62 @@ def sidecar_path(scores_path: Path) -> Path:
 def write_sidecar(path: Path, info: Dict[str, Any]) -> None:
     """Write the non-reproducible run facts (timings, host, time) next to the scores."""
     text = json.dumps(info, indent=2, sort_keys=True, default=str)
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def score_metadata(
+    result_cfg: Mapping[str, Any],
+    config_hash: str,
+    attributor_cfg: Mapping[str, Any],
+    runner: Mapping[str, Any],
+    choices: Optional[Dict[str, str]],
+    checkpoints: Sequence[Any],
+    checkpoint_hashes: Sequence[str],
+    diagnostics: Any,
+) -> Dict[str, Any]:
+    """Everything a score file depends on, for its single metadata key.
+
+    ``result_cfg`` is the resolved config less the keys that never change the scores,
+    ``checkpoints`` have ``path``, ``model_index`` and ``epoch``.
+    """
+    import dattri_cli  # noqa: PLC0415 - the package version
+
+    return {
+        "attributor": {
+            "target": attributor_cfg["_target_"],
+            "kwargs": {k: v for k, v in attributor_cfg.items() if not k.startswith("_")},
+            "runner": dict(runner),
+        },
+        "choices": choices or {},
+        "config": dict(result_cfg),
+        "config_hash": config_hash,
+        "seed": int(result_cfg.get("seed", 0)),
+        "versions": {"dattri_cli": dattri_cli.__version__, "torch": torch.__version__},
+        "checkpoints": [
+            {"file": Path(c.path).name, "sha256": h, "model_index": c.model_index, "epoch": c.epoch}
+            for c, h in zip(checkpoints, checkpoint_hashes)
+        ],
+        "diagnostics": json.loads(json.dumps(diagnostics, default=str)),
+    }
+
+
+def write_run_sidecar(out: Path, written: Any, config_hash: str, timings: Dict[str, Any]) -> None:
+    """The sidecar ``NAME.run.json`` beside ``out``: what was written, timings, host, time, config hash."""
+    info = {
+        "scores": written,
+        "timings": timings,
+        "host": platform.node(),
+        "finished_unix": time.time(),
+        "config_hash": config_hash,
+    }
+    try:
+        write_sidecar(sidecar_path(out), info)
+    except DattriError as exc:
+        what = f"{out} is complete"
+        if not isinstance(written, str):
+            what = f"all {len(written)} row-block files are complete"
+        msg = f"the scores were written ({what}) but the sidecar was not: {exc}"
+        raise DattriError(msg) from exc
 
 
 # -- row-block shards ------------------------------------------------------------------

@@ -12,10 +12,10 @@ validates the composed config with the same schema.
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
+from dattri_cli import catalog
 from dattri_cli.errors import ConfigError
 from dattri_cli.schema import GROUPS, TOP_KEYS, closest, validate_run, yaml_value
 
@@ -84,28 +84,6 @@ def search_path(overrides: Sequence[str], config_dirs: Sequence[str]) -> List[st
     return entries
 
 
-def group_options(group: str, extra_path: Sequence[str] = ()) -> List[str]:
-    """Options of ``group``: the packaged configs plus any found on the user's search path."""
-    roots: List[Any] = [resources.files("dattri_cli.configs").joinpath(group)]
-    for entry in extra_path:
-        if entry.startswith("pkg://"):
-            try:
-                roots.append(resources.files(entry[len("pkg://") :].replace("/", ".")).joinpath(group))
-            except (ModuleNotFoundError, TypeError):
-                continue
-        else:
-            roots.append(
-                Path(entry[len("file://") :] if entry.startswith("file://") else entry).joinpath(group)
-            )
-    found = set()
-    for root in roots:
-        try:
-            found |= {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
-        except (FileNotFoundError, NotADirectoryError, OSError):
-            continue
-    return sorted(found)
-
-
 def check_keys(overrides: Sequence[str], extra_path: Sequence[str] = (), sweep: bool = False) -> None:
     """Refuse unknown top-level keys (``+`` or not) and unknown group options, with hints."""
     for override in overrides:
@@ -119,7 +97,7 @@ def check_keys(overrides: Sequence[str], extra_path: Sequence[str] = (), sweep: 
             msg = f"unknown key {head!r} in {override!r}; {hint} (top-level keys: {', '.join(TOP_KEYS)})"
             raise ConfigError(msg)
         if key in GROUPS and prefix != "~":
-            available = group_options(key, extra_path)
+            available = catalog.options(key, extra_path)
             options = value.split(",") if sweep else [value]
             for option in options:
                 if option not in available:

@@ -34,15 +34,6 @@ TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 # filled at run time (task, device, data shape ...) when the config leaves them null
-RUNTIME_FILLED = (
-    "task",
-    "device",
-    "weight_list",
-    "correct_probability_func",
-    "final_linear_layer_name",
-    "in_features",
-    "num_classes",
-)
 MAX_ABS = 1e6  # "sane" magnitude for unbounded floats (learning rates, regularization ...)
 
 
@@ -475,7 +466,7 @@ def target_parameters(target: Callable) -> Tuple[Dict[str, inspect.Parameter], b
 
 def _check_target_node(group: str, node: MutableMapping[str, Any]) -> None:
     """Keys and values of a ``dataset``/``model``/``attributor`` node against its ``_target_``."""
-    from dattri_cli.builders import RUNNER_KEY, resolve_target  # noqa: PLC0415
+    from dattri_cli.builders import RUNNER_KEY, RUNTIME_FILLED, resolve_target  # noqa: PLC0415
 
     target_name = node.get("_target_")
     if target_name in (None, "", "???"):

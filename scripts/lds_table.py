@@ -17,11 +17,10 @@ import json
 import sys
 import time
 import traceback
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from dattri_cli import evaluate, pipeline
+from dattri_cli import builders, catalog, evaluate, pipeline
 from dattri_cli import groundtruth as gt
 from dattri_cli.groundtruth import compose
 
@@ -43,8 +42,7 @@ EXPLICIT_HESSIAN = {"if_explicit"}  # forms a P x P matrix
 
 def available_attributors() -> List[str]:
     """Attributor options, from the installed config group (what `dattri run` can compose)."""
-    folder = resources.files("dattri_cli.configs") / "attributor"
-    names = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    names = catalog.options("attributor")
     if "trak" in names:
         names[names.index("trak") + 1 : names.index("trak") + 1] = ["trak-r0", "trak-5", "trak-5-d128"]
     for base in ("if_cg", "if_arnoldi"):
@@ -69,9 +67,9 @@ def base_overrides(args: argparse.Namespace, model: str) -> List[str]:
 
 def num_params(overrides: List[str]) -> int:
     """Parameter count of the configured model (to skip explicit-Hessian methods that cannot fit)."""
-    cfg = pipeline.builders.to_dict(compose(overrides))
-    split = pipeline.build_split(cfg)
-    return sum(p.numel() for p in pipeline.model_factory(cfg, split, "cpu")().parameters())
+    cfg = builders.to_dict(compose(overrides))
+    split = builders.build_split(cfg)
+    return sum(p.numel() for p in builders.model_factory(cfg, split, "cpu")().parameters())
 
 
 def score_one(args: argparse.Namespace, model: str, name: str, truth: Path) -> Dict[str, Any]:

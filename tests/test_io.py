@@ -40,7 +40,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path):
 
     target = tmp_path / "s.safetensors"
     with pytest.raises(DattriError, match=r"cannot write .*s\.safetensors: no space left on device"):
-        io._atomic_write(target, fill_then_fail)
+        io.atomic_write(target, fill_then_fail)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -70,12 +70,12 @@ def test_file_size_limit_is_one_line_and_no_partial_file(tmp_path):
 
 def test_sidecar_failure_says_the_scores_were_written(small_run, tmp_path, monkeypatch):
     def no_space(path, info):
-        io._atomic_write(
+        io.atomic_write(
             Path(path),
             lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),  # noqa: ARG005
         )
 
-    monkeypatch.setattr(pipeline, "write_sidecar", no_space)
+    monkeypatch.setattr(io, "write_sidecar", no_space)
     with pytest.raises(DattriError) as info:
         pipeline.run(small_run())
     message = str(info.value)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from dattri_cli.algorithm.utils import (
     num_samples,
     to_device,
 )
+from dattri_cli.errors import ConfigError
 from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.func.batch import add_leading_dim
 from dattri_cli.progress import track
@@ -32,20 +34,83 @@ from dattri_cli.task import AttributionTask
 T = TypeVar("T")
 
 
-class BaseAttributor(ABC):
-    """The interface every attributor offers: ``cache`` then ``attribute``."""
+@dataclass(frozen=True)
+class TrainRows:
+    """Training rows ``[start, stop)`` (positions in the full training set) and a loader over them."""
+
+    loader: DataLoader
+    start: int
+    stop: int
+
+
+class Attributor(ABC):
+    """The contract between the runner and an attributor.
+
+    The runner calls three methods, in this order:
+
+    * :meth:`prepare` with the training rows this process caches (the full training set,
+      or under torchrun this rank's rows, whose full-set sums the attributor all-reduces);
+    * :meth:`score_rows` once per block of training rows (one block unless a run writes
+      row-block files), returning ``(rows, num_test)`` scores;
+    * :meth:`self_scores` when ``attributor.runner.self_influence`` asks for it.
+
+    What an attributor can do is declared by the class attributes below; the runner reads
+    them and never probes an instance. The public dattri-style methods (``cache``,
+    ``attribute``, ``self_attribute``) of each subclass are thin wrappers over the same code.
+    """
+
+    #: full-training-set quantities are all-reduced, so torchrun ranks may split the rows
+    splits_over_ranks: ClassVar[bool] = False
+    #: the test side is computed through ``test_side_memo`` (kept across row blocks when set)
+    keeps_test_side: ClassVar[bool] = False
+    #: dtype scores are accumulated in before the float32 result (None: the parameters' dtype)
+    accumulator_dtype: ClassVar[Optional[torch.dtype]] = None
+    #: ``diagnostics`` (solver residuals, conditioning) is recorded in the score file
+    has_diagnostics: ClassVar[bool] = False
+    #: train-side blocks are kept through ``feature_store`` when the runner sets one
+    uses_feature_store: ClassVar[bool] = False
+    #: :meth:`self_scores` is implemented
+    has_self_scores: ClassVar[bool] = False
+    #: parameters attributed (None: all); part of the feature-cache key
+    layer_name: Optional[Union[str, List[str]]] = None
+
+    def _init_hooks(self) -> None:
+        """The fields the runner may set; every subclass's ``__init__`` calls this."""
+        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` keeping train-side blocks (None: none kept)
+        self.feature_store: Optional[Callable[..., BlockStore]] = None
+        #: absolute train row of the first sample of the loader given to ``attribute`` (or TRAK's ``cache``)
+        self.train_row_offset = 0
+        #: test-side results kept across ``attribute`` calls (set by a run writing row blocks)
+        self.test_side_memo: Optional[TestSideMemo] = None
+        #: solver diagnostics recorded in the score file (JSON-serialisable)
+        self.diagnostics: Dict[str, Any] = {}
 
     @abstractmethod
-    def __init__(self, **kwargs: object) -> None:
-        """Store the task and hyperparameters; do no heavy work here."""
+    def prepare(self, train_dataloader: DataLoader, row_offset: int = 0) -> None:
+        """Precompute what depends on the training set; its first row is training row ``row_offset``."""
 
     @abstractmethod
-    def cache(self, full_train_dataloader: DataLoader) -> None:
-        """Precompute what depends on the full training set."""
+    def score_rows(self, rows: TrainRows, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(rows.stop - rows.start, num_test)`` of the given training rows, after :meth:`prepare`."""
 
-    @abstractmethod
-    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
-        """Return scores of shape ``(num_train_samples, num_test_samples)``."""
+    def self_scores(self, train_dataloader: DataLoader) -> Tensor:  # noqa: ARG002
+        """Self-influence ``score(i, i)`` of every training sample, ``(num_train,)``."""
+        msg = f"{type(self).__name__} has no self_attribute; drop attributor.runner.self_influence"
+        raise ConfigError(msg)
+
+    def check_rank_split(self) -> None:
+        """Refuse torchrun (ranks splitting the training rows) unless the class supports it."""
+        if not self.splits_over_ranks:
+            name = type(self).__name__
+            msg = (
+                f"{name} does not support torchrun (ranks splitting the training set): its full-training-set "
+                "statistics are not all-reduced. Use shard.index/shard.count instead"
+            )
+            raise ConfigError(msg)
+
+
+#: The name the attributors of dattri 0.3.0 derive from.
+BaseAttributor = Attributor
 
 
 def stream_train_scores(
@@ -90,6 +155,47 @@ def stream_train_scores(
         row += block.shape[0]
 
 
+def sum_over_checkpoints(
+    num_ckpts: int,
+    train_dataloader: DataLoader,
+    test_dataloader: DataLoader,
+    device: str,
+    test_side: Callable[[int], Tensor],
+    train_rep: Callable[[int, Any], Tensor],
+    finish: Callable[[int, Tensor], Tensor],
+    row_offset: int = 0,
+    weight: Callable[[int], float] = lambda _k: 1.0,
+    store: Callable[[int], Optional[BlockStore]] = lambda _k: None,
+    row_weights: Callable[[int], Optional[Tensor]] = lambda _k: None,
+) -> Tensor:
+    """``sum_k weight(k) * finish(k, train_rep(k, batch)) @ test_side(k).T``, streamed over train batches.
+
+    The gradient -> transform -> inner-product loop every gradient-based attributor runs:
+    ``test_side(k)`` is the transformed test matrix of checkpoint ``k`` (computed once),
+    ``train_rep(k, batch)`` the raw train representation (kept in ``store(k)`` when one is
+    given, under absolute rows from ``row_offset``), ``finish`` its transform. The scores
+    take the test side's dtype and live on ``device``.
+    """
+    scores = None
+    for ckpt_idx in range(num_ckpts):
+        test_rep = test_side(ckpt_idx)
+        if scores is None:  # the representations' dtype, never a hard-coded one
+            shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+            scores = torch.zeros(shape, dtype=test_rep.dtype, device=device)
+        stream_train_scores(
+            train_dataloader,
+            lambda batch, k=ckpt_idx: train_rep(k, batch),
+            test_rep,
+            scores,
+            weight=weight(ckpt_idx),
+            store=store(ckpt_idx),
+            row_offset=row_offset,
+            finish=lambda rep, k=ckpt_idx: finish(k, rep),
+            row_weights=row_weights(ckpt_idx),
+        )
+    return scores
+
+
 class TestSideMemo:
     """Test-side results per checkpoint, kept while the training rows are scored block by block.
 
@@ -130,8 +236,18 @@ def remembered(
     return memo.get(ckpt_idx, test_dataloader, compute)
 
 
-class BaseInnerProductAttributor(BaseAttributor):
-    """Scores as inner products of (transformed) train and test representations."""
+class BaseInnerProductAttributor(Attributor):
+    """Scores as inner products of (transformed) train and test representations.
+
+    Nothing it computes in :meth:`prepare` sums over the training set, so torchrun ranks
+    may split the rows; a subclass that adds such a sum all-reduces it (see
+    :mod:`dattri_cli.distributed`) or sets ``splits_over_ranks = False``.
+    """
+
+    splits_over_ranks = True
+    keeps_test_side = True
+    uses_feature_store = True
+    has_self_scores = True
 
     def __init__(
         self,
@@ -147,12 +263,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.layer_name = layer_name
         self.device = device or "cpu"
         self.full_train_dataloader: Optional[DataLoader] = None
-        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` keeping train gradients on disk (None: none kept)
-        self.feature_store: Optional[Callable[..., BlockStore]] = None
-        #: absolute train row of the first sample of the loader given to attribute()
-        self.train_row_offset = 0
-        #: test-side results kept across ``attribute`` calls (set by a run writing row blocks; None: none kept)
-        self.test_side_memo: Optional[TestSideMemo] = None
+        self._init_hooks()
 
     # -- representations ----------------------------------------------------------
     def _params(self, ckpt_idx: int) -> Tensor:
@@ -185,11 +296,35 @@ class BaseInnerProductAttributor(BaseAttributor):
         """Transform train representations (identity here; e.g. a projection)."""
         return train_rep
 
-    # -- workflow -------------------------------------------------------------------
+    # -- workflow (the runner's contract) -------------------------------------------------------
+    def prepare(self, train_dataloader: DataLoader, row_offset: int = 0) -> None:  # noqa: ARG002
+        """Remember the full training set; subclasses precompute from it (the offset plays no part)."""
+        check_not_shuffled(train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = train_dataloader
+
+    def score_rows(self, rows: TrainRows, test_dataloader: DataLoader) -> Tensor:
+        """Scores of ``rows`` (their loader streamed, their absolute rows naming stored blocks)."""
+        return self._scores(rows.loader, test_dataloader, rows.start)
+
+    def self_scores(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence of every training sample (see :meth:`self_attribute`)."""
+        return self._self_scores(train_dataloader)
+
+    # -- the dattri-style API -------------------------------------------------------------------
     def cache(self, full_train_dataloader: DataLoader) -> None:
-        """Remember the full training set; subclasses precompute from it."""
-        check_not_shuffled(full_train_dataloader, "full_train_dataloader")
-        self.full_train_dataloader = full_train_dataloader
+        """Precompute what depends on the full training set (:meth:`prepare`)."""
+        self.prepare(full_train_dataloader)
+
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(num_train, num_test)`` averaged over the task's checkpoints."""
+        return self._scores(train_dataloader, test_dataloader, self.train_row_offset)
+
+    def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence ``score(i, i)`` of every training sample, shape ``(num_train,)``.
+
+        Computed batch by batch without forming the train x train matrix.
+        """
+        return self._self_scores(train_dataloader)
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:
         if self.full_train_dataloader is None:
@@ -242,28 +377,24 @@ class BaseInnerProductAttributor(BaseAttributor):
         # differently (and may differ in the last bits), so the two never share gradients
         return self.feature_store("train_grads", ckpt_idx, {"projection": None, "calls": "batch_of_one"})
 
-    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
-        """Scores ``(num_train, num_test)`` averaged over the task's checkpoints."""
+    def _scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader, row_offset: int) -> Tensor:
+        """Scores of the loader's rows (the first is row ``row_offset``), averaged over checkpoints."""
         check_not_shuffled(train_dataloader, "train_dataloader")
         check_not_shuffled(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
         num_ckpts = len(self.task.get_checkpoints())
-        scores = None
-        for ckpt_idx in range(num_ckpts):
-            test_rep = self._test_matrix(ckpt_idx, test_dataloader)
-            if scores is None:  # the representations' dtype, never a hard-coded one
-                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
-                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
-            stream_train_scores(
-                train_dataloader,
-                lambda batch, k=ckpt_idx: self._raw_train_rep(k, batch),
-                test_rep,
-                scores,
-                store=self._grad_store(ckpt_idx),
-                row_offset=self.train_row_offset,
-                finish=lambda rep, k=ckpt_idx: self.transform_train_rep(k, rep).detach(),
-                row_weights=self._row_weights(ckpt_idx, train_dataloader),
-            )
+        scores = sum_over_checkpoints(
+            num_ckpts,
+            train_dataloader,
+            test_dataloader,
+            self.device,
+            test_side=lambda k: self._test_matrix(k, test_dataloader),
+            train_rep=self._raw_train_rep,
+            finish=lambda k, rep: self.transform_train_rep(k, rep).detach(),
+            row_offset=row_offset,
+            store=self._grad_store,
+            row_weights=lambda k: self._row_weights(k, train_dataloader),
+        )
         scores /= num_ckpts
         check_finite(scores, "scores", hint="increase `regularization`")
         return scores
@@ -272,11 +403,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         """Per-training-row factors on one checkpoint's scores (None: all ones; RelatIF divides)."""
         return None
 
-    def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
-        """Self-influence ``score(i, i)`` of every training sample, shape ``(num_train,)``.
-
-        Computed batch by batch without forming the train x train matrix.
-        """
+    def _self_scores(self, train_dataloader: DataLoader) -> Tensor:
         check_not_shuffled(train_dataloader, "train_dataloader")
         self._ensure_cached(train_dataloader)
         num_ckpts = len(self.task.get_checkpoints())

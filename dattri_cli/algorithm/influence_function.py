@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.base import BaseAttributor, BaseInnerProductAttributor, stream_train_scores
+from dattri_cli.algorithm.base import Attributor, BaseInnerProductAttributor, TrainRows, stream_train_scores
 from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples, to_device
 from dattri_cli.errors import ConfigError
 from dattri_cli.func.batch import add_leading_dim, first_batches
@@ -56,6 +56,8 @@ RELATIF_METHODS = (None, "l", "theta")
 
 class _CachedFullTrain(BaseInnerProductAttributor):
     """Shared plumbing: a ``diagnostics`` dict and a clear error when ``cache`` was skipped."""
+
+    has_diagnostics = True
 
     def __init__(
         self, task: AttributionTask, layer_name: Optional[Union[str, List[str]]], device: Optional[str]
@@ -177,9 +179,9 @@ class IFAttributorExplicit(_CachedFullTrain):
         self.regularization = regularization
         self._inverse: Dict[int, SymmetricInverse] = {}
 
-    def cache(self, full_train_dataloader: DataLoader) -> None:
+    def prepare(self, full_train_dataloader: DataLoader, row_offset: int = 0) -> None:
         """Remember the training set; the Hessian is formed once per checkpoint on use."""
-        super().cache(full_train_dataloader)
+        super().prepare(full_train_dataloader, row_offset)
         self._inverse = {}
 
     def _inverse_for(self, ckpt_idx: int) -> SymmetricInverse:
@@ -333,9 +335,15 @@ class IFAttributorArnoldi(_CachedFullTrain):
         )
         self._eigen: Dict[int, ArnoldiEigen] = {}
 
-    def cache(self, full_train_dataloader: DataLoader) -> None:
+    def check_rank_split(self) -> None:
+        """Under torchrun every rank's rows enter the Arnoldi iteration: all of them are needed."""
+        if self.precompute_data_ratio != 1.0:
+            msg = "IFAttributorArnoldi under torchrun needs precompute_data_ratio=1.0"
+            raise ConfigError(msg)
+
+    def prepare(self, full_train_dataloader: DataLoader, row_offset: int = 0) -> None:
         """Run Arnoldi on the (ratio of the) training set for every checkpoint."""
-        super().cache(full_train_dataloader)
+        super().prepare(full_train_dataloader, row_offset)
         used = math.ceil(len(full_train_dataloader) * self.precompute_data_ratio)
         batches = [b for i, b in enumerate(full_train_dataloader) if i < used]
         self._eigen = {}
@@ -444,7 +452,7 @@ class IFAttributorDataInf(_CachedFullTrain):
         return acc.result()
 
 
-class IFAttributor(BaseAttributor):
+class IFAttributor(Attributor):
     """Function-style influence (the older API): a target function and a parameter dict.
 
     ``target_func(params, dataloader)`` returns the target summed over the batches
@@ -455,6 +463,8 @@ class IFAttributor(BaseAttributor):
     full training set). ``params`` is passed as a dictionary, which
     ``flatten_func``-decorated functions accept too.
     """
+
+    has_diagnostics = True
 
     def __init__(
         self,
@@ -482,7 +492,7 @@ class IFAttributor(BaseAttributor):
         self.params = flatten_params({k: v.detach() for k, v in params.items()}).to(self.device)
         self.target_func = target_func
         self.full_train_dataloader: Optional[DataLoader] = None
-        self.diagnostics: Dict[str, Diagnostics] = {}
+        self._init_hooks()
 
     def _batch_func(self, flat: Tensor, batch: Tuple[Tensor, ...]) -> Tensor:
         """The target on one batch, as a function of the flat parameter vector."""
@@ -491,10 +501,18 @@ class IFAttributor(BaseAttributor):
     def _grads(self, batch: Any) -> Tensor:
         return per_sample_grad(self._batch_func, self.params, to_device(batch, self.device)).detach()
 
-    def cache(self, full_train_dataloader: DataLoader) -> None:
+    def prepare(self, train_dataloader: DataLoader, row_offset: int = 0) -> None:  # noqa: ARG002
         """Remember the training set whose mean-target Hessian is inverted."""
-        check_not_shuffled(full_train_dataloader, "full_train_dataloader")
-        self.full_train_dataloader = full_train_dataloader
+        check_not_shuffled(train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = train_dataloader
+
+    def score_rows(self, rows: TrainRows, test_dataloader: DataLoader) -> Tensor:
+        """Scores of the rows' loader (see :meth:`attribute`)."""
+        return self.attribute(rows.loader, test_dataloader)
+
+    def cache(self, full_train_dataloader: DataLoader) -> None:
+        """Remember the training set whose mean-target Hessian is inverted (:meth:`prepare`)."""
+        self.prepare(full_train_dataloader)
 
     def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
         """Scores ``(num_train, num_test)``: one batched solve for all test gradients."""
@@ -595,7 +613,13 @@ class IFAttributorEKFAC(_CachedFullTrain):
         ``max_iter`` (dattri 0.3.0's option) fits them on the first ``max_iter``
         batches only; None uses every batch.
         """
-        super().cache(full_train_dataloader)
+        self.prepare(full_train_dataloader, max_iter=max_iter)
+
+    def prepare(
+        self, full_train_dataloader: DataLoader, row_offset: int = 0, max_iter: Optional[int] = None
+    ) -> None:
+        """:meth:`cache`: fit the factors on the first ``max_iter`` batches (None: all)."""
+        super().prepare(full_train_dataloader, row_offset)
         if max_iter is not None and not (isinstance(max_iter, int) and max_iter > 0):
             msg = f"max_iter must be a positive number of batches or None, got {max_iter!r}"
             raise ConfigError(msg)

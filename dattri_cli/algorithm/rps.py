@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from torch.nn.functional import normalize
 from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered
+from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
 from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_samples
 from dattri_cli.errors import ConfigError
 from dattri_cli.func.representer import (  # noqa: F401 - re-exported: their home before func/representer.py
@@ -59,11 +59,13 @@ class FinalLayerIO:
     labels: Tensor  # (n,) long
 
 
-class RPSAttributor(BaseAttributor):
+class RPSAttributor(Attributor):
     """Representer point selection on the final linear layer, averaged over checkpoints."""
 
-    #: dtype the scores are accumulated in before the float32 result (for memory estimates)
+    splits_over_ranks = True  # the fine-tuning objective and the row count are all-reduced
+    keeps_test_side = True
     accumulator_dtype = torch.float64
+    has_diagnostics = True
 
     def __init__(
         self,
@@ -87,9 +89,7 @@ class RPSAttributor(BaseAttributor):
         self.full_train_dataloader: Optional[DataLoader] = None
         self.finetuned_theta: List[Tensor] = []
         self.num_full_train = 0
-        #: test-side final-layer features kept across calls (set by a run writing row blocks; None: none kept)
-        self.test_side_memo: Optional[TestSideMemo] = None
-        self.diagnostics: Dict[str, Any] = {}
+        self._init_hooks()
 
     # -- features ------------------------------------------------------------------------------
     def _final_layer(self) -> nn.Module:
@@ -127,9 +127,26 @@ class RPSAttributor(BaseAttributor):
         logits = torch.cat([o for _, o in captured]).to(self.device, torch.float64)
         return FinalLayerIO(features, logits, torch.cat(labels).to(self.device).long())
 
-    # -- workflow -----------------------------------------------------------------------------------
+    # -- the runner's contract ----------------------------------------------------------------------
+    def prepare(self, train_dataloader: DataLoader, row_offset: int = 0) -> None:  # noqa: ARG002
+        """Fine-tune the final layer of every checkpoint on the training set (see :meth:`cache`)."""
+        self._cache(train_dataloader)
+
+    def score_rows(self, rows: TrainRows, test_dataloader: DataLoader) -> Tensor:
+        """Scores of the rows' loader (see :meth:`attribute`)."""
+        return self._scores(rows.loader, test_dataloader)
+
+    # -- the dattri-style API -------------------------------------------------------------------------
     def cache(self, full_train_dataloader: DataLoader) -> None:
         """Fine-tune the final layer of every checkpoint on the full training set."""
+        self.prepare(full_train_dataloader)
+
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(num_train, num_test)``: ``alpha_i[label_j] * <x_i, x_j>``, averaged over checkpoints."""
+        return self._scores(train_dataloader, test_dataloader)
+
+    # -- computation ----------------------------------------------------------------------------------
+    def _cache(self, full_train_dataloader: DataLoader) -> None:
         check_not_shuffled(full_train_dataloader, "full_train_dataloader")
         self.finetuned_theta = []
         residuals = []
@@ -160,8 +177,7 @@ class RPSAttributor(BaseAttributor):
         per_sample = representer_coefficients(theta, io.features, soft_targets(io.logits), self.l2_strength)
         return per_sample * io.features.shape[0] / self.num_full_train**2
 
-    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
-        """Scores ``(num_train, num_test)``: ``alpha_i[label_j] * <x_i, x_j>``, averaged over checkpoints."""
+    def _scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
         check_not_shuffled(train_dataloader, "train_dataloader")
         check_not_shuffled(test_dataloader, "test_dataloader")
         if self.full_train_dataloader is None:

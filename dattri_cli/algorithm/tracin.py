@@ -7,18 +7,17 @@ Grad-Dot / Grad-Cos are the one-checkpoint, unit-weight special cases.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.nn.functional import normalize
 from torch.utils.data import DataLoader
 
-from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered, stream_train_scores
+from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, sum_over_checkpoints
 from dattri_cli.algorithm.utils import (
     check_finite,
     check_not_shuffled,
-    num_samples,
     to_device,
 )
 from dattri_cli.errors import ConfigError
@@ -29,8 +28,13 @@ from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
 
 
-class TracInAttributor(BaseAttributor):
+class TracInAttributor(Attributor):
     """TracIn over the task's checkpoints, weighted by ``weight_list``."""
+
+    splits_over_ranks = True  # nothing sums over the training set
+    keeps_test_side = True
+    uses_feature_store = True
+    has_self_scores = True
 
     def __init__(
         self,
@@ -54,15 +58,39 @@ class TracInAttributor(BaseAttributor):
         self.projector = make_projector(self.projector_kwargs) if self.projector_kwargs is not None else None
         self.layer_name = layer_name
         self.device = device or "cpu"
-        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` keeping projected train gradients (None: none kept)
-        self.feature_store: Optional[Callable[..., BlockStore]] = None
-        #: absolute train row of the first sample of the loader given to attribute()
-        self.train_row_offset = 0
-        #: test gradients kept across ``attribute`` calls (set by a run writing row blocks; None: none kept)
-        self.test_side_memo: Optional[TestSideMemo] = None
+        self._init_hooks()
 
+    # -- the runner's contract -----------------------------------------------------------------
+    def prepare(self, train_dataloader: DataLoader, row_offset: int = 0) -> None:
+        """Nothing to precompute: gradients are streamed in :meth:`score_rows`."""
+
+    def score_rows(self, rows: TrainRows, test_dataloader: DataLoader) -> Tensor:
+        """Scores of ``rows`` (their absolute rows name the stored gradient blocks)."""
+        return self._scores(rows.loader, test_dataloader, rows.start)
+
+    def self_scores(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence of every training sample (see :meth:`self_attribute`)."""
+        return self._self_scores(train_dataloader)
+
+    # -- the dattri-style API -------------------------------------------------------------------
     def cache(self) -> None:
         """Nothing to precompute: gradients are streamed in ``attribute``."""
+
+    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        """Scores ``(num_train, num_test)``: the weighted sum over checkpoints."""
+        return self._scores(train_dataloader, test_dataloader, self.train_row_offset)
+
+    def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence ``sum_k w_k <g_k(train_i), g_k(train_i)>``, shape ``(num_train,)``.
+
+        The diagonal of train-x-train TracIn, one row-wise product per batch, so the
+        full matrix is never formed. Both sides use the training loss gradient
+        (the sample is its own test point). With ``normalized_grad`` every term
+        is ``w_k``: cosine self-similarity carries no ranking signal.
+        """
+        return self._self_scores(train_dataloader)
+
+    # -- computation ------------------------------------------------------------------------------
 
     def _project(self, ckpt_idx: int, grads: Tensor) -> Tensor:
         """Seeded random projection (one matrix per checkpoint), or the identity."""
@@ -104,8 +132,7 @@ class TracInAttributor(BaseAttributor):
 
         return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
 
-    def attribute(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
-        """Scores ``(num_train, num_test)``: the weighted sum over checkpoints."""
+    def _scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader, row_offset: int) -> Tensor:
         check_not_shuffled(train_dataloader, "train_dataloader")
         check_not_shuffled(test_dataloader, "test_dataloader")
         num_ckpts = len(self.task.get_checkpoints())
@@ -115,33 +142,22 @@ class TracInAttributor(BaseAttributor):
                 f"{num_ckpts} checkpoints; give one weight per checkpoint"
             )
             raise ConfigError(msg)
-        scores = None
-        for ckpt_idx in range(num_ckpts):
-            test_rep = self._test_matrix(ckpt_idx, test_dataloader)
-            if scores is None:  # the representations' dtype, never a hard-coded one
-                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
-                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
-            stream_train_scores(
-                train_dataloader,
-                lambda batch, k=ckpt_idx: self._raw_rep(k, batch, target=False),
-                test_rep,
-                scores,
-                weight=float(self.weight_list[ckpt_idx]),
-                store=self._store(ckpt_idx),
-                row_offset=self.train_row_offset,
-                finish=self._normalize,
-            )
+        scores = sum_over_checkpoints(
+            num_ckpts,
+            train_dataloader,
+            test_dataloader,
+            self.device,
+            test_side=lambda k: self._test_matrix(k, test_dataloader),
+            train_rep=lambda k, batch: self._raw_rep(k, batch, target=False),
+            finish=lambda _k, rep: self._normalize(rep),
+            row_offset=row_offset,
+            weight=lambda k: float(self.weight_list[k]),
+            store=self._store,
+        )
         check_finite(scores, "scores", hint="check the data and the checkpoints")
         return scores
 
-    def self_attribute(self, train_dataloader: DataLoader) -> Tensor:
-        """Self-influence ``sum_k w_k <g_k(train_i), g_k(train_i)>``, shape ``(num_train,)``.
-
-        The diagonal of train-x-train TracIn, one row-wise product per batch, so the
-        full matrix is never formed. Both sides use the training loss gradient
-        (the sample is its own test point). With ``normalized_grad`` every term
-        is ``w_k``: cosine self-similarity carries no ranking signal.
-        """
+    def _self_scores(self, train_dataloader: DataLoader) -> Tensor:
         check_not_shuffled(train_dataloader, "train_dataloader")
         num_ckpts = len(self.task.get_checkpoints())
         if num_ckpts != len(self.weight_list):

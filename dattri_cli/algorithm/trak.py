@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
-from dattri_cli.algorithm.base import BaseAttributor, TestSideMemo, remembered
+from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
 from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, to_device
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.feature_cache import BlockStore, block_name
@@ -99,11 +99,19 @@ class FeatureBlocks:
         return (self.ranges[-1][1] - self.ranges[0][0], self.dim)
 
 
-class TRAKAttributor(BaseAttributor):
-    """TRAK over the task's checkpoints (one per independently trained model)."""
+class TRAKAttributor(Attributor):
+    """TRAK over the task's checkpoints (one per independently trained model).
 
-    #: dtype the scores are accumulated in before the float32 result (for memory estimates)
+    The training rows are given to :meth:`prepare` (``cache``), which keeps their features;
+    :meth:`score_rows` then scores any block of those rows from the kept features.
+    """
+
+    splits_over_ranks = True  # the kernel sum and row count are all-reduced
+    keeps_test_side = True
     accumulator_dtype = torch.float64
+    has_diagnostics = True
+    uses_feature_store = True
+    has_self_scores = True
 
     def __init__(
         self,
@@ -147,13 +155,7 @@ class TRAKAttributor(BaseAttributor):
         self.norm_scaler = math.sqrt(num_params)
         self.full_train_dataloader: Optional[DataLoader] = None
         self.train_side: Optional[TrainSide] = None
-        #: ``f(kind, ckpt_idx, extra) -> BlockStore`` for on-disk, resumable features (None: memory)
-        self.feature_store: Optional[Callable[..., BlockStore]] = None
-        #: absolute train row of the first sample of the loader given to cache()
-        self.train_row_offset = 0
-        #: kernel-solved test features kept across calls (set by a run writing row blocks; None: none kept)
-        self.test_side_memo: Optional[TestSideMemo] = None
-        self.diagnostics: Dict[str, Any] = {}
+        self._init_hooks()  # feature_store None: features kept in memory
 
     # -- per-checkpoint pieces ---------------------------------------------------------
     def _grad_setup(self, ckpt_idx: int, target: bool) -> Tuple[Tensor, Callable]:
@@ -264,9 +266,26 @@ class TRAKAttributor(BaseAttributor):
             q_sum = q if q_sum is None else q_sum + q
         return TrainSide(features, factors, q_sum / len(features), self.train_row_offset)
 
-    # -- workflow ----------------------------------------------------------------------------
+    # -- the runner's contract ----------------------------------------------------------------
+    def prepare(self, train_dataloader: DataLoader, row_offset: int = 0) -> None:
+        """Compute and keep the train side of rows ``row_offset ...``, so scoring only touches test data."""
+        self.train_row_offset = row_offset
+        self._cache(train_dataloader)
+
+    def score_rows(self, rows: TrainRows, test_dataloader: DataLoader) -> Tensor:
+        """Scores of the prepared rows ``[rows.start, rows.stop)`` (on training-batch boundaries)."""
+        return self._attribute(self._resolve_train_side(None), test_dataloader, rows.start, rows.stop)
+
+    def self_scores(self, train_dataloader: DataLoader) -> Tensor:
+        """Self-influence of every training sample (see :meth:`self_attribute`)."""
+        return self.self_attribute(train_dataloader)
+
+    # -- the dattri-style API -------------------------------------------------------------------
     def cache(self, full_train_dataloader: DataLoader) -> None:
         """Compute and keep the train side so that ``attribute`` only touches test data."""
+        self.prepare(full_train_dataloader, self.train_row_offset)
+
+    def _cache(self, full_train_dataloader: DataLoader) -> None:
         check_not_shuffled(full_train_dataloader, "full_train_dataloader")
         self.train_side = self._train_side(full_train_dataloader)
         self.full_train_dataloader = full_train_dataloader
@@ -320,8 +339,7 @@ class TRAKAttributor(BaseAttributor):
 
     def attribute_rows(self, test_dataloader: DataLoader, start: int, stop: int) -> Tensor:
         """Scores of the cached training rows ``[start, stop)`` (absolute, on block boundaries)."""
-        side = self._resolve_train_side(None)
-        return self._attribute(side, test_dataloader, start, stop)
+        return self._attribute(self._resolve_train_side(None), test_dataloader, start, stop)
 
     def _solved_test_side(self, ckpt_idx: int, factor: KernelSolver, test_dataloader: DataLoader) -> Tensor:
         """``(Phi_k^T Phi_k)^-1 Psi_k^T`` (``d x n_test``, float64), memoised if asked."""

@@ -7,7 +7,6 @@ generated, and user data comes from local files.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri_cli.errors import DataError
+from dattri_cli.hashing import data_fingerprint
 
 log = logging.getLogger("dattri_cli")
 
@@ -46,17 +46,15 @@ class Split:
 
     def fingerprint(self) -> str:
         """SHA-256 of the tensors: identifies the exact data a checkpoint was trained on."""
-        digest = hashlib.sha256()
-        for t in (
+        tensors = (
             self.x_train,
             self.y_train,
             self.x_test,
             self.y_test,
             self.train_indices,
             self.test_indices,
-        ):
-            digest.update(t.contiguous().cpu().numpy().tobytes())
-        return digest.hexdigest()
+        )
+        return data_fingerprint(tensors)
 
     def loaders(self, train_batch_size: int, test_batch_size: int) -> Tuple[DataLoader, DataLoader]:
         """Unshuffled loaders over train and test."""

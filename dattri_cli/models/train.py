@@ -10,11 +10,8 @@ atomically, with one log line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -24,6 +21,8 @@ from torch import Tensor, nn
 
 from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError
+from dattri_cli.hashing import file_sha256, json_sha256
+from dattri_cli.io import atomic_write
 from dattri_cli.progress import track
 
 log = logging.getLogger("dattri_cli")
@@ -118,22 +117,15 @@ def correct_probability(model: nn.Module, sample_ndim: int) -> Callable:
 
 def cache_key(parts: Dict[str, Any]) -> str:
     """A short stable hash of JSON-serialisable parts."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_sha256(parts)[:16]
 
 
-def _atomic_save(state: Dict[str, Tensor], path: Path) -> None:
+def save_state_dict(state: Dict[str, Tensor], path: Path) -> None:
+    """Write ``state`` (on the CPU) as safetensors through :func:`dattri_cli.io.atomic_write`."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp))
 
 
 def train_one(
@@ -188,7 +180,7 @@ def trained_checkpoints(
         model = build_model()
         for epoch, state in train_one(model, split, settings, seed + model_index):
             path = folder / f"model{model_index}_epoch{epoch:04d}.safetensors"
-            _atomic_save(state, path)
+            save_state_dict(state, path)
             checkpoints.append(Checkpoint(path, model_index, epoch, settings.lr))
     manifest = [
         {
@@ -205,24 +197,9 @@ def trained_checkpoints(
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(manifest_path)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(manifest, indent=1))
-        os.replace(tmp, manifest_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(manifest, indent=1)
+    atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(text))
     return checkpoints
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensor_shapes(path: Path) -> Dict[str, List[int]]:

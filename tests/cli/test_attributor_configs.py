@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dattri_cli.builders import RUNTIME_ATTRIBUTOR_PARAMS
 from dattri_cli.func.projection import make_projector
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "attributor"
-RUNTIME = {"task", "device", "weight_list", "correct_probability_func", "final_linear_layer_name"}
+RUNTIME = set(RUNTIME_ATTRIBUTOR_PARAMS)
 
 
 @pytest.mark.parametrize("name", ["tracin", "trak", "rps", "grad_dot", "grad_cos"])

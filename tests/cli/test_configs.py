@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from importlib import resources
 
 import pytest
 
 from dattri_cli import builders
-from dattri_cli.catalog import GROUPS
+from dattri_cli.catalog import GROUPS, options
 from tests.conftest import compose_run
 
-RUNTIME_FILLED = {
-    "task",
-    "device",
-    "weight_list",
-    "correct_probability_func",
-    "final_linear_layer_name",
-    "in_features",
-    "num_classes",
-}
-
-
-def options(group: str) -> list[str]:
-    root = resources.files("dattri_cli.configs").joinpath(group)
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+RUNTIME_FILLED = set(builders.RUNTIME_FILLED)
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]

@@ -13,8 +13,9 @@ from typing import List, Optional
 import pytest
 
 from dattri_cli import builders, schema
+from dattri_cli.catalog import options
 from dattri_cli.errors import ConfigError
-from dattri_cli.precheck import check_run_args, group_options
+from dattri_cli.precheck import check_run_args
 from tests.cli.test_configs import ALL
 from tests.conftest import compose_run
 
@@ -225,7 +226,7 @@ def _user_dataset(root: Path, n_train: int = 50) -> None:
 
 def test_user_config_group_option_from_the_search_path(tmp_path):
     _user_dataset(tmp_path)
-    assert "blobs" in group_options("dataset", [f"file://{tmp_path}"])
+    assert "blobs" in options("dataset", [f"file://{tmp_path}"])
     assert check_run_args([f"hydra.searchpath=[file://{tmp_path}]", "dataset=blobs"]) is None
     assert check_run_args(["--config-dir", str(tmp_path), "dataset=blobs"]) is None
     problem = check_run_args([f"--config-dir={tmp_path}", "dataset=blobs", "dataset.n_classes=1"])
@@ -280,12 +281,12 @@ def test_shell_completion_install_and_query(tmp_path):
 
 
 def test_pipeline_validates_before_loading_data(monkeypatch, tmp_path):
-    from dattri_cli import pipeline
+    from dattri_cli import builders, pipeline
 
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before the config was checked")
 
-    monkeypatch.setattr(pipeline, "build_split", no_data)
+    monkeypatch.setattr(builders, "build_split", no_data)
     cfg = compose_run(["loader.train_batch_size=0", f"out={tmp_path}/s.safetensors", "progress=off"])
     with pytest.raises(ConfigError, match="loader.train_batch_size must be an integer >= 1, got 0"):
         pipeline.run(cfg, output_dir=tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dattri_cli import pipeline
+from dattri_cli import builders
 from dattri_cli.data import digits
 from dattri_cli.data.noise import flip_labels
 from tests.conftest import compose_run
@@ -22,10 +22,10 @@ def test_flips_are_seeded_counted_and_wrong():
 
 
 def test_pipeline_applies_dataset_label_noise():
-    cfg = pipeline.builders.to_dict(
+    cfg = builders.to_dict(
         compose_run(["dataset.n_train=40", "dataset.n_test=5", "dataset.label_noise=0.25"])
     )
-    split, mask = pipeline.build_split_and_flips(cfg)
-    clean = pipeline.build_split(compose_run(["dataset.n_train=40", "dataset.n_test=5"]))
+    split, mask = builders.build_split_and_flips(cfg)
+    clean = builders.build_split(compose_run(["dataset.n_train=40", "dataset.n_test=5"]))
     assert int(mask.sum()) == 10
     assert int((split.y_train != clean.y_train).sum()) == 10

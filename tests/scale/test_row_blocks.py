@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dattri_cli import pipeline, scale, summary
+from dattri_cli import pipeline, runner, summary
 from dattri_cli.algorithm.influence_function import IFAttributorCG
 from dattri_cli.algorithm.tracin import TracInAttributor
 from dattri_cli.algorithm.trak import TRAKAttributor
@@ -115,8 +115,8 @@ def test_test_side_is_computed_once_per_checkpoint(small_run, monkeypatch, name)
 
 
 def test_memo_lives_only_for_the_blocked_scoring():
-    attributor = SimpleNamespace(test_side_memo=None)
-    with scale.remember_test_side(attributor):
+    attributor = SimpleNamespace(test_side_memo=None, keeps_test_side=True)
+    with runner.remember_test_side(attributor):
         memo = attributor.test_side_memo
         loader = object()
         assert memo.get(0, loader, lambda: "first") == "first"
@@ -127,40 +127,40 @@ def test_memo_lives_only_for_the_blocked_scoring():
 
 
 def test_auto_splits_only_when_memory_is_short(small_run, monkeypatch, caplog):
-    monkeypatch.setattr(scale, "available_memory", lambda: 4096)  # budget 2 KiB: one 16-row batch per file
+    monkeypatch.setattr(runner, "available_memory", lambda: 4096)  # budget 2 KiB: one 16-row batch per file
     with caplog.at_level(logging.INFO, logger="dattri_cli"):
         tight = pipeline.run(small_run(out="tight/scores.safetensors"))
     assert [p.name for p in tight.files] == block_names(4)
     assert "4 row-block files" in caplog.text and "available" in caplog.text
     for memory in (1 << 40, None):  # plenty, or unknown: one file
-        monkeypatch.setattr(scale, "available_memory", lambda m=memory: m)
+        monkeypatch.setattr(runner, "available_memory", lambda m=memory: m)
         roomy = pipeline.run(small_run(out=f"roomy{memory}/scores.safetensors"))
         assert roomy.files == [roomy.path] and roomy.path.name == "scores.safetensors"
 
 
 def test_plan_files_rounds_to_whole_batches():
-    full = scale.RowPlan(0, 1, 0, 1000, 1000, "full")
+    full = runner.RowPlan(0, 1, 0, 1000, 1000, "full")
     spans = lambda blocks: [(b.start, b.stop) for b in blocks]  # noqa: E731
-    assert spans(scale.plan_files(250, full, 100, 10, 12, None)) == [
+    assert spans(runner.plan_files(250, full, 100, 10, 12, None)) == [
         (i * 200, i * 200 + 200) for i in range(5)
     ]
-    assert len(scale.plan_files(30, full, 100, 10, 12, None)) == 10  # below one batch: one batch per file
-    assert scale.plan_files(5000, full, 100, 10, 12, None) == [full]
-    assert scale.plan_files(None, full, 100, 10, 12, 10**9) == [full]
+    assert len(runner.plan_files(30, full, 100, 10, 12, None)) == 10  # below one batch: one batch per file
+    assert runner.plan_files(5000, full, 100, 10, 12, None) == [full]
+    assert runner.plan_files(None, full, 100, 10, 12, 10**9) == [full]
     assert (
-        len(scale.plan_files(None, full, 100, 10, 12, 2 * 12 * 10 * 300)) == 4
+        len(runner.plan_files(None, full, 100, 10, 12, 2 * 12 * 10 * 300)) == 4
     )  # 300 rows fit -> 3 batches per file
-    shard = scale.RowPlan(1, 2, 500, 1000, 1000, "shard")
-    assert scale.plan_files(None, shard, 100, 10, 12, 100) == [shard]  # a shard keeps one file (and warns)
+    shard = runner.RowPlan(1, 2, 500, 1000, 1000, "shard")
+    assert runner.plan_files(None, shard, 100, 10, 12, 100) == [shard]  # a shard keeps one file (and warns)
 
 
 def test_available_memory_reads_meminfo(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
-    assert scale.available_memory(meminfo) == 8000000 * 1024
+    assert runner.available_memory(meminfo) == 8000000 * 1024
     meminfo.write_text("MemTotal:       16000000 kB\n")
-    assert scale.available_memory(meminfo) is None
-    assert scale.available_memory(tmp_path / "absent") is None
+    assert runner.available_memory(meminfo) is None
+    assert runner.available_memory(tmp_path / "absent") is None
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5", "true", "null"])
@@ -173,6 +173,6 @@ def test_rows_per_file_with_shards_or_torchrun_is_refused(small_run):
     with pytest.raises(ConfigError, match="shard.index/shard.count"):
         pipeline.run(small_run("output.rows_per_file=16", "shard.index=0", "shard.count=2"))
     with pytest.raises(ConfigError, match="torchrun"):
-        scale.rows_per_file_setting({"rows_per_file": 16}, {}, world=2)
-    assert scale.rows_per_file_setting({"rows_per_file": "auto"}, {"index": 0, "count": 2}, world=1) is None
-    assert scale.rows_per_file_setting({"rows_per_file": "auto"}, {}, world=2) is None
+        runner.rows_per_file_setting({"rows_per_file": 16}, {}, world=2)
+    assert runner.rows_per_file_setting({"rows_per_file": "auto"}, {"index": 0, "count": 2}, world=1) is None
+    assert runner.rows_per_file_setting({"rows_per_file": "auto"}, {}, world=2) is None

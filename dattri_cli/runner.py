@@ -1,4 +1,10 @@
-"""Which training rows this process scores, and where train-side blocks are kept.
+"""Running an attributor over training rows: ``scores[rows] = score_rows(rows, test)`` block by block.
+
+Which rows this process scores (all, a shard, a torchrun rank's), in how many files
+(one unless ``output.rows_per_file`` or the memory estimate asks for row blocks),
+and the execution itself: :func:`score_blocks` prepares the attributor once and
+yields the scores of one block at a time, through the contract of
+:class:`dattri_cli.algorithm.base.Attributor` (no probing of the instance).
 
 Rows are split into contiguous blocks on training-batch boundaries: a shard (or a
 rank) scores whole batches, so every per-batch computation is the one an
@@ -14,36 +20,22 @@ one block of the score matrix, never all of it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dattri_cli import distributed
+from dattri_cli.algorithm.base import Attributor, TestSideMemo, TrainRows
 from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError
-from dattri_cli.feature_cache import BlockStore, train_fingerprint
 
 log = logging.getLogger("dattri_cli")
-
-#: attributors whose full-training-set quantities are all-reduced under torchrun
-DISTRIBUTED_OK = (
-    "TracInAttributor",
-    "TRAKAttributor",
-    "IFAttributorExplicit",
-    "IFAttributorCG",
-    "IFAttributorLiSSA",
-    "IFAttributorArnoldi",
-    "IFAttributorDataInf",
-    "IFAttributorEKFAC",
-    "IFAttributorKFAC",
-    "RPSAttributor",
-)
 
 
 @dataclass
@@ -113,90 +105,6 @@ def row_loader(split: Split, start: int, stop: int, batch_size: int) -> DataLoad
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def store_factory(
-    root: Path,
-    checkpoint_hashes: List[str],
-    split: Split,
-    layer_name: Any,
-    dtype: torch.dtype,
-    device: str,
-    stats: Dict[str, List[BlockStore]],
-) -> Callable[..., BlockStore]:
-    """``f(kind, ckpt_idx, extra) -> BlockStore`` keyed by what determines the blocks."""
-    fingerprint = train_fingerprint(split.x_train, split.y_train, split.train_indices)
-
-    def make(kind: str, ckpt_idx: int, extra: Mapping[str, Any]) -> BlockStore:
-        parts = {
-            "checkpoint_sha256": checkpoint_hashes[ckpt_idx],
-            "train_data": fingerprint,
-            "layer_name": layer_name,
-            "dtype": str(dtype),
-            "device_type": torch.device(device).type,
-            **extra,
-        }
-        store = BlockStore.keyed(root, kind, parts)
-        stats.setdefault(kind, []).append(store)
-        return store
-
-    return make
-
-
-def _scores_cached_side(attributor: Any) -> bool:
-    """True for TRAK-like classes: ``attribute(test_dataloader)`` scores the rows given to ``cache``."""
-    return next(iter(inspect.signature(attributor.attribute).parameters)) == "test_dataloader"
-
-
-def align_row_offset(attributor: Any, plan: RowPlan) -> None:
-    """Tell the attributor the absolute train row of the first sample it will be given."""
-    if hasattr(attributor, "train_row_offset"):
-        cached_side = _scores_cached_side(attributor)  # TRAK: the rows come through cache()
-        attributor.train_row_offset = plan.start if (plan.mode == "rank" or not cached_side) else 0
-
-
-def score_rows(attributor: Any, rows_loader: Any, test_loader: Any, plan: RowPlan) -> torch.Tensor:
-    """The scores of the plan's rows, ``cache`` having been run already."""
-    align_row_offset(attributor, plan)
-    if not _scores_cached_side(attributor):
-        return attributor.attribute(rows_loader, test_loader)
-    if hasattr(attributor, "attribute_rows"):
-        return attributor.attribute_rows(test_loader, plan.start, plan.stop)
-    offset = plan.start if plan.mode == "rank" else 0  # no row selection: compute all cached rows, keep ours
-    return attributor.attribute(test_loader)[plan.start - offset : plan.stop - offset]
-
-
-def attribute_rows(
-    attributor: Any,
-    cache_loader: Any,
-    rows_loader: Any,
-    test_loader: Any,
-    plan: RowPlan,
-    timings: Dict[str, float],
-) -> torch.Tensor:
-    """``cache`` on ``cache_loader`` then the scores of the plan's rows only."""
-    align_row_offset(attributor, plan)
-    from dattri_cli.pipeline import run_cache  # noqa: PLC0415 - pipeline imports this module
-
-    run_cache(attributor, cache_loader, timings)
-    start = time.perf_counter()
-    scores = score_rows(attributor, rows_loader, test_loader, plan)
-    timings["attribute_s"] = time.perf_counter() - start
-    return scores
-
-
-def check_distributable(attributor: Any) -> None:
-    """Refuse attributors whose full-training-set statistics are not all-reduced."""
-    name = type(attributor).__name__
-    if name not in DISTRIBUTED_OK:
-        msg = (
-            f"{name} does not support torchrun (ranks splitting the training set); supported: "
-            f"{', '.join(DISTRIBUTED_OK)}. Use shard.index/shard.count instead"
-        )
-        raise ConfigError(msg)
-    if name == "IFAttributorArnoldi" and attributor.precompute_data_ratio != 1.0:
-        msg = "IFAttributorArnoldi under torchrun needs precompute_data_ratio=1.0"
-        raise ConfigError(msg)
-
-
 # -- several score files from one run -----------------------------------------------------
 
 #: ``output.rows_per_file`` value that decides from the available memory
@@ -259,9 +167,9 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> Optional[int]:
     return None
 
 
-def score_bytes(attributor: Any, param_dtype: torch.dtype) -> int:
+def score_bytes(attributor: Attributor, param_dtype: torch.dtype) -> int:
     """Bytes held per score while a file is produced: output, serialised copy and the attributor's accumulator."""
-    dtype = getattr(attributor, "accumulator_dtype", param_dtype)
+    dtype = attributor.accumulator_dtype or param_dtype
     return OUTPUT_BYTES_PER_SCORE + torch.empty((), dtype=dtype).element_size()
 
 
@@ -345,15 +253,74 @@ def plan_files(
 
 
 @contextlib.contextmanager
-def remember_test_side(attributor: Any) -> Iterator[None]:
+def remember_test_side(attributor: Attributor) -> Iterator[None]:
     """Keep the attributor's test side per checkpoint for the duration (if it can), then drop it."""
-    if not hasattr(attributor, "test_side_memo"):
+    if not attributor.keeps_test_side:
         yield
         return
-    from dattri_cli.algorithm.base import TestSideMemo  # noqa: PLC0415
-
     attributor.test_side_memo = TestSideMemo()
     try:
         yield
     finally:
         attributor.test_side_memo = None
+
+
+# -- execution ----------------------------------------------------------------------------------
+
+
+def prepare(attributor: Attributor, loader: DataLoader, row_offset: int, timings: Dict[str, float]) -> None:
+    """``attributor.prepare(loader, row_offset)``, timed into ``timings["cache_s"]``."""
+    start = time.perf_counter()
+    attributor.prepare(loader, row_offset)
+    timings["cache_s"] = time.perf_counter() - start
+
+
+def score(
+    attributor: Attributor, rows: TrainRows, test_loader: DataLoader, timings: Dict[str, float]
+) -> torch.Tensor:
+    """The scores of ``rows`` as float32 on the CPU, the time added to ``timings["attribute_s"]``."""
+    start = time.perf_counter()
+    scores = attributor.score_rows(rows, test_loader).detach().to("cpu", torch.float32)
+    timings["attribute_s"] = timings.get("attribute_s", 0.0) + time.perf_counter() - start
+    return scores
+
+
+def score_blocks(
+    attributor: Attributor,
+    split: Split,
+    loaders: Tuple[DataLoader, DataLoader],
+    plan: RowPlan,
+    blocks: List[RowPlan],
+    timings: Dict[str, float],
+) -> Iterator[Tuple[RowPlan, torch.Tensor]]:
+    """Prepare once, then yield ``(block, float32 scores of its rows)`` for each block, in order.
+
+    The attributor is prepared on the full training set (a single file, a shard, row
+    blocks), or under torchrun on this rank's rows inside
+    :func:`dattri_cli.distributed.split_reductions`, so its full-set sums are all-reduced.
+    With several blocks the test side is computed on the first and kept for the others;
+    whatever the caller does between blocks (metadata, self-influence) sees that state.
+    """
+    train_loader, test_loader = loaders
+    timings["attribute_s"] = 0.0
+    if plan.mode == "rank":
+        attributor.check_rank_split()
+        rows_loader = row_loader(split, plan.start, plan.stop, int(train_loader.batch_size))
+        with distributed.split_reductions():
+            prepare(attributor, rows_loader, plan.start, timings)
+            scores = score(attributor, TrainRows(rows_loader, plan.start, plan.stop), test_loader, timings)
+        yield plan, scores
+        return
+    prepare(attributor, train_loader, 0, timings)
+    with contextlib.ExitStack() as stack:
+        if len(blocks) > 1:
+            stack.enter_context(remember_test_side(attributor))
+        for block in blocks:
+            if block.mode == "full":
+                rows = TrainRows(train_loader, 0, block.n_train)
+            else:
+                loader = row_loader(split, block.start, block.stop, int(train_loader.batch_size))
+                rows = TrainRows(loader, block.start, block.stop)
+            scores = score(attributor, rows, test_loader, timings)
+            yield block, scores
+            del scores  # one block in memory at a time
