@@ -17,6 +17,9 @@ then follow layer by layer, without the ``(B, P)`` matrix of all of them:
   scatter-added into the rows of the token ids used (``a_it`` is the one-hot id).
 * ``nn.LayerNorm``: with the normalised input ``xhat = (x - mean) / sqrt(var + eps)``,
   ``grad_w l_i = sum_t d_it * xhat_it`` and ``grad_b l_i = sum_t d_it`` (elementwise).
+* ``nn.BatchNorm1d/2d/3d`` in eval mode (an affine map per channel with the running
+  statistics): the same with ``xhat = (x - running_mean) / sqrt(running_var + eps)``
+  and ``t`` the positions of a channel.
 * any other module with parameters of its own: ``torch.func`` per-sample gradients
   of those parameters only, ``vmap`` over samples of the vector-Jacobian product of
   the module's output (at its recorded input) with the recorded output gradient.
@@ -59,7 +62,13 @@ from torch.nn import functional as F
 from dattri_cli.errors import ConfigError
 
 #: Kinds of layers whose per-sample gradients are factored.
-LINEAR, EMBEDDING, LAYERNORM, FALLBACK = "linear", "embedding", "layernorm", "fallback"
+LINEAR, EMBEDDING, LAYERNORM, BATCHNORM, FALLBACK = (
+    "linear",
+    "embedding",
+    "layernorm",
+    "batchnorm",
+    "fallback",
+)
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -77,6 +86,9 @@ def layer_kind(module: nn.Module) -> Optional[str]:
         return EMBEDDING
     if isinstance(module, nn.LayerNorm):
         return LAYERNORM
+    is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if is_bn and not module.training and module.running_mean is not None and module.running_var is not None:
+        return BATCHNORM
     return FALLBACK
 
 
@@ -121,7 +133,8 @@ class LayerCapture:
         ``d`` is ``(B, T, out)``. Embedding: ``a`` is the ``(B, T)`` token ids (long)
         and ``d`` is ``(B, T, dim)``; ids equal to ``padding_idx`` get a zero ``d``.
         LayerNorm: ``a`` is the normalised input ``(B, T, D)``, ``d`` is ``(B, T, D)``
-        (``D`` the flattened ``normalized_shape``).
+        (``D`` the flattened ``normalized_shape``). BatchNorm (eval): the same with
+        ``D`` the channels and ``T`` the positions.
         """
         if self.kind == FALLBACK:
             msg = f"layer {self.name!r} ({type(self.module).__name__}) has no factors; use per_sample_grads"
@@ -190,6 +203,14 @@ def _factor_one_use(module: nn.Module, kind: str, x: Tensor, d: Tensor) -> Tuple
         if module.padding_idx is not None:
             d = d.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
         return ids, d
+    if kind == BATCHNORM:
+        channels = x.shape[1]
+        view = (1, channels) + (1,) * (x.dim() - 2)
+        xhat = (x - module.running_mean.reshape(view)) / torch.sqrt(
+            module.running_var.reshape(view) + module.eps
+        )
+        xhat = xhat.reshape(b, channels, -1).transpose(1, 2)  # (B, positions, C)
+        return xhat, d.reshape(b, channels, -1).transpose(1, 2)
     # LayerNorm
     shape = tuple(module.normalized_shape)
     xhat = F.layer_norm(x, shape, None, None, module.eps)
@@ -403,7 +424,7 @@ def layer_inner_products(
     forming any gradient, in chunks of ``chunk`` left samples (working memory
     ``chunk * B_2 * T * S``); ``"materialised"`` forms the layer's per-sample
     gradients of both sets; ``"auto"`` picks the one with fewer multiply-adds.
-    LayerNorm and fallback layers are always materialised (their gradients are no
+    LayerNorm, BatchNorm and fallback layers are always materialised (their gradients are no
     larger than their inputs or use ``torch.func``).
     """
     if method not in ("auto", "factored", "materialised"):
@@ -412,7 +433,7 @@ def layer_inner_products(
     if left.kind != right.kind or left.module is not right.module:
         msg = f"layers {left.name!r} and {right.name!r} differ: inner products need the same layer"
         raise ValueError(msg)
-    if left.kind in (LAYERNORM, FALLBACK):
+    if left.kind in (LAYERNORM, BATCHNORM, FALLBACK):
         return left.per_sample_grads() @ right.per_sample_grads().T
     a1, d1 = left.factors()
     a2, d2 = right.factors()

@@ -218,3 +218,21 @@ def test_only_chosen_layers_and_float32():
     a, d = caps["conv2"].factors()
     assert a.dtype == torch.float32 and d.dtype == torch.float32
     assert a.shape == (5, 3 * 4, 4 * 3 * 2) and d.shape == (5, 3 * 4, 5)
+
+
+def test_batchnorm_in_eval_mode_is_factored():
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5), nn.BatchNorm1d(5),
+        nn.Linear(5, 3),
+    )  # fmt: skip
+    for bn in (model[1], model[5]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        nn.init.normal_(bn.weight)
+        nn.init.normal_(bn.bias)
+    model.eval()
+    kinds = {"0": "linear", "1": "batchnorm", "4": "linear", "5": "batchnorm", "6": "linear"}
+    check_all_layers(model, conv_batch(), kinds)
+    caps = lg.capture(model, per_sample_loss, conv_batch())
+    assert caps["1"].factors()[0].shape == (5, 36, 4)  # (B, positions, channels)
