@@ -7,7 +7,8 @@ Four ways to get train x test gradient scores on the same model, images and batc
 * ``factored``: :mod:`dattri_cli.func.layer_grads`, one hooked forward/backward pass
   per batch and per-layer inner products from the layer inputs and output gradients;
 * ``kronecker``: the same passes, each layer projected by :mod:`dattri_cli.func.kronecker`
-  (about 4k dimensions in all), then one matrix product;
+  (about 4k dimensions in all), then one matrix product; ``kronecker_batched`` the same
+  with ``deterministic=False`` (whole-batch products, not bit-stable across groupings);
 * ``floor``: one plain batched forward and ``loss.backward()`` over the same images.
 
 Each method runs in its own subprocess (peak resident memory is per process), the
@@ -38,7 +39,7 @@ from torch.nn.functional import cross_entropy
 from dattri_cli.func import kronecker as kr
 from dattri_cli.func import layer_grads as lg
 
-METHODS = ("floor", "full", "factored", "kronecker")
+METHODS = ("floor", "full", "factored", "kronecker", "kronecker_batched")
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -117,7 +118,10 @@ def run_full(model: nn.Module, train: list, test: list) -> torch.Tensor:
 
 def run_factored(model: nn.Module, train: list, test: list) -> torch.Tensor:
     test_caps = lg.capture(model, per_sample_loss, test[0])
-    rows = [lg.inner_products(lg.capture(model, per_sample_loss, b), test_caps) for b in train]
+    cache: dict = {}  # the test side's materialised layer gradients, reused for every train batch
+    rows = [
+        lg.inner_products(lg.capture(model, per_sample_loss, b), test_caps, right_cache=cache) for b in train
+    ]
     return torch.cat(rows)
 
 
@@ -126,8 +130,9 @@ def projector(model: nn.Module, total_dim: int = 4096) -> kr.KroneckerProjector:
     return kr.KroneckerProjector(proj_dim=max(1, total_dim // len(lg.default_layers(model))), seed=0)
 
 
-def run_kronecker(model: nn.Module, train: list, test: list) -> torch.Tensor:
+def run_kronecker(model: nn.Module, train: list, test: list, deterministic: bool = True) -> torch.Tensor:
     proj = projector(model)
+    proj.deterministic = deterministic
     test_feat = proj.project(lg.capture(model, per_sample_loss, test[0]))
     train_feat = torch.cat([proj.project(lg.capture(model, per_sample_loss, b)) for b in train])
     return train_feat @ test_feat.T
@@ -147,7 +152,7 @@ def child(args: argparse.Namespace) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(scores, args.scores)
     dims = None
-    if args.one == "kronecker":
+    if args.one.startswith("kronecker"):
         one = (test[0][0][:1], test[0][1][:1])
         dims = int(projector(model).project(lg.capture(model, per_sample_loss, one)).shape[1])
     print(

@@ -416,7 +416,11 @@ def _factored_cost(a: Tensor, d: Tensor, b2: int, t2: int) -> Tuple[float, float
 
 
 def layer_inner_products(
-    left: LayerCapture, right: LayerCapture, method: str = "auto", chunk: int = 16
+    left: LayerCapture,
+    right: LayerCapture,
+    method: str = "auto",
+    chunk: int = 16,
+    right_cache: Optional[Dict[str, Tensor]] = None,
 ) -> Tensor:
     """``(B_1, B_2)`` inner products of one layer's per-sample gradients of two sample sets.
 
@@ -426,6 +430,11 @@ def layer_inner_products(
     gradients of both sets; ``"auto"`` picks the one with fewer multiply-adds.
     LayerNorm, BatchNorm and fallback layers are always materialised (their gradients are no
     larger than their inputs or use ``torch.func``).
+
+    ``right_cache`` (a dict owned by the caller, keyed by layer name) keeps the right
+    side's materialised gradients for reuse when the same right capture (a test batch)
+    meets many left ones; it grows to ``B_2 x P_layer`` per materialised layer, so pass
+    it only when that fits.
     """
     if method not in ("auto", "factored", "materialised"):
         msg = f"method must be auto, factored or materialised, got {method!r}"
@@ -433,15 +442,23 @@ def layer_inner_products(
     if left.kind != right.kind or left.module is not right.module:
         msg = f"layers {left.name!r} and {right.name!r} differ: inner products need the same layer"
         raise ValueError(msg)
+
+    def right_grads() -> Tensor:
+        if right_cache is None:
+            return right.per_sample_grads()
+        if right.name not in right_cache:
+            right_cache[right.name] = right.per_sample_grads()
+        return right_cache[right.name]
+
     if left.kind in (LAYERNORM, BATCHNORM, FALLBACK):
-        return left.per_sample_grads() @ right.per_sample_grads().T
+        return left.per_sample_grads() @ right_grads().T
     a1, d1 = left.factors()
     a2, d2 = right.factors()
     if method == "auto" and left.kind == LINEAR:
         factored, materialised = _factored_cost(a1, d1, a2.shape[0], a2.shape[1])
         method = "factored" if factored <= materialised else "materialised"
     if method == "materialised":
-        return left.per_sample_grads() @ right.per_sample_grads().T
+        return left.per_sample_grads() @ right_grads().T
     rows = []
     for start in range(0, a1.shape[0], max(1, chunk)):
         ac, dc = a1[start : start + chunk], d1[start : start + chunk]
@@ -459,14 +476,18 @@ def inner_products(
     right: Dict[str, LayerCapture],
     method: str = "auto",
     per_layer: bool = False,
+    right_cache: Optional[Dict[str, Tensor]] = None,
 ) -> Union[Tensor, Dict[str, Tensor]]:
-    """Per-sample gradient inner products summed over layers (``(B_1, B_2)``), or per layer (a dict)."""
+    """Per-sample gradient inner products summed over layers (``(B_1, B_2)``), or per layer (a dict).
+
+    ``right_cache``: see :func:`layer_inner_products` (reuse of a fixed right side).
+    """
     if list(left) != list(right):
         msg = f"the two captures cover different layers: {list(left)} vs {list(right)}"
         raise ValueError(msg)
     out: Dict[str, Tensor] = {}
     for name in left:
-        out[name] = layer_inner_products(left[name], right[name], method)
+        out[name] = layer_inner_products(left[name], right[name], method, right_cache=right_cache)
     if per_layer:
         return out
     total = torch.zeros(())

@@ -177,3 +177,15 @@ def test_inner_products_preserved_in_expectation():
     scale = torch.outer(full.norm(dim=1), full.norm(dim=1))
     assert ((mean - gram).abs() / scale).max() < 0.15
     assert ((estimates[0] - gram).abs() / scale).max() > 1e-3  # a projection, not the identity
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_uses_the_cpu_matrices_and_agrees():
+    torch.manual_seed(2)
+    model, batch = Net(), make_batch(5)
+    proj = kr.KroneckerProjector(proj_dim=20, seed=1)
+    cpu = proj.project(lg.capture(model, loss, batch))
+    gpu_batch = tuple(x.cuda() for x in batch)
+    gpu = proj.project(lg.capture(model.cuda(), loss, gpu_batch))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu)

@@ -174,6 +174,13 @@ def test_inner_products_equal_reference(method, net):
     full_l = torch.cat([ref_l[k] for k in ref_l], dim=1)
     full_r = torch.cat([ref_r[k] for k in ref_r], dim=1)
     torch.testing.assert_close(lg.inner_products(cap_l, cap_r, method=method), full_l @ full_r.T)
+    cache: dict = {}
+    for _ in range(2):  # the second call reuses the right side's cached gradients
+        torch.testing.assert_close(
+            lg.inner_products(cap_l, cap_r, method, right_cache=cache), full_l @ full_r.T
+        )
+    if method == "materialised":
+        assert set(cache) == set(cap_r)
 
 
 def test_factored_inner_products_do_not_form_gradients(monkeypatch):
