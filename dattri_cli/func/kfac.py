@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.func.batch import batch_size_of, to_device
+from dattri_cli.func.linalg import robust_eigh
 
 FISHER_CHOICES = ("gauss_newton", "empirical")
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
@@ -430,8 +431,9 @@ def fit_factors(
     for f in factors.values():
         f.a_cov = sums[f.name][0].result() / count
         f.s_cov = sums[f.name][1].result() / count
-        f.a_evals, f.a_evecs = torch.linalg.eigh(f.a_cov)
-        f.s_evals, f.s_evecs = torch.linalg.eigh(f.s_cov)
+        # plain eigh first (same bits); float64, zero rows split off and jitter only if it fails
+        f.a_evals, f.a_evecs = robust_eigh(f.a_cov, f"K-FAC activation factor A of layer {f.name}")
+        f.s_evals, f.s_evecs = robust_eigh(f.s_cov, f"K-FAC output-gradient factor S of layer {f.name}")
         if not (torch.isfinite(f.a_evals).all() and torch.isfinite(f.s_evals).all()):
             msg = f"K-FAC factors of layer {f.name} are not finite: check the data and the checkpoint"
             raise NumericalError(msg)

@@ -1,0 +1,496 @@
+"""Per-layer per-sample gradients from one batched forward and backward pass.
+
+For a batch of ``B`` samples with per-sample losses ``l_i``, one backward pass of
+``sum_i l_i`` gives every layer's output gradient ``d_i = dl_i / dy_i`` for each
+sample separately (samples do not interact in the forward pass), and a forward
+hook keeps each sample's layer input ``a_i``. The per-sample parameter gradients
+then follow layer by layer, without the ``(B, P)`` matrix of all of them:
+
+* ``nn.Linear`` (``y_t = W a_t + b`` at positions ``t``; one position for a
+  ``(B, in)`` input, ``T`` for ``(B, T, in)``): ``grad_W l_i = sum_t d_it a_it^T``,
+  ``grad_b l_i = sum_t d_it``. With a 1 appended to ``a`` for the bias both are one
+  outer-product sum ``sum_t d_it [a_it; 1]^T``.
+* ``nn.Conv2d`` (``groups=1``, zero or no padding): the same with ``a_it`` the
+  unfolded input patch (``C * kh * kw`` values, channel-major like
+  ``weight.reshape(out, -1)``) and ``t`` the ``L`` output positions.
+* ``nn.Embedding``: ``grad_E l_i = sum_t e_{id_it} d_it^T``, the output gradients
+  scatter-added into the rows of the token ids used (``a_it`` is the one-hot id).
+* ``nn.LayerNorm``: with the normalised input ``xhat = (x - mean) / sqrt(var + eps)``,
+  ``grad_w l_i = sum_t d_it * xhat_it`` and ``grad_b l_i = sum_t d_it`` (elementwise).
+* ``nn.BatchNorm1d/2d/3d`` in eval mode (an affine map per channel with the running
+  statistics): the same with ``xhat = (x - running_mean) / sqrt(running_var + eps)``
+  and ``t`` the positions of a channel.
+* any other module with parameters of its own: ``torch.func`` per-sample gradients
+  of those parameters only, ``vmap`` over samples of the vector-Jacobian product of
+  the module's output (at its recorded input) with the recorded output gradient.
+
+Inner products of per-sample gradients of two sample sets come straight from the
+factors: for Linear, Conv2d and Embedding
+
+``<g_i, g_j> = sum_{t,s} (a_it . a_js) (d_it . d_js)``
+
+(for the Embedding ``a_it . a_js`` is ``[id_it == id_js]``), which costs
+``B_1 B_2 T S (in + out)`` instead of forming ``g`` (``out * in`` per sample). When
+the positions are many (``T S > in out / (in + out)``, typical for early
+convolutions) the per-sample gradient of the layer alone, ``(B, out, in)``, is cheaper
+and is formed instead; either way memory is bounded by the batch times the largest
+layer (times the positions), never by the batch times the whole model.
+
+Scaling: the per-sample gradient here is always the gradient of the sample's own
+loss ``l_i``. ``loss_fn`` may return the vector of ``l_i`` (``reduction="none"``), their
+sum (``"sum"``) or their mean (``"mean"``: the scalar is multiplied by ``B`` before the
+backward pass, so the factors are those of ``l_i``, not of ``l_i / B``).
+
+Requirements: samples must not interact in the forward pass (no BatchNorm in
+training mode; this is checked), every recorded tensor must have the batch as its
+leading dimension, and a parameter may belong to one recorded layer only (tied
+weights across two modules are refused). A module called several times in one
+forward pass (a shared layer) is handled: its uses are concatenated along the
+positions for the factored kinds and summed for the fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.nn import functional as F
+
+from dattri_cli.errors import ConfigError
+
+#: Kinds of layers whose per-sample gradients are factored.
+LINEAR, EMBEDDING, LAYERNORM, BATCHNORM, FALLBACK = (
+    "linear",
+    "embedding",
+    "layernorm",
+    "batchnorm",
+    "fallback",
+)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    """How the per-sample gradients of ``module``'s own parameters are computed (None: no trainable ones)."""
+    own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    if not own:
+        return None
+    all_trained = all(p.requires_grad for p in module.parameters(recurse=False))
+    if not all_trained:  # a frozen weight next to a trained bias: only torch.func knows which is which
+        return FALLBACK
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and _conv_factorable(module)):
+        return LINEAR
+    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq:
+        return EMBEDDING
+    if isinstance(module, nn.LayerNorm):
+        return LAYERNORM
+    is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if is_bn and not module.training and module.running_mean is not None and module.running_var is not None:
+        return BATCHNORM
+    return FALLBACK
+
+
+def _conv_factorable(module: nn.Conv2d) -> bool:
+    if module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    return not (isinstance(module.padding, str) and module.padding != "valid")
+
+
+def param_names(module: nn.Module) -> List[str]:
+    """The module's own trainable parameter names, in the flat layout of the per-sample gradients."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+@dataclass
+class LayerCapture:
+    """What one forward and backward pass recorded for one layer.
+
+    ``inputs[u]`` and ``outgrads[u]`` belong to the ``u``-th call of the module in
+    the forward pass (several for a shared layer). Factors are derived on demand,
+    so a convolution's unfolded patches exist only while that layer is consumed.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    inputs: List[Tuple[Tensor, ...]] = field(default_factory=list)
+    outgrads: List[List[Optional[Tensor]]] = field(default_factory=list)
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs[0][0].shape[0])
+
+    def factors(self) -> Tuple[Tensor, Tensor]:
+        """``(a, d)`` per sample and position, the uses of a shared layer concatenated along positions.
+
+        Linear / Conv2d: ``a`` is ``(B, T, in[+1])`` (a trailing 1 for the bias),
+        ``d`` is ``(B, T, out)``. Embedding: ``a`` is the ``(B, T)`` token ids (long)
+        and ``d`` is ``(B, T, dim)``; ids equal to ``padding_idx`` get a zero ``d``.
+        LayerNorm: ``a`` is the normalised input ``(B, T, D)``, ``d`` is ``(B, T, D)``
+        (``D`` the flattened ``normalized_shape``). BatchNorm (eval): the same with
+        ``D`` the channels and ``T`` the positions.
+        """
+        if self.kind == FALLBACK:
+            msg = f"layer {self.name!r} ({type(self.module).__name__}) has no factors; use per_sample_grads"
+            raise ValueError(msg)
+        a_parts, d_parts = [], []
+        for inputs, grads in zip(self.inputs, self.outgrads):
+            x, d = inputs[0], _first_grad(grads)
+            a, d = _factor_one_use(self.module, self.kind, x, d)
+            a_parts.append(a)
+            d_parts.append(d)
+        if len(a_parts) == 1:
+            return a_parts[0], d_parts[0]
+        return torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)
+
+    def per_sample_grads(self) -> Tensor:
+        """``(B, P_layer)``: the materialised per-sample gradient of this layer's parameters.
+
+        Layout: the module's own trainable parameters in registration order
+        (``weight`` then ``bias``), each flattened row-major, as ``torch.func`` gives them.
+        """
+        if self.kind == FALLBACK:
+            return _fallback_grads(self)
+        a, d = self.factors()
+        if self.kind == LINEAR:
+            g = torch.einsum("bto,bti->boi", d, a)
+            if self.has_bias:
+                return torch.cat([g[:, :, :-1].reshape(g.shape[0], -1), g[:, :, -1]], dim=1)
+            return g.reshape(g.shape[0], -1)
+        if self.kind == EMBEDDING:
+            num, dim = self.module.weight.shape
+            g = d.new_zeros(d.shape[0], num, dim)
+            g.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, dim), d)
+            return g.reshape(d.shape[0], -1)
+        gw = (d * a).sum(dim=1)
+        parts = [gw] + ([d.sum(dim=1)] if self.has_bias else [])
+        return torch.cat(parts, dim=1)
+
+
+def _first_grad(grads: Sequence[Optional[Tensor]]) -> Tensor:
+    g = grads[0]
+    if g is None:  # pragma: no cover - filled with zeros by capture()
+        msg = "a recorded layer output got no gradient"
+        raise RuntimeError(msg)
+    return g
+
+
+def _factor_one_use(module: nn.Module, kind: str, x: Tensor, d: Tensor) -> Tuple[Tensor, Tensor]:
+    b = x.shape[0]
+    if kind == LINEAR:
+        if isinstance(module, nn.Conv2d):
+            padding = 0 if module.padding == "valid" else module.padding
+            a = F.unfold(
+                x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+            )
+            a = a.transpose(1, 2)  # (B, L, C*kh*kw)
+            d = d.reshape(b, d.shape[1], -1).transpose(1, 2)  # (B, L, out)
+        else:
+            a = x.reshape(b, -1, x.shape[-1])
+            d = d.reshape(b, -1, d.shape[-1])
+        if module.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        return a, d
+    if kind == EMBEDDING:
+        ids = x.reshape(b, -1)
+        d = d.reshape(b, ids.shape[1], -1)
+        if module.padding_idx is not None:
+            d = d.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+        return ids, d
+    if kind == BATCHNORM:
+        channels = x.shape[1]
+        view = (1, channels) + (1,) * (x.dim() - 2)
+        xhat = (x - module.running_mean.reshape(view)) / torch.sqrt(
+            module.running_var.reshape(view) + module.eps
+        )
+        xhat = xhat.reshape(b, channels, -1).transpose(1, 2)  # (B, positions, C)
+        return xhat, d.reshape(b, channels, -1).transpose(1, 2)
+    # LayerNorm
+    shape = tuple(module.normalized_shape)
+    xhat = F.layer_norm(x, shape, None, None, module.eps)
+    width = int(torch.Size(shape).numel())
+    return xhat.reshape(b, -1, width), d.reshape(b, -1, width)
+
+
+def _fallback_grads(cap: LayerCapture) -> Tensor:
+    """``torch.func`` per-sample gradients of the module's own parameters, summed over its uses.
+
+    Positional tensor inputs are per sample (batch leading); keyword arguments are
+    not recorded and the module is called without them. Only the tensor outputs
+    take part (a ``None`` in an output tuple is skipped).
+    """
+    module = cap.module
+    names = param_names(module)
+    params = {n: getattr(module, n).detach() for n in names}
+
+    def one(x_args: Tuple[Tensor, ...], cot: Tuple[Tensor, ...]) -> Tensor:
+        def f(p: Dict[str, Tensor]) -> Tuple[Tensor, ...]:
+            out = functional_call(module, p, tuple(x.unsqueeze(0) for x in x_args))
+            outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            return tuple(o for o in outs if isinstance(o, Tensor))
+
+        _, pull = vjp(f, params)
+        (g,) = pull(tuple(c.unsqueeze(0) for c in cot))
+        return torch.cat([g[n].reshape(-1) for n in names])
+
+    total: Optional[Tensor] = None
+    for inputs, grads in zip(cap.inputs, cap.outgrads):
+        g = vmap(one)(tuple(inputs), tuple(grads))
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+class _Capture:
+    """Forward hooks keeping the chosen modules' inputs and, through tensor hooks, their output gradients.
+
+    Tensor hooks receive the gradient with respect to the output as the module
+    returned it, even when a later in-place operation (``ReLU(inplace=True)``)
+    modifies that tensor.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        self.captures = {n: LayerCapture(n, modules[n], layer_kind(modules[n]) or FALLBACK) for n in names}
+        self._outputs_meta: Dict[str, List[List[Optional[Tensor]]]] = {n: [] for n in names}
+        self._handles: List = []
+
+    def __enter__(self) -> "_Capture":
+        for cap in self.captures.values():
+            self._handles.append(cap.module.register_forward_hook(self._hook(cap)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, cap: LayerCapture) -> Callable:
+        def hook(module: nn.Module, inputs: Tuple, output: object) -> None:  # noqa: ARG001
+            tensors = tuple(x.detach() for x in inputs if isinstance(x, Tensor))
+            if not tensors:
+                msg = f"layer {cap.name!r} was called without a tensor input"
+                raise ConfigError(msg)
+            outs = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+            outs = tuple(o for o in outs if isinstance(o, Tensor))
+            use = len(cap.inputs)
+            cap.inputs.append(tensors)
+            cap.outgrads.append([None] * len(outs))
+            # shape and dtype (no storage) of each output, for those that get no gradient
+            self._outputs_meta[cap.name].append([torch.empty_like(o, device="meta") for o in outs])
+            for k, out in enumerate(outs):
+                if out.requires_grad:
+
+                    def keep(grad: Tensor, use: int = use, k: int = k) -> None:
+                        cap.outgrads[use][k] = grad.detach()
+
+                    out.register_hook(keep)
+
+        return hook
+
+    def fill_missing(self) -> None:
+        """Zero gradients for outputs the loss does not depend on."""
+        for name, cap in self.captures.items():
+            for use, grads in enumerate(cap.outgrads):
+                for k, g in enumerate(grads):
+                    if g is None:
+                        meta = self._outputs_meta[name][use][k]
+                        device = cap.inputs[use][0].device
+                        grads[k] = torch.zeros(meta.shape, dtype=meta.dtype, device=device)
+
+
+def default_layers(model: nn.Module) -> List[str]:
+    """Every module that owns trainable parameters, in registration order."""
+    return [n for n, m in model.named_modules() if layer_kind(m) is not None]
+
+
+def _check_layers(model: nn.Module, names: Sequence[str]) -> None:
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        msg = (
+            f"layers {unknown} are not modules of the model; modules with parameters: {default_layers(model)}"
+        )
+        raise ConfigError(msg)
+    without = [n for n in names if layer_kind(modules[n]) is None]
+    if without:
+        msg = (
+            f"layers {without} own no trainable parameters; modules with parameters: {default_layers(model)}"
+        )
+        raise ConfigError(msg)
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            msg = (
+                f"module {n!r} is a BatchNorm in training mode: it mixes the samples of a batch, so "
+                "per-sample gradients are undefined; call model.eval() first"
+            )
+            raise ConfigError(msg)
+    owner: Dict[int, str] = {}
+    for n in names:
+        for p in modules[n].parameters(recurse=False):
+            if id(p) in owner:
+                msg = f"layers {owner[id(p)]!r} and {n!r} share a parameter (tied weights): record only one"
+                raise ConfigError(msg)
+            owner[id(p)] = n
+
+
+def capture(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, object], Tensor],
+    batch: object,
+    layers: Optional[Sequence[str]] = None,
+    reduction: str = "none",
+) -> Dict[str, LayerCapture]:
+    """One forward and backward pass recording every chosen layer's inputs and output gradients.
+
+    ``loss_fn(model, batch)`` returns the per-sample losses ``(B,)`` (``reduction="none"``),
+    their sum (``"sum"``) or their mean (``"mean"``, multiplied by ``B`` here). ``layers``
+    names modules that own trainable parameters (default: all of them). The backward
+    pass differentiates with respect to the recorded layers' parameters through
+    ``torch.autograd.grad``, so the model's ``.grad`` fields are left untouched.
+    Returns the captures in the order of ``layers``.
+    """
+    if reduction not in REDUCTIONS:
+        msg = f"reduction must be one of {REDUCTIONS}, got {reduction!r}"
+        raise ConfigError(msg)
+    names = list(layers) if layers is not None else default_layers(model)
+    _check_layers(model, names)
+    with _Capture(model, names) as rec:
+        loss = loss_fn(model, batch)
+    if reduction == "none" and loss.dim() != 1:
+        msg = (
+            f"with reduction='none' loss_fn must return per-sample losses (B,), got shape {tuple(loss.shape)}"
+        )
+        raise ConfigError(msg)
+    if reduction != "none" and loss.dim() != 0:
+        msg = f"with reduction={reduction!r} loss_fn must return a scalar, got shape {tuple(loss.shape)}"
+        raise ConfigError(msg)
+    missing = [n for n, c in rec.captures.items() if not c.inputs]
+    if missing:
+        msg = f"layers {missing} were not called by the loss function"
+        raise ConfigError(msg)
+    caps = list(rec.captures.values())
+    batch_size = caps[0].batch_size if caps else 0
+    for c in caps:
+        if any(x[0].shape[0] != batch_size for x in c.inputs):
+            msg = f"layer {c.name!r} saw an input whose leading dimension is not the batch size {batch_size}"
+            raise ConfigError(msg)
+    total = loss.sum() if reduction == "none" else loss
+    if reduction == "mean":
+        total = total * batch_size
+    params = [p for c in caps for p in c.module.parameters(recurse=False) if p.requires_grad]
+    if params and total.requires_grad:
+        torch.autograd.grad(total, params, allow_unused=True)
+    rec.fill_missing()
+    return rec.captures
+
+
+def capture_batches(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, object], Tensor],
+    batches: Iterable[object],
+    layers: Optional[Sequence[str]] = None,
+    reduction: str = "none",
+) -> Iterable[Dict[str, LayerCapture]]:
+    """:func:`capture` for each batch of a stream (one forward and backward pass each)."""
+    for batch in batches:
+        yield capture(model, loss_fn, batch, layers, reduction)
+
+
+# -- inner products from the factors --------------------------------------------------
+
+
+def _factored_cost(a: Tensor, d: Tensor, b2: int, t2: int) -> Tuple[float, float]:
+    """Multiply-adds of the factored and the materialised inner products for one layer."""
+    b1, t1, k_in = a.shape
+    k_out = d.shape[-1]
+    factored = float(b1) * b2 * t1 * t2 * (k_in + k_out)
+    materialised = float(b1 * t1 + b2 * t2) * k_in * k_out + float(b1) * b2 * k_in * k_out
+    return factored, materialised
+
+
+def layer_inner_products(
+    left: LayerCapture,
+    right: LayerCapture,
+    method: str = "auto",
+    chunk: int = 16,
+    right_cache: Optional[Dict[str, Tensor]] = None,
+) -> Tensor:
+    """``(B_1, B_2)`` inner products of one layer's per-sample gradients of two sample sets.
+
+    ``method``: ``"factored"`` computes ``sum_{t,s} (a_it . a_js)(d_it . d_js)`` without
+    forming any gradient, in chunks of ``chunk`` left samples (working memory
+    ``chunk * B_2 * T * S``); ``"materialised"`` forms the layer's per-sample
+    gradients of both sets; ``"auto"`` picks the one with fewer multiply-adds.
+    LayerNorm, BatchNorm and fallback layers are always materialised (their gradients are no
+    larger than their inputs or use ``torch.func``).
+
+    ``right_cache`` (a dict owned by the caller, keyed by layer name) keeps the right
+    side's materialised gradients for reuse when the same right capture (a test batch)
+    meets many left ones; it grows to ``B_2 x P_layer`` per materialised layer, so pass
+    it only when that fits.
+    """
+    if method not in ("auto", "factored", "materialised"):
+        msg = f"method must be auto, factored or materialised, got {method!r}"
+        raise ConfigError(msg)
+    if left.kind != right.kind or left.module is not right.module:
+        msg = f"layers {left.name!r} and {right.name!r} differ: inner products need the same layer"
+        raise ValueError(msg)
+
+    def right_grads() -> Tensor:
+        if right_cache is None:
+            return right.per_sample_grads()
+        if right.name not in right_cache:
+            right_cache[right.name] = right.per_sample_grads()
+        return right_cache[right.name]
+
+    if left.kind in (LAYERNORM, BATCHNORM, FALLBACK):
+        return left.per_sample_grads() @ right_grads().T
+    a1, d1 = left.factors()
+    a2, d2 = right.factors()
+    if method == "auto" and left.kind == LINEAR:
+        factored, materialised = _factored_cost(a1, d1, a2.shape[0], a2.shape[1])
+        method = "factored" if factored <= materialised else "materialised"
+    if method == "materialised":
+        return left.per_sample_grads() @ right_grads().T
+    rows = []
+    for start in range(0, a1.shape[0], max(1, chunk)):
+        ac, dc = a1[start : start + chunk], d1[start : start + chunk]
+        dd = torch.einsum("itk,jsk->ijts", dc, d2)
+        if left.kind == EMBEDDING:
+            aa = (ac[:, None, :, None] == a2[None, :, None, :]).to(dd.dtype)
+        else:
+            aa = torch.einsum("itk,jsk->ijts", ac, a2)
+        rows.append((aa * dd).sum(dim=(2, 3)))
+    return torch.cat(rows, dim=0)
+
+
+def inner_products(
+    left: Dict[str, LayerCapture],
+    right: Dict[str, LayerCapture],
+    method: str = "auto",
+    per_layer: bool = False,
+    right_cache: Optional[Dict[str, Tensor]] = None,
+) -> Union[Tensor, Dict[str, Tensor]]:
+    """Per-sample gradient inner products summed over layers (``(B_1, B_2)``), or per layer (a dict).
+
+    ``right_cache``: see :func:`layer_inner_products` (reuse of a fixed right side).
+    """
+    if list(left) != list(right):
+        msg = f"the two captures cover different layers: {list(left)} vs {list(right)}"
+        raise ValueError(msg)
+    out: Dict[str, Tensor] = {}
+    for name in left:
+        out[name] = layer_inner_products(left[name], right[name], method, right_cache=right_cache)
+    if per_layer:
+        return out
+    total = torch.zeros(())
+    for value in out.values():
+        total = value if total.dim() == 0 else total + value
+    return total
