@@ -136,3 +136,12 @@ def test_piped_output_results_on_stdout_logs_on_stderr_unwrapped(outside):
     assert "proponents" in proc.stdout and "time:" not in proc.stdout
     assert "time:" in proc.stderr and "wrote" not in proc.stderr
     assert "\x1b[" not in proc.stdout + proc.stderr  # no colour codes when piped
+
+
+def test_piped_log_lines_are_not_padded(outside):
+    """A warning logged while stderr is piped is one plain line, not padded to the console width."""
+    cwd, env = outside
+    proc = dattri(["run", *FAST, "attributor=if_cg", "attributor.max_iter=1", "progress=log"], cwd, env)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING ")]
+    assert any("CG: 1 iterations" in line for line in warnings), proc.stderr
+    assert all(len(line) < 400 and line == line.rstrip() for line in proc.stderr.splitlines())
