@@ -205,7 +205,9 @@ def main() -> None:
                     continue
                 results[m].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 if rep == 0:
-                    scores[m] = torch.load(path)
+                    scores[m] = torch.load(
+                        path, weights_only=True
+                    )  # tensors this script wrote; never pickles
                 print(f"rep {rep} {m}: {results[m][-1]}", file=sys.stderr, flush=True)
     print(
         f"model: ResNet-9-style CNN, widths 32-64-128-256, {n_params:,} parameters; "
