@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dattri_cli import pipeline
 from tests.conftest import compose_run
+from tests.scale.helpers import small_overrides
 
 
 class _Lines(logging.Handler):
@@ -31,16 +32,7 @@ class _Lines(logging.Handler):
 
 
 def _run(cache: Path, out: Path, *overrides: str):
-    base = [
-        "dataset.n_train=60",
-        "dataset.n_test=12",
-        "train.epochs=3",
-        "loader.train_batch_size=16",
-        "loader.test_batch_size=5",
-        "progress=off",
-        f"cache_dir={cache}",
-        f"out={out}",
-    ]
+    base = small_overrides(cache, out)
     logger = logging.getLogger("dattri_cli")
     handler = _Lines()
     logger.addHandler(handler)

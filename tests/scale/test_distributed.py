@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from dattri_cli import distributed, pipeline
 from dattri_cli.io import load_scores
 from tests.conftest import compose_run
+from tests.scale.helpers import free_port, small_overrides
 
 CASES = {
     "grad_dot": ["attributor=grad_dot"],
@@ -39,25 +39,14 @@ CASES = {
 }
 
 
-def _base(cache: Path, out: Path) -> list:
-    return [
-        "dataset.n_train=60",
-        "dataset.n_test=12",
-        "train.epochs=3",
-        "loader.train_batch_size=16",
-        "loader.test_batch_size=5",
-        "progress=off",
-        f"cache_dir={cache}",
-        f"out={out}",
-    ]
-
-
 def _rank(rank: int, port: int, cache: str, work: str) -> None:
     os.environ.update(
         WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     for name, overrides in CASES.items():
-        pipeline.run(compose_run(_base(Path(cache), Path(work) / f"dist_{name}.safetensors") + overrides))
+        pipeline.run(
+            compose_run(small_overrides(Path(cache), Path(work) / f"dist_{name}.safetensors") + overrides)
+        )
     distributed.shutdown()
     # the results are on disk; skip the interpreter's teardown, where gloo's threads can
     # still abort a spawned child ("terminate called without an active exception")
@@ -66,21 +55,15 @@ def _rank(rank: int, port: int, cache: str, work: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 def test_two_gloo_ranks_equal_one_process(cache_dir, tmp_path):
     single = {
-        name: pipeline.run(compose_run(_base(cache_dir, tmp_path / f"one_{name}.safetensors") + o))
+        name: pipeline.run(compose_run(small_overrides(cache_dir, tmp_path / f"one_{name}.safetensors") + o))
         for name, o in CASES.items()
     }
-    mp.spawn(_rank, args=(_free_port(), str(cache_dir), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), str(cache_dir), str(tmp_path)), nprocs=2, join=True)
     for name, one in single.items():
         tensors, meta = load_scores(tmp_path / f"dist_{name}.safetensors")
         assert meta["config_hash"] == one.metadata["config_hash"]

@@ -9,7 +9,6 @@ machines would, over gloo.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from dattri_cli import pipeline
 from dattri_cli.io import load_scores
 from tests.conftest import compose_run
+from tests.scale.helpers import free_port
 
 OVERRIDES = [
     "attributor=if_cg",
@@ -34,12 +34,6 @@ OVERRIDES = [
     "loader.test_batch_size=5",
     "progress=off",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node(rank: int, port: int, cache: Path, out: Path) -> subprocess.Popen:
@@ -72,7 +66,7 @@ def test_two_nodes_on_localhost_equal_one_process(cache_dir, tmp_path):
         compose_run([*OVERRIDES, f"cache_dir={cache_dir}", f"out={tmp_path / 'one.safetensors'}"])
     )
     out = tmp_path / "nodes" / "scores.safetensors"
-    port = _free_port()
+    port = free_port()
     nodes = [_node(rank, port, cache_dir, out) for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     for node, log in zip(nodes, logs):

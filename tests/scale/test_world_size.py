@@ -10,7 +10,6 @@ the rows changes no bit. 60 rows in batches of 16 give 4 batches: 2 ranks hold 2
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 
 from dattri_cli import distributed, pipeline
 from tests.conftest import compose_run
+from tests.scale.helpers import free_port, small_overrides
 
 FAST: Dict[str, List[str]] = {
     "grad_dot": ["attributor=grad_dot"],
@@ -57,19 +57,6 @@ OTHERS: Dict[str, List[str]] = {
 GROUPS = {"fast": FAST, "others": OTHERS}
 
 
-def _base(cache: Path, out: Path) -> list:
-    return [
-        "dataset.n_train=60",
-        "dataset.n_test=12",
-        "train.epochs=3",
-        "loader.train_batch_size=16",
-        "loader.test_batch_size=5",
-        "progress=off",
-        f"cache_dir={cache}",
-        f"out={out}",
-    ]
-
-
 def _rank(rank: int, world: int, port: int, cache: str, work: str, group: str) -> None:
     os.environ.update(
         WORLD_SIZE=str(world),
@@ -79,17 +66,13 @@ def _rank(rank: int, world: int, port: int, cache: str, work: str, group: str) -
         MASTER_PORT=str(port),
     )
     for name, overrides in GROUPS[group].items():
-        pipeline.run(compose_run(_base(Path(cache), Path(work) / f"w{world}_{name}.safetensors") + overrides))
+        pipeline.run(
+            compose_run(small_overrides(Path(cache), Path(work) / f"w{world}_{name}.safetensors") + overrides)
+        )
     distributed.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip the teardown where gloo's threads can abort a spawned child
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.skipif(
@@ -98,10 +81,10 @@ def _free_port() -> int:
 @pytest.mark.parametrize("group", ["fast", pytest.param("others", marks=pytest.mark.slow)])
 def test_one_two_three_ranks_write_the_same_bytes(group, cache_dir, tmp_path):
     for name, overrides in GROUPS[group].items():
-        pipeline.run(compose_run(_base(cache_dir, tmp_path / f"w1_{name}.safetensors") + overrides))
+        pipeline.run(compose_run(small_overrides(cache_dir, tmp_path / f"w1_{name}.safetensors") + overrides))
     for world in (2, 3):
         mp.spawn(
-            _rank, args=(world, _free_port(), str(cache_dir), str(tmp_path), group), nprocs=world, join=True
+            _rank, args=(world, free_port(), str(cache_dir), str(tmp_path), group), nprocs=world, join=True
         )
     differ = [
         f"{name} with {world} ranks"
