@@ -566,6 +566,8 @@ class IFAttributorEKFAC(_CachedFullTrain):
         damping: Optional[float] = 0.0,
         damping_ratio: float = 0.1,
         fisher: str = "gauss_newton",
+        num_output_samples: Optional[int] = None,
+        seed: int = 0,
     ) -> None:
         """Choose the layers and the damping.
 
@@ -586,6 +588,12 @@ class IFAttributorEKFAC(_CachedFullTrain):
             fisher: "gauss_newton" (exact output-Hessian factorisation; equals the
                 true Fisher for cross-entropy) or "empirical" (true-label gradients,
                 as the public library does).
+            num_output_samples: Gauss-Newton only. None: one backward pass per model
+                output (exact; fine for a few classes). An integer ``k``: ``k`` sampled
+                pseudo-gradients per sample instead (an unbiased estimate, as Kronfluence
+                samples pseudo-labels), for models with many outputs per sample (a
+                language model's positions x vocabulary).
+            seed: seeds the sampling of ``num_output_samples``.
         """
         super().__init__(task, None, device)
         from dattri_cli.func import kfac  # noqa: PLC0415
@@ -599,7 +607,9 @@ class IFAttributorEKFAC(_CachedFullTrain):
         if not damping_ratio > 0:
             msg = f"damping_ratio must be positive, got {damping_ratio}"
             raise ConfigError(msg)
+        kfac.check_num_output_samples(num_output_samples)
         self.damping, self.damping_ratio, self.fisher = damping, damping_ratio, fisher
+        self.num_output_samples, self.seed = num_output_samples, int(seed)
         self.selection = kfac.select_layers(task.get_model(), module_name)
         if module_name is None:
             kfac.warn_excluded(self.selection)
@@ -640,6 +650,8 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 "excluded_parameters": sorted(self.selection.excluded),
                 "layers": {},
             }
+            if self.num_output_samples is not None and self.fisher == "gauss_newton":
+                self.diagnostics[f"checkpoint_{ckpt_idx}"]["num_output_samples"] = self.num_output_samples
 
     def _fit_or_load(
         self, ckpt_idx: int, params: Dict[str, Tensor], loader: DataLoader
@@ -661,17 +673,25 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 correct=self.correct_eigenvalues,
                 device=self.device,
                 progress=track,
+                num_output_samples=self.num_output_samples,
+                seed=self.seed + ckpt_idx,
             )
             return kfac.factors_to_blocks(factors, count)
 
         kind = "ekfac_factors" if self.correct_eigenvalues else "kfac_factors"
         names = kfac.factor_block_names(self.module_name, self.correct_eigenvalues)
         settings: Dict[str, Any] = {"fisher": self.fisher, "modules": list(self.module_name)}
+        if self.num_output_samples is not None and self.fisher == "gauss_newton":
+            settings.update(num_output_samples=self.num_output_samples, seed=self.seed)
         if len(loader) != len(self.full_train_dataloader):  # only a prefix of the batches (max_iter)
             settings["fit_batches"] = len(loader)
         blocks = self._cached_stage(kind, ckpt_idx, settings, names, fit)
+        model = self.task.get_model()
         return kfac.factors_from_blocks(
-            blocks, self.module_name, kfac.bias_of(self.task.get_model(), self.module_name)
+            blocks,
+            self.module_name,
+            kfac.bias_of(model, self.module_name),
+            kfac.transposed_of(model, self.module_name),
         )
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:

@@ -25,8 +25,28 @@ The curvature is one of two matrices (``fisher``):
   backward passes for C outputs). For cross-entropy this equals the true
   Fisher, i.e. the expectation of what sampling labels from the model gives,
   without the sampling noise.
+
+  With many outputs per sample (a language model: positions x vocabulary) the
+  ``C`` backward passes are many; ``num_output_samples=k`` replaces them by ``k``
+  random combinations ``u = R_i eps / sqrt(k)`` of the columns of the root
+  ``R_i`` (``eps`` Rademacher, seeded), whose outer products average to
+  ``H_i`` (an unbiased Monte Carlo estimate, like Kronfluence's sampled
+  pseudo-labels). When the output Hessian is block diagonal over the positions
+  (a loss that adds up per-position terms, detected from its exact zeros) the
+  root is computed per position, so no ``C x C`` decomposition is needed.
 * ``"empirical"``: the empirical Fisher ``1/n sum_i g_i g_i^T`` with the true
   labels (one backward pass; what the public dattri library estimates).
+
+Supported layers: ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero padding) and
+Hugging Face's ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored ``in x out``,
+detected by class name and shape, transformers is never imported); a layer whose
+weight is tied to a parameter registered under another name (GPT-2's ``lm_head``,
+tied to the token embedding) is left out, since the flat parameter vector holds
+that tensor once, under its first name. The layer outputs' gradients are taken by
+tensor hooks registered on each output in the forward pass, so a later in-place
+operation (``nn.ReLU(inplace=True)``, as torchvision's ResNets use) does not change
+them. A model may return a tensor, a Hugging Face ``ModelOutput`` or a tuple: the
+logits are taken from it.
 
 Only terms of the loss that depend on the parameters *through the model output*
 enter the factors: a weight-decay term added inside ``loss_func`` contributes
@@ -37,7 +57,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,18 +67,64 @@ from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.func.batch import batch_size_of, to_device
 from dattri_cli.func.linalg import robust_eigh
+from dattri_cli.models.hf import unwrap_logits
 
 FISHER_CHOICES = ("gauss_newton", "empirical")
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
+SUPPORTED_NAMES = "nn.Linear, nn.Conv2d, transformers' Conv1D"
 
 
 # -- which layers ------------------------------------------------------------------
 
 
-def unsupported_reason(module: nn.Module) -> Optional[str]:
-    """Why K-FAC here cannot handle ``module`` (None when it can)."""
-    if not isinstance(module, SUPPORTED_TYPES):
-        return f"{type(module).__name__} is not a supported layer type (nn.Linear, nn.Conv2d)"
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b``, ``W`` of shape ``(in, out)``.
+
+    Judged by class name and shapes, so transformers is never imported.
+    """
+    weight = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and isinstance(nf, int)
+        and weight.shape[1] == nf
+    )
+
+
+def is_supported_type(module: nn.Module) -> bool:
+    """A layer kind K-FAC factors (before the finer checks of :func:`unsupported_reason`)."""
+    return isinstance(module, SUPPORTED_TYPES) or is_hf_conv1d(module)
+
+
+def out_features(module: nn.Module) -> int:
+    """The number of output features (rows of the layer matrix)."""
+    return int(module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0])
+
+
+def _canonical_names(model: nn.Module) -> Dict[int, str]:
+    """Each parameter tensor's first registered name (the one ``model.named_parameters()`` keeps)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _tied_to(model: nn.Module, name: str, canonical: Optional[Dict[int, str]] = None) -> Optional[str]:
+    """The other name of module ``name``'s weight when it is a tied copy (GPT-2's ``lm_head``), else None."""
+    canonical = _canonical_names(model) if canonical is None else canonical
+    module = model.get_submodule(name)
+    weight = getattr(module, "weight", None)
+    own = f"{name}.weight" if name else "weight"
+    first = canonical.get(id(weight)) if isinstance(weight, Tensor) else None
+    return first if first is not None and first != own else None
+
+
+def unsupported_reason(module: nn.Module, tied_to: Optional[str] = None) -> Optional[str]:
+    """Why K-FAC here cannot handle ``module`` (None when it can).
+
+    ``tied_to`` names the parameter the module's weight is tied to, if any.
+    """
+    if not is_supported_type(module):
+        return f"{type(module).__name__} is not a supported layer type ({SUPPORTED_NAMES})"
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
@@ -66,6 +132,8 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
             return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
         if isinstance(module.padding, str) and module.padding != "valid":
             return f"Conv2d with padding={module.padding!r} (use explicit integer padding)"
+    if tied_to is not None:
+        return f"its weight is tied to {tied_to} (counted once, under that name)"
     if not module.weight.requires_grad:
         return "its weight is frozen (requires_grad=False)"
     if module.bias is not None and not module.bias.requires_grad:
@@ -98,16 +166,24 @@ def select_layers(model: nn.Module, module_name: Optional[Sequence[str]] = None)
     Explicitly named modules that do not exist or are not supported are an error
     naming them. With ``module_name=None`` every trainable parameter outside a
     supported layer is listed in ``excluded`` (the caller warns about them).
+    Parameters are named as ``model.named_parameters()`` names them (a tied
+    weight once, under its first name).
     """
     modules = dict(model.named_modules())
+    canonical = _canonical_names(model)
+
+    def reason(name: str) -> Optional[str]:
+        mod = modules[name]
+        return unsupported_reason(mod, _tied_to(model, name, canonical) if is_supported_type(mod) else None)
+
     if module_name is not None:
         names = [module_name] if isinstance(module_name, str) else list(module_name)
         unknown = [n for n in names if n not in modules]
         if unknown:
-            candidates = [n for n, m in modules.items() if isinstance(m, SUPPORTED_TYPES)]
+            candidates = [n for n in modules if reason(n) is None]
             msg = f"module_name {unknown} not among the model's modules; supported layers are {candidates}"
             raise ConfigError(msg)
-        bad = {n: unsupported_reason(modules[n]) for n in names}
+        bad = {n: reason(n) for n in names}
         bad = {n: r for n, r in bad.items() if r is not None}
         if bad:
             detail = "; ".join(f"{n!r}: {r}" for n, r in bad.items())
@@ -117,19 +193,16 @@ def select_layers(model: nn.Module, module_name: Optional[Sequence[str]] = None)
             msg = f"module_name lists a layer twice: {names}"
             raise ConfigError(msg)
     else:
-        names = [
-            n for n, m in modules.items() if isinstance(m, SUPPORTED_TYPES) and unsupported_reason(m) is None
-        ]
+        names = [n for n in modules if reason(n) is None]
     covered = {p for n in names for p in layer_param_names(model, n)}
     excluded: Dict[str, str] = {}
-    for mod_name, module in modules.items():
-        for p_name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.requires_grad and full not in covered:
-                excluded[full] = unsupported_reason(module) or "layer not selected in module_name"
+    for full, p in model.named_parameters():
+        if p.requires_grad and full not in covered:
+            owner = full.rsplit(".", 1)[0] if "." in full else ""
+            excluded[full] = reason(owner) or "layer not selected in module_name"
     if not names:
         msg = (
-            "EK-FAC found no supported layer (nn.Linear or nn.Conv2d with trainable weight) in the model"
+            f"EK-FAC found no supported layer ({SUPPORTED_NAMES} with trainable weight) in the model"
             f"; trainable parameters: {sorted(excluded)}"
         )
         raise ConfigError(msg)
@@ -173,29 +246,46 @@ def layer_outgrads(module: nn.Module, grad_out: Tensor) -> Tensor:
     return grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1])
 
 
-def to_matrix(flat: Tensor, out_features: int, has_bias: bool) -> Tensor:
-    """Rows of a layer's flat gradient (weight row-major, then bias) as ``(k, out, in[+1])``."""
+def to_matrix(flat: Tensor, out_features: int, has_bias: bool, transposed: bool = False) -> Tensor:
+    """Rows of a layer's flat gradient (weight row-major, then bias) as ``(k, out, in[+1])``.
+
+    ``transposed``: the weight is stored ``(in, out)`` (Hugging Face's ``Conv1D``).
+    """
     k = flat.shape[0]
-    if has_bias:
-        w, b = flat[:, :-out_features], flat[:, -out_features:]
-        return torch.cat([w.reshape(k, out_features, -1), b.reshape(k, out_features, 1)], dim=2)
-    return flat.reshape(k, out_features, -1)
+    w, b = (flat[:, :-out_features], flat[:, -out_features:]) if has_bias else (flat, None)
+    w = w.reshape(k, -1, out_features).transpose(1, 2) if transposed else w.reshape(k, out_features, -1)
+    if b is not None:
+        return torch.cat([w, b.reshape(k, out_features, 1)], dim=2)
+    return w
 
 
-def from_matrix(mat: Tensor, has_bias: bool) -> Tensor:
+def from_matrix(mat: Tensor, has_bias: bool, transposed: bool = False) -> Tensor:
     """Inverse of :func:`to_matrix`: ``(k, out, in[+1]) -> (k, P_layer)``."""
     k = mat.shape[0]
+    w = mat[:, :, :-1] if has_bias else mat
+    w = w.transpose(1, 2).reshape(k, -1) if transposed else w.reshape(k, -1)
     if has_bias:
-        return torch.cat([mat[:, :, :-1].reshape(k, -1), mat[:, :, -1]], dim=1)
-    return mat.reshape(k, -1)
+        return torch.cat([w, mat[:, :, -1]], dim=1)
+    return w
 
 
 class _Recorder:
-    """Forward hooks keeping each selected layer's input and (graph-attached) output."""
+    """Forward hooks keeping each selected layer's input, its weight as used, and the model output.
+
+    The gradient with respect to a layer's output is caught by a tensor hook
+    registered on that output in the forward pass: it fires with the gradient of
+    the output as the layer returned it, even when a later in-place operation
+    (``ReLU(inplace=True)``) overwrote the tensor. Each backward pass asks for the
+    gradients of the recorded weights (the tensors the forward pass used, also
+    under ``functional_call``), which makes autograd run through every layer output.
+    """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model, self.names = model, list(names)
-        self.records: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.inputs: Dict[str, Tensor] = {}
+        self.weights: Dict[str, Tensor] = {}
+        self.out_meta: Dict[str, Tensor] = {}
+        self.grads: Dict[str, Tensor] = {}
         self.model_output: Optional[Tensor] = None
         self._handles: List = []
 
@@ -211,32 +301,55 @@ class _Recorder:
         self._handles = []
 
     def _layer_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: Tuple, output: Tensor) -> None:  # noqa: ARG001
-            if name in self.records:
+        def hook(module: nn.Module, inputs: Tuple, output: Tensor) -> None:
+            if name in self.inputs:
                 msg = (
                     f"layer {name!r} ran twice in one loss evaluation (shared weights); EK-FAC cannot "
                     "factor it: leave it out with module_name"
                 )
                 raise ConfigError(msg)
-            self.records[name] = (inputs[0].detach(), output)
+            self.inputs[name] = inputs[0].detach()
+            self.weights[name] = module.weight
+            self.out_meta[name] = torch.empty_like(output, device="meta")
+            if output.requires_grad:
+
+                def keep(grad: Tensor) -> None:
+                    self.grads[name] = grad.detach()
+
+                output.register_hook(keep)
 
         return hook
 
-    def _model_hook(self, module: nn.Module, inputs: Tuple, output: Tensor) -> None:  # noqa: ARG002
+    def _model_hook(self, module: nn.Module, inputs: Tuple, output: Any) -> None:  # noqa: ARG002
         if self.model_output is not None:
             msg = "the loss function called the model twice on one batch; EK-FAC needs one forward pass per batch"
             raise ConfigError(msg)
-        if not isinstance(output, Tensor):
-            msg = f"EK-FAC needs the model to return one tensor, it returned {type(output).__name__}"
-            raise ConfigError(msg)
-        self.model_output = output
+        try:
+            self.model_output = unwrap_logits(output)
+        except TypeError as exc:
+            msg = f"EK-FAC needs the model's logits: {exc}"
+            raise ConfigError(msg) from exc
+
+    def backward(self, target: Tensor, grad_outputs: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The layer output gradients of one backward pass of ``target`` (zeros where it does not depend)."""
+        self.grads = {}
+        weights = [self.weights[n] for n in self.names]
+        live = [w for w in weights if w.requires_grad]
+        if live and target.requires_grad:
+            torch.autograd.grad(target, live, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        out = {}
+        for name in self.names:
+            grad = self.grads.get(name)
+            if grad is None:
+                meta = self.out_meta[name]
+                grad = torch.zeros(meta.shape, dtype=meta.dtype, device=self.inputs[name].device)
+            out[name] = grad
+        self.grads = {}
+        return out
 
 
-def _output_hessian_roots(loss: Tensor, z: Tensor) -> Tensor:
-    """``(n, C, C)`` with ``R R^T`` the Hessian of sample i's loss in its own output ``z_i``.
-
-    ``loss`` is the *sum* of per-sample losses, so the batch Hessian is block diagonal.
-    """
+def _output_hessian(loss: Tensor, z: Tensor) -> Tensor:
+    """``(n, C, C)``: the Hessian of sample i's loss in its own output ``z_i`` (``loss`` is their sum)."""
     n = z.shape[0]
     (gz,) = torch.autograd.grad(loss, z, create_graph=True)
     gz = gz.reshape(n, -1)
@@ -247,10 +360,68 @@ def _output_hessian_roots(loss: Tensor, z: Tensor) -> Tensor:
         else:
             h = None
         rows.append(torch.zeros_like(z).reshape(n, -1) if h is None else h.reshape(n, -1))
-    hess = torch.stack(rows, dim=1)
-    hess = 0.5 * (hess + hess.transpose(1, 2))
+    return torch.stack(rows, dim=1)
+
+
+def _psd_roots(hess: Tensor) -> Tensor:
+    """Batched ``R`` with ``R R^T`` the symmetrised matrices of ``hess`` (negative eigenvalues clipped)."""
+    hess = 0.5 * (hess + hess.transpose(-1, -2))
     evals, evecs = torch.linalg.eigh(hess)
-    return evecs * evals.clamp_min(0.0).sqrt()[:, None, :]
+    return evecs * evals.clamp_min(0.0).sqrt()[..., None, :]
+
+
+def _position_blocks(hess: Tensor, z: Tensor) -> Optional[Tensor]:
+    """``(n, T, V, V)`` diagonal blocks when ``hess`` is block diagonal over ``z``'s positions, else None.
+
+    ``z`` is ``(n, T..., V)``; a loss that adds up per-position terms has exact zeros
+    between positions (autograd never connects them).
+    """
+    if z.dim() < 3:
+        return None
+    n, v = z.shape[0], z.shape[-1]
+    t = z[0].numel() // v
+    if t < 2:
+        return None
+    blocks = hess.reshape(n, t, v, t, v)
+    idx = torch.arange(t, device=hess.device)
+    diag = blocks[:, idx, :, idx, :]  # (T, n, V, V): advanced indices first
+    off = blocks.clone()
+    off[:, idx, :, idx, :] = 0
+    if bool(off.any()):
+        return None
+    return diag.transpose(0, 1).contiguous()
+
+
+def _pseudo_outputs(
+    loss: Tensor, z: Tensor, num_output_samples: Optional[int], generator: Optional[torch.Generator]
+) -> Iterable[Tensor]:
+    """Vectors ``u`` shaped like ``z`` whose outer products (summed) give the output Hessians ``H_i``.
+
+    Exact (``num_output_samples=None``): the columns of ``R_i``. Sampled: ``k``
+    vectors ``R_i eps / sqrt(k)`` with Rademacher ``eps``; block-diagonal Hessians
+    (per position) use the per-position roots and independent signs per position.
+    """
+    n = z.shape[0]
+    hess = _output_hessian(loss, z)
+    blocks = _position_blocks(hess, z) if num_output_samples is not None else None
+    if blocks is None:
+        roots = _psd_roots(hess)  # (n, C, C)
+        if num_output_samples is None:
+            for k in range(roots.shape[2]):
+                yield roots[:, :, k].reshape(z.shape)
+            return
+        for _ in range(num_output_samples):
+            eps = _rademacher((n, roots.shape[2]), generator).to(roots)
+            yield (torch.einsum("ncj,nj->nc", roots, eps) / num_output_samples**0.5).reshape(z.shape)
+        return
+    roots = _psd_roots(blocks)  # (n, T, V, V)
+    for _ in range(num_output_samples):
+        eps = _rademacher(roots.shape[:3], generator).to(roots)
+        yield (torch.einsum("ntvj,ntj->ntv", roots, eps) / num_output_samples**0.5).reshape(z.shape)
+
+
+def _rademacher(shape: Tuple[int, ...], generator: Optional[torch.Generator]) -> Tensor:
+    return torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int64) * 2.0 - 1.0
 
 
 def layer_statistics(
@@ -260,47 +431,49 @@ def layer_statistics(
     model: nn.Module,
     names: Sequence[str],
     fisher: str = "gauss_newton",
-) -> Dict[str, Tuple[Tensor, List[Tensor]]]:
-    """Per layer: inputs ``(n, L, in[+1])`` and the pseudo-gradients ``[(n, L, out), ...]``.
+    num_output_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Dict[str, Tensor], Iterator[Dict[str, Tensor]]]:
+    """Per layer the inputs ``(n, L, in[+1])``, and the pseudo-gradients ``(n, L, out)`` one pass at a time.
 
     The curvature contribution of sample i is ``sum_k G_ik G_ik^T`` with
     ``G_ik = sum_l ds_ikl a_il^T``; ``k`` runs over the output-Hessian roots
-    (Gauss-Newton) or is the single true-label gradient (empirical Fisher).
+    (Gauss-Newton; ``num_output_samples`` random combinations of them) or is the
+    single true-label gradient (empirical Fisher). The pseudo-gradients are
+    yielded pass by pass (a dict per ``k``), so memory holds one of them at a time.
     """
     if fisher not in FISHER_CHOICES:
         msg = f"fisher must be one of {', '.join(FISHER_CHOICES)}, got {fisher!r}"
         raise ConfigError(msg)
     n = batch_size_of(batch)
     live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    with _Recorder(model, names) as rec:
+    rec = _Recorder(model, names)
+    with rec:
         loss = loss_func(live, batch) * n  # the sum of the per-sample losses
-    missing = [nm for nm in names if nm not in rec.records]
+    missing = [nm for nm in names if nm not in rec.inputs]
     if missing:
         msg = f"layers {missing} were not used by the loss function; leave them out with module_name"
         raise ConfigError(msg)
-    outs = [rec.records[nm][1] for nm in names]
-    modules = [model.get_submodule(nm) for nm in names]
-    if fisher == "empirical":
-        grads = torch.autograd.grad(loss, outs, allow_unused=True)
-        pseudo = [[g if g is not None else torch.zeros_like(o)] for g, o in zip(grads, outs)]
-    else:
+    modules = {nm: model.get_submodule(nm) for nm in names}
+    inputs = {nm: layer_inputs(modules[nm], rec.inputs[nm]).detach() for nm in names}
+    if fisher == "gauss_newton":
         z = rec.model_output
         if z is None or z.shape[0] != n:
             msg = "the Gauss-Newton factors need the model output with a leading batch dimension; use fisher=empirical"
             raise ConfigError(msg)
-        roots = _output_hessian_roots(loss, z)
-        pseudo = [[] for _ in names]
-        for k in range(roots.shape[2]):
-            vec = roots[:, :, k].reshape(z.shape)
-            if not bool(vec.any()):
+
+    def passes() -> Iterator[Dict[str, Tensor]]:
+        if fisher == "empirical":
+            vectors: Iterable[Optional[Tensor]] = [None]
+        else:
+            vectors = _pseudo_outputs(loss, z, num_output_samples, generator)
+        for vec in vectors:
+            if vec is not None and not bool(vec.any()):
                 continue
-            grads = torch.autograd.grad(z, outs, grad_outputs=vec, retain_graph=True, allow_unused=True)
-            for j, (g, o) in enumerate(zip(grads, outs)):
-                pseudo[j].append(g if g is not None else torch.zeros_like(o))
-    return {
-        nm: (layer_inputs(mod, rec.records[nm][0]).detach(), [layer_outgrads(mod, g).detach() for g in gs])
-        for nm, mod, gs in zip(names, modules, pseudo)
-    }
+            grads = rec.backward(loss if vec is None else z, vec)
+            yield {nm: layer_outgrads(modules[nm], grads[nm]).detach() for nm in names}
+
+    return inputs, passes()
 
 
 # -- fitting -------------------------------------------------------------------------
@@ -320,6 +493,7 @@ class LayerFactors:
     s_evals: Optional[Tensor] = None
     s_evecs: Optional[Tensor] = None
     corrected: Optional[Tensor] = None  # (out, in[+1]) second moments in the eigenbasis
+    transposed: bool = False  # weight stored (in, out): Hugging Face's Conv1D
 
     def eigenvalues(self, corrected: bool = True) -> Tensor:
         """``(out, in[+1])`` eigenvalues: corrected (EK-FAC) or ``s_j * a_k`` (K-FAC)."""
@@ -335,15 +509,17 @@ class LayerFactors:
         basis = torch.kron(self.s_evecs, self.a_evecs)  # row-major vec of (out, in[+1])
         mat = basis @ torch.diag(self.eigenvalues(corrected).reshape(-1)) @ basis.T
         size = mat.shape[0]
-        perm = from_matrix(torch.arange(size).reshape(1, self.out_features, -1), self.has_bias)[0]
+        index = torch.arange(size).reshape(1, self.out_features, -1)
+        perm = from_matrix(index, self.has_bias, self.transposed)[0]
         return mat[perm][:, perm]
 
     def inverse_apply(self, flat: Tensor, damping: float, corrected: bool = True) -> Tensor:
         """Rows ``(C + damping I)^-1 v`` of a ``(k, P_layer)`` block, through the eigenbasis."""
-        v = to_matrix(flat, self.out_features, self.has_bias).to(self.s_evecs.dtype)
+        v = to_matrix(flat, self.out_features, self.has_bias, self.transposed).to(self.s_evecs.dtype)
         rotated = self.s_evecs.T @ v @ self.a_evecs
         rotated = rotated / (self.eigenvalues(corrected) + damping)
-        return from_matrix(self.s_evecs @ rotated @ self.a_evecs.T, self.has_bias).to(flat.dtype)
+        solved = self.s_evecs @ rotated @ self.a_evecs.T
+        return from_matrix(solved, self.has_bias, self.transposed).to(flat.dtype)
 
 
 _FACTOR_FIELDS = ("a_cov", "s_cov", "a_evals", "a_evecs", "s_evals", "s_evecs", "corrected")
@@ -372,20 +548,48 @@ def bias_of(model: nn.Module, names: Sequence[str]) -> Dict[str, bool]:
     return {name: getattr(modules[name], "bias", None) is not None for name in names}
 
 
+def transposed_of(model: nn.Module, names: Sequence[str]) -> Dict[str, bool]:
+    """Whether each named layer stores its weight ``(in, out)`` (Hugging Face's ``Conv1D``)."""
+    modules = dict(model.named_modules())
+    return {name: is_hf_conv1d(modules[name]) for name in names}
+
+
 def factors_from_blocks(
-    blocks: Dict[str, Tensor], names: Sequence[str], has_bias: Dict[str, bool]
+    blocks: Dict[str, Tensor],
+    names: Sequence[str],
+    has_bias: Dict[str, bool],
+    transposed: Optional[Dict[str, bool]] = None,
 ) -> Tuple[Dict[str, LayerFactors], int]:
     """Inverse of :func:`factors_to_blocks`."""
     factors = {}
+    transposed = transposed or {}
     for name in names:
         fields = {k: blocks.get(f"{name}--{k}") for k in _FACTOR_FIELDS}
-        factors[name] = LayerFactors(name, int(fields["s_cov"].shape[0]), has_bias[name], **fields)
+        factors[name] = LayerFactors(
+            name,
+            int(fields["s_cov"].shape[0]),
+            has_bias[name],
+            **fields,
+            transposed=transposed.get(name, False),
+        )
     return factors, int(blocks["num_samples"][0])
 
 
 def _batches(loader: Iterable, device: str) -> Iterable[Tuple[Tensor, ...]]:
     for batch in loader:
         yield to_device(batch, device)
+
+
+def check_num_output_samples(num_output_samples: Optional[int]) -> None:
+    """Refuse anything but None or a positive integer."""
+    ok = num_output_samples is None or (
+        isinstance(num_output_samples, int)
+        and not isinstance(num_output_samples, bool)
+        and num_output_samples > 0
+    )
+    if not ok:
+        msg = f"num_output_samples must be null (exact) or a positive integer, got {num_output_samples!r}"
+        raise ConfigError(msg)
 
 
 def fit_factors(
@@ -399,26 +603,49 @@ def fit_factors(
     device: str = "cpu",
     dtype: torch.dtype = torch.float64,
     progress: Callable[[Iterable, str], Iterable] = lambda it, _desc: it,
+    num_output_samples: Optional[int] = None,
+    seed: int = 0,
 ) -> Tuple[Dict[str, LayerFactors], int]:
     """Fit ``A``, ``S``, their eigenbases and (``correct``) the EK-FAC eigenvalues over ``loader``.
 
     Two passes over the data: the factors, then the second moments in their
     eigenbasis. Accumulation is in ``dtype`` (float64 by default). Returns the
-    factors per layer name and the number of samples seen.
+    factors per layer name and the number of samples seen. ``num_output_samples``
+    (Gauss-Newton only) samples that many pseudo-gradients per sample instead of
+    one per model output, from a generator seeded with ``seed``.
     """
+    check_num_output_samples(num_output_samples)
+    generator = torch.Generator().manual_seed(int(seed)) if num_output_samples is not None else None
+    modules = {nm: model.get_submodule(nm) for nm in names}
     factors: Dict[str, LayerFactors] = {}
     # per-batch sums folded in global batch order: the same bits under torchrun
     sums: Dict[str, Tuple[distributed.OrderedSum, distributed.OrderedSum]] = {}
     count = 0
     for batch in progress(_batches(loader, device), "K-FAC factors"):
-        stats = layer_statistics(loss_func, params, batch, model, names, fisher)
-        for nm, (a, gs) in stats.items():
-            a = a.to(dtype)
+        inputs, passes = layer_statistics(
+            loss_func, params, batch, model, names, fisher, num_output_samples, generator
+        )
+        s_sums: Dict[str, Any] = {nm: 0 for nm in names}
+        for grads in passes:  # one pseudo-gradient at a time, folded like sum() over a list
+            for nm in names:
+                g = grads[nm].to(dtype)
+                s_sums[nm] = s_sums[nm] + torch.einsum("nli,nlj->ij", g, g)
+        for nm in names:
+            a = inputs[nm].to(dtype)
             a_sum = torch.einsum("nli,nlj->ij", a, a) / a.shape[1]
-            s_sum = sum(torch.einsum("nli,nlj->ij", g.to(dtype), g.to(dtype)) for g in gs)
+            s_sum = s_sums[nm]
+            if not isinstance(s_sum, Tensor):  # no pseudo-gradient (zero output Hessians)
+                out = out_features(modules[nm])
+                s_sum = torch.zeros(out, out, dtype=dtype, device=a.device)
             if nm not in factors:
-                out = gs[0].shape[-1] if gs else model.get_submodule(nm).weight.shape[0]
-                factors[nm] = LayerFactors(nm, out, model.get_submodule(nm).bias is not None, a_sum, s_sum)
+                factors[nm] = LayerFactors(
+                    nm,
+                    out_features(modules[nm]),
+                    modules[nm].bias is not None,
+                    a_sum,
+                    s_sum,
+                    transposed=is_hf_conv1d(modules[nm]),
+                )
                 sums[nm] = (distributed.OrderedSum(), distributed.OrderedSum())
             sums[nm][0].add(a_sum)
             sums[nm][1].add(s_sum)
@@ -440,15 +667,19 @@ def fit_factors(
     if correct:
         moments = {nm: distributed.OrderedSum() for nm in factors}
         for batch in progress(_batches(loader, device), "EK-FAC eigenvalue correction"):
-            stats = layer_statistics(loss_func, params, batch, model, names, fisher)
-            for nm, (a, gs) in stats.items():
-                f = factors[nm]
-                a_rot = a.to(dtype) @ f.a_evecs  # (n, L, in)
-                moment = torch.zeros_like(f.s_cov[:, :1] * f.a_cov[:1, :])
-                for g in gs:
-                    g_rot = g.to(dtype) @ f.s_evecs  # (n, L, out)
-                    moment += torch.einsum("nlo,nli->noi", g_rot, a_rot).square().sum(dim=0)
-                moments[nm].add(moment)
+            inputs, passes = layer_statistics(
+                loss_func, params, batch, model, names, fisher, num_output_samples, generator
+            )
+            a_rot = {nm: inputs[nm].to(dtype) @ factors[nm].a_evecs for nm in names}  # (n, L, in)
+            batch_moments = {
+                nm: torch.zeros_like(factors[nm].s_cov[:, :1] * factors[nm].a_cov[:1, :]) for nm in names
+            }
+            for grads in passes:
+                for nm in names:
+                    g_rot = grads[nm].to(dtype) @ factors[nm].s_evecs  # (n, L, out)
+                    batch_moments[nm] += torch.einsum("nlo,nli->noi", g_rot, a_rot[nm]).square().sum(dim=0)
+            for nm in names:
+                moments[nm].add(batch_moments[nm])
         for f in factors.values():
             moment = moments[f.name].result()
             moment = moment if moment is not None else torch.zeros_like(f.eigenvalues(False))

@@ -196,3 +196,61 @@ def test_factors_are_reused_from_the_train_side_cache(small_run):
     assert other.timings["feature_cache_hits"] >= 1 and other.timings["feature_cache_misses"] == 0
     assert first.scores.numpy().tobytes() == again.scores.numpy().tobytes()
     assert not torch.equal(first.scores[:, :7], other.scores)
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_tiny_gpt2_ekfac_covers_conv1d_skips_tied_head_and_scores_finite() -> None:
+    from dattri_cli.tasks import causal_lm
+
+    model = _tiny_gpt2()
+    funcs = causal_lm(model)
+    task = AttributionTask(
+        funcs.loss_func, model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    )
+    gen = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randint(0, 50, (6, 8), generator=gen))
+    test = TensorDataset(torch.randint(0, 50, (3, 8), generator=gen))
+    with pytest.warns(UserWarning, match="transformer.wte.weight"):
+        attributor = IFAttributorEKFAC(task, damping=None, num_output_samples=2)
+    conv_layers = [n for n in attributor.module_name if ".h." in n]
+    assert len(conv_layers) == 8 and "lm_head" not in attributor.module_name
+    scores = run(attributor, train, test, bs=3)
+    assert scores.shape == (6, 3) and torch.isfinite(scores).all() and scores.abs().sum() > 0
+    diag = attributor.diagnostics["checkpoint_0"]
+    assert diag["num_output_samples"] == 2 and "transformer.wte.weight" in diag["excluded_parameters"]
+    with pytest.raises(ConfigError, match="tied to transformer.wte.weight"):
+        IFAttributorEKFAC(task, module_name=["lm_head"])
+
+
+def test_conv1d_model_scores_equal_linear_model_scores() -> None:
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(5)
+    linear = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    conv = nn.Sequential(Conv1D(5, D), nn.Tanh(), Conv1D(3, 5)).double()
+    with torch.no_grad():
+        for lin, c1d in ((linear[0], conv[0]), (linear[2], conv[2])):
+            c1d.weight.copy_(lin.weight.T)
+            c1d.bias.copy_(lin.bias)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N_TRAIN + N_TEST, D, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (N_TRAIN + N_TEST,), generator=gen)
+    train, test = TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+    scores = []
+    for model in (linear, conv):
+
+        def loss(params, batch, model=model):
+            return cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+
+        task = AttributionTask(loss, model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        scores.append(run(IFAttributorEKFAC(task, damping=0.01), train, test))
+    torch.testing.assert_close(scores[1], scores[0])
