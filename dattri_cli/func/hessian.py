@@ -454,7 +454,8 @@ def minibatch_hvp_sampler(
 
     ``collate_fn([params, *sampled_tensors]) -> (params, batch)`` may reshape the
     sample before use (LiSSA's ``lissa_collate_fn``); without it the sampled tensors
-    are the batch. Uses the global torch random generator.
+    are the batch. Dict (and bare-tensor) batches are passed on as sampled: dattri's
+    collate convention only knows tuples of tensors. Uses the global torch random generator.
 
     ``data`` may be one block of a larger training set: global rows
     ``[offset, offset + len(data))`` of ``total`` (default: all of it). Every holder
@@ -506,7 +507,7 @@ def _weighted_hvp(
     if held == 0:
         return torch.zeros_like(work)
     picked = index_batch(data, rows)
-    if collate_fn is not None:  # dattri's LiSSA collate takes [params, *tensors]
+    if collate_fn is not None and isinstance(picked, (tuple, list)):  # dattri's collate: [params, *tensors]
         params, picked = collate_fn([params, *picked])
         picked = tuple(picked)
     product = batch_hvp(func, params, picked, mode)(work).detach()

@@ -10,16 +10,19 @@ them with the options each accepts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from dattri_cli import distributed
 from dattri_cli.func.batch import map_tensors
+from dattri_cli.func.chunking import rows_per_chunk
 from dattri_cli.func.hessian import (
     ArnoldiEigen,
+    CGResult,
     arnoldi,
     batched_cg,
     check_mode,
@@ -34,6 +37,30 @@ from dattri_cli.func.hessian import (
 log = logging.getLogger("dattri_cli")
 Func = Callable[[Tensor, Tuple[Tensor, ...]], Tensor]
 Diagnostics = Dict[str, Any]
+
+#: default working-memory budget of one chunk of right-hand sides (CG, LiSSA): fixed, not read
+#: from the machine, so the chunking (and the bits) never depend on where a run happens
+CHUNK_BUDGET_BYTES = 2 * 2**30
+#: working vectors of P values held per right-hand side while its HVPs run (the solver's own
+#: vectors plus the vmapped HVP's input, output and parameter-sized intermediates)
+CG_VECTORS_PER_ROW = 8
+LISSA_VECTORS_PER_ROW = 8
+
+
+def solver_row_bytes(num_params: int, element_size: int, vectors: int = CG_VECTORS_PER_ROW) -> int:
+    """Working bytes per right-hand side of an iterative solver over ``num_params`` parameters."""
+    return max(1, int(num_params) * int(element_size) * int(vectors))
+
+
+def chunk_rows(num_params: int, element_size: int, budget: Optional[int], vectors: int) -> int:
+    """Right-hand sides solved together under ``budget`` bytes (None: :data:`CHUNK_BUDGET_BYTES`)."""
+    budget = CHUNK_BUDGET_BYTES if budget is None else int(budget)
+    return rows_per_chunk(solver_row_bytes(num_params, element_size, vectors), budget)
+
+
+def _row_chunks(rows: int, step: int) -> Iterator[slice]:
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def ihvp_explicit(
@@ -54,11 +81,34 @@ def ihvp_cg(
     tol: float = 1e-7,
     mode: str = "rev-rev",
     regularization: float = 0.0,
+    chunk_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Diagnostics]:
-    """Rows ``(H + reg I)^-1 v`` by CG vectorised over all rows; logs the residual history."""
+    """Rows ``(H + reg I)^-1 v`` by CG vectorised over rows; logs the residual history.
+
+    The rows are solved in chunks whose working memory (about
+    :data:`CG_VECTORS_PER_ROW` parameter-sized vectors per row) stays under
+    ``chunk_bytes`` (default :data:`CHUNK_BUDGET_BYTES`); every row's iteration is its
+    own, so chunking does not change the solution.
+    """
     hvp = loader_hvp(func, params, loader, device, mode, regularization)
-    result = batched_cg(hvp, rhs, max_iter, tol)
+    step = chunk_rows(params.numel(), params.element_size(), chunk_bytes, CG_VECTORS_PER_ROW)
+    if step >= rhs.shape[0]:
+        result = batched_cg(hvp, rhs, max_iter, tol)
+    else:
+        parts = [batched_cg(hvp, rhs[rows], max_iter, tol) for rows in _row_chunks(rhs.shape[0], step)]
+        norms = [
+            max(r.residual_norms[i] if i < len(r.residual_norms) else r.residual_norms[-1] for r in parts)
+            for i in range(max(len(r.residual_norms) for r in parts))
+        ]
+        result = CGResult(
+            torch.cat([r.solution for r in parts]),
+            norms,
+            all(r.converged for r in parts),
+            max(r.iterations for r in parts),
+        )
     diagnostics = result.diagnostics(tol)
+    if step < rhs.shape[0]:
+        diagnostics["row_chunks"] = -(-rhs.shape[0] // step)
     level = logging.INFO if result.converged else logging.WARNING
     log.log(
         level,
@@ -92,8 +142,14 @@ def ihvp_lissa(
     scaling: float = 50.0,
     mode: str = "rev-rev",
     collate_fn: Callable = lissa_collate,
+    chunk_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Diagnostics]:
     """Rows ``(H + damping * scaling * I)^-1 v`` by LiSSA (dattri's convention).
+
+    Rows are carried in chunks under ``chunk_bytes`` (default
+    :data:`CHUNK_BUDGET_BYTES`); every chunk replays the same minibatch draws (the
+    random state is rewound per chunk and left as one pass leaves it), so chunking
+    does not change which Hessians a row sees.
 
     Afterwards one full-data Hessian-vector product measures how far the estimate
     is from solving that system (``relative_residual``); a poor value is logged
@@ -105,19 +161,44 @@ def ihvp_lissa(
     """
     check_mode(mode)
     data = map_tensors(distributed.all_rows, stack_loader(loader, device))
+    step = chunk_rows(params.numel(), params.element_size(), chunk_bytes, LISSA_VECTORS_PER_ROW)
     with distributed.local_reductions():  # every rank holds every row: nothing to sum over ranks
         sampler = minibatch_hvp_sampler(func, params, data, batch_size, mode, collate_fn)
-        result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
+        if step >= rhs.shape[0]:
+            result = lissa(sampler, rhs, recursion_depth, num_repeat, damping, scaling)
+            solution, stats = result.solution, result.diagnostics
+        else:
+            parts = []
+            with _replayed_random_state() as rewind:
+                for rows in _row_chunks(rhs.shape[0], step):
+                    rewind()
+                    parts.append(lissa(sampler, rhs[rows], recursion_depth, num_repeat, damping, scaling))
+            solution = torch.cat([r.solution for r in parts])
+            stats = dict(parts[0].diagnostics, row_chunks=len(parts))
+            stats["max_norm_ratio"] = max(r.diagnostics["max_norm_ratio"] for r in parts)
         hvp = loader_hvp(func, params, [data], device, mode, damping * scaling)
-        residual = float((hvp(result.solution) - rhs).norm() / rhs.norm().clamp_min(1e-30))
-    diagnostics = dict(result.diagnostics, relative_residual=residual)
+        applied = torch.cat([hvp(solution[rows]) for rows in _row_chunks(rhs.shape[0], step)])
+        residual = float((applied - rhs).norm() / rhs.norm().clamp_min(1e-30))
+    diagnostics = dict(stats, relative_residual=residual)
     if not residual < 0.5:
         log.warning(
             "LiSSA has not converged (relative residual %.3g): "
             "increase recursion_depth, damping or batch_size",
             residual,
         )
-    return result.solution, diagnostics
+    return solution, diagnostics
+
+
+@contextlib.contextmanager
+def _replayed_random_state() -> Iterator[Callable[[], None]]:
+    """``rewind()`` resets torch's CPU random state to its value on entry; on exit the state is the
+    one the last replay left (what a single pass leaves)."""
+    start = torch.get_rng_state()
+
+    def rewind() -> None:
+        torch.set_rng_state(start)
+
+    yield rewind
 
 
 def arnoldi_eigen(
@@ -164,10 +245,13 @@ def ihvp_arnoldi(
 #: solver name -> (function, the options it accepts besides func, params, loader, device, rhs)
 SOLVERS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
     "explicit": (ihvp_explicit, ("regularization",)),
-    "cg": (ihvp_cg, ("max_iter", "tol", "mode", "regularization")),
+    "cg": (ihvp_cg, ("max_iter", "tol", "mode", "regularization", "chunk_bytes")),
     "arnoldi": (
         ihvp_arnoldi,
         ("proj_dim", "max_iter", "norm_constant", "tol", "regularization", "seed", "mode"),
     ),
-    "lissa": (ihvp_lissa, ("batch_size", "num_repeat", "recursion_depth", "damping", "scaling", "mode")),
+    "lissa": (
+        ihvp_lissa,
+        ("batch_size", "num_repeat", "recursion_depth", "damping", "scaling", "mode", "chunk_bytes"),
+    ),
 }

@@ -129,3 +129,43 @@ def test_solver_table_lists_exactly_each_solvers_options(name: str) -> None:
     target = arnoldi_eigen if function is ihvp_arnoldi else function
     skip = {"func", "params", "loader", "device", "rhs", "collate_fn"}
     assert set(options) == set(inspect.signature(target).parameters) - skip
+
+
+def test_cg_in_row_chunks_equals_one_batched_solve() -> None:
+    rhs = torch.cat([RHS, 2.0 * RHS[:2] - RHS[1:]])  # 5 rows
+    whole, diag_whole = ihvp_cg(loss, W, loader(), "cpu", rhs, max_iter=4)
+    row_bytes = P * W.element_size() * 8  # CG_VECTORS_PER_ROW parameter-sized vectors
+    chunked, diag = ihvp_cg(loss, W, loader(), "cpu", rhs, max_iter=4, chunk_bytes=2 * row_bytes)
+    assert diag["row_chunks"] == 3 and "row_chunks" not in diag_whole
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    assert rel_err(whole[:K], exact()) > 1e-6  # 4 iterations: not converged, so rows really iterate apart
+    assert diag["residual_norms"][0] == diag_whole["residual_norms"][0]
+
+
+def test_lissa_in_row_chunks_sees_the_same_minibatches() -> None:
+    rhs = torch.cat([RHS, -RHS])
+    opts = dict(batch_size=3, recursion_depth=40, scaling=10.0)  # noqa: C408
+    torch.manual_seed(0)
+    whole, _ = ihvp_lissa(loss, W, loader(), "cpu", rhs, **opts)
+    after_whole = torch.rand(3)
+    torch.manual_seed(0)
+    chunked, diag = ihvp_lissa(
+        loss, W, loader(), "cpu", rhs, chunk_bytes=P * W.element_size() * 8 * 4, **opts
+    )
+    assert diag["row_chunks"] == 2
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    assert torch.equal(torch.rand(3), after_whole)  # the random state is left as one pass leaves it
+
+
+def test_lissa_samples_dict_batches() -> None:
+    def dict_loss(w: torch.Tensor, batch: dict) -> torch.Tensor:
+        return loss(w, (batch["x"], batch["labels"]))
+
+    rows = [{"x": X[i : i + 5], "labels": Y[i : i + 5]} for i in range(0, N, 5)]
+    opts = dict(batch_size=4, recursion_depth=30, scaling=10.0)  # noqa: C408
+    torch.manual_seed(1)
+    from_dicts, _ = ihvp_lissa(dict_loss, W, rows, "cpu", RHS, **opts)
+    torch.manual_seed(1)
+    tuples = [(b["x"], b["labels"]) for b in rows]  # a DataLoader would draw a seed from the random state
+    from_tuples, _ = ihvp_lissa(loss, W, tuples, "cpu", RHS, **opts)
+    torch.testing.assert_close(from_dicts, from_tuples)
