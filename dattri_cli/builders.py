@@ -51,7 +51,16 @@ RUNTIME_FILLED = RUNTIME_ATTRIBUTOR_PARAMS + RUNTIME_MODEL_PARAMS
 # keys of the run config that change how a run looks, never what it computes
 # (shard.*: which rows a process scores; output.*: how the rows are laid out in files;
 # feature_cache: whether train-side blocks are kept on disk)
-NON_RESULT_KEYS = ("out", "progress", "overwrite", "cache_dir", "shard", "output", "feature_cache")
+NON_RESULT_KEYS = (
+    "out",
+    "progress",
+    "overwrite",
+    "cache_dir",
+    "shard",
+    "output",
+    "feature_cache",
+    "memory_guard",  # the batch sizes it chooses are recorded under loader.*
+)
 CHECKPOINT_CHOICES = ("final", "trajectory")
 WEIGHT_CHOICES = ("ones", "learning_rates")
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import torch
 from omegaconf import DictConfig
 
-from dattri_cli import builders, distributed, io, progress, runner, schema
+from dattri_cli import builders, distributed, io, memory, progress, runner, schema
 from dattri_cli.builders import NON_RESULT_KEYS
 from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError
@@ -121,6 +121,7 @@ def run(
 
     task = builders.build_task(model, checkpoints, settings, split)
     attributor = builders.build_attributor(attributor_cfg, run_opts, task, checkpoints, split, setup.device)
+    memory.guard(resolved, attributor, task, split)  # refuse what cannot fit; may lower default batch sizes
     loader_cfg = resolved["loader"]
     loaders = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
     batch_size = int(loader_cfg["train_batch_size"])

@@ -335,6 +335,7 @@ TOP = {
     "progress": Choice(*_progress_modes()),
     "cache_dir": Str(),
     "feature_cache": Bool(),
+    "memory_guard": Bool(),
     "shard": Node({"index": Int(0, nullable=True), "count": Int(1)}, _check_shard),
     "output": Node(
         {
