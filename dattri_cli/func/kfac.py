@@ -32,8 +32,9 @@ The curvature is one of two matrices (``fisher``):
   ``R_i`` (``eps`` Rademacher, seeded), whose outer products average to
   ``H_i`` (an unbiased Monte Carlo estimate, like Kronfluence's sampled
   pseudo-labels). When the output Hessian is block diagonal over the positions
-  (a loss that adds up per-position terms, detected from its exact zeros) the
-  root is computed per position, so no ``C x C`` decomposition is needed.
+  (a loss that adds up per-position terms, checked with one random Hessian-vector
+  product) the blocks take ``V`` passes and the root is computed per position, so
+  no ``C x C`` matrix is formed.
 * ``"empirical"``: the empirical Fisher ``1/n sum_i g_i g_i^T`` with the true
   labels (one backward pass; what the public dattri library estimates).
 
@@ -72,6 +73,8 @@ from dattri_cli.models.hf import unwrap_logits
 FISHER_CHOICES = ("gauss_newton", "empirical")
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
 SUPPORTED_NAMES = "nn.Linear, nn.Conv2d, transformers' Conv1D"
+#: outputs per sample above which the exact Gauss-Newton factors suggest num_output_samples
+MANY_OUTPUTS = 512
 
 
 # -- which layers ------------------------------------------------------------------
@@ -370,11 +373,15 @@ def _psd_roots(hess: Tensor) -> Tensor:
     return evecs * evals.clamp_min(0.0).sqrt()[..., None, :]
 
 
-def _position_blocks(hess: Tensor, z: Tensor) -> Optional[Tensor]:
-    """``(n, T, V, V)`` diagonal blocks when ``hess`` is block diagonal over ``z``'s positions, else None.
+def _output_hessian_blocks(loss: Tensor, z: Tensor) -> Optional[Tensor]:
+    """``(n, T, V, V)`` per-position blocks of the output Hessians, or None when they are not block diagonal.
 
-    ``z`` is ``(n, T..., V)``; a loss that adds up per-position terms has exact zeros
-    between positions (autograd never connects them).
+    ``z`` is ``(n, T..., V)``. For a loss that adds up per-position terms (a language
+    model's token losses) the Hessian has no terms between positions, and ``V``
+    double-backward passes (probe ``e_c`` at every position at once) give every block,
+    instead of ``T * V`` passes and a ``(T V)^2`` matrix. Whether the loss is of that
+    kind is checked with one Hessian-vector product along a random direction,
+    compared with what the blocks give.
     """
     if z.dim() < 3:
         return None
@@ -382,14 +389,24 @@ def _position_blocks(hess: Tensor, z: Tensor) -> Optional[Tensor]:
     t = z[0].numel() // v
     if t < 2:
         return None
-    blocks = hess.reshape(n, t, v, t, v)
-    idx = torch.arange(t, device=hess.device)
-    diag = blocks[:, idx, :, idx, :]  # (T, n, V, V): advanced indices first
-    off = blocks.clone()
-    off[:, idx, :, idx, :] = 0
-    if bool(off.any()):
+    (gz,) = torch.autograd.grad(loss, z, create_graph=True)
+    if not gz.requires_grad:
         return None
-    return diag.transpose(0, 1).contiguous()
+    g = gz.reshape(n, t, v)
+    blocks = z.new_zeros(n, t, v, v)
+    for c in range(v):
+        (h,) = torch.autograd.grad(g[:, :, c].sum(), z, retain_graph=True, allow_unused=True)
+        if h is not None:
+            blocks[:, :, c, :] = h.reshape(n, t, v)
+    probe = torch.randn(n, t, v, generator=torch.Generator().manual_seed(0)).to(z)
+    (true,) = torch.autograd.grad((g * probe).sum(), z, retain_graph=True, allow_unused=True)
+    true = torch.zeros_like(probe) if true is None else true.reshape(n, t, v)
+    approx = torch.einsum("ntcv,ntv->ntc", blocks, probe)
+    scale = float(true.abs().max()) if true.numel() else 0.0
+    tol = 100 * torch.finfo(z.dtype).eps * max(scale, 1e-30) * v
+    if float((true - approx).abs().max()) > tol:
+        return None
+    return blocks
 
 
 def _pseudo_outputs(
@@ -402,11 +419,16 @@ def _pseudo_outputs(
     (per position) use the per-position roots and independent signs per position.
     """
     n = z.shape[0]
-    hess = _output_hessian(loss, z)
-    blocks = _position_blocks(hess, z) if num_output_samples is not None else None
+    blocks = _output_hessian_blocks(loss, z) if num_output_samples is not None else None
     if blocks is None:
-        roots = _psd_roots(hess)  # (n, C, C)
+        roots = _psd_roots(_output_hessian(loss, z))  # (n, C, C)
         if num_output_samples is None:
+            if roots.shape[2] > MANY_OUTPUTS:
+                warnings.warn(
+                    f"EK-FAC's exact Gauss-Newton factors back-propagate each of the {roots.shape[2]} model "
+                    "outputs per sample; set num_output_samples (e.g. 1-8) to sample pseudo-gradients instead",
+                    stacklevel=2,
+                )
             for k in range(roots.shape[2]):
                 yield roots[:, :, k].reshape(z.shape)
             return

@@ -254,3 +254,24 @@ def test_conv1d_model_scores_equal_linear_model_scores() -> None:
         task = AttributionTask(loss, model, {k: v.detach().clone() for k, v in model.state_dict().items()})
         scores.append(run(IFAttributorEKFAC(task, damping=0.01), train, test))
     torch.testing.assert_close(scores[1], scores[0])
+
+
+def test_inplace_relu_resnet_block_scores_equal_out_of_place_twin() -> None:
+    from tests.func.test_kfac_networks import _nets
+
+    net, twin = _nets()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(14, 2, 4, 4, generator=gen), torch.randint(0, 3, (14,), generator=gen)
+    train, test = TensorDataset(x[:10], y[:10]), TensorDataset(x[10:], y[10:])
+    scores = []
+    for model in (net, twin):
+
+        def loss(params, batch, model=model):
+            return cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+
+        task = AttributionTask(loss, model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        with pytest.warns(UserWarning, match="bn1.weight"):  # BatchNorm parameters are left out
+            attributor = IFAttributorEKFAC(task, damping=None)
+        scores.append(run(attributor, train, test, bs=4))
+    assert torch.isfinite(scores[0]).all()
+    torch.testing.assert_close(scores[0], scores[1])

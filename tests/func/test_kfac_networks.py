@@ -266,17 +266,17 @@ def test_sampled_output_pseudo_gradients_estimate_the_exact_gauss_newton_factors
     assert all(torch.isfinite(f.corrected).all() for f in few.values())
 
 
-def test_position_blocks_detected_only_for_separable_losses() -> None:
+def test_position_blocks_only_for_separable_losses() -> None:
     z = torch.randn(3, 4, 5, requires_grad=True)
     separable = (torch.logsumexp(z, dim=-1) - z[..., 0]).sum()
-    hess = kfac._output_hessian(separable, z)
-    blocks = kfac._position_blocks(hess, z)
+    blocks = kfac._output_hessian_blocks(separable, z)
     assert blocks is not None and blocks.shape == (3, 4, 5, 5)
-    full = hess.reshape(3, 4, 5, 4, 5)
+    full = kfac._output_hessian(separable, z).reshape(3, 4, 5, 4, 5)
     for t in range(4):
         torch.testing.assert_close(blocks[:, t], full[:, t, :, t, :])
     coupled = (torch.logsumexp(z.reshape(3, -1), dim=-1)).sum()  # one softmax over all positions
-    assert kfac._position_blocks(kfac._output_hessian(coupled, z), z) is None
+    assert kfac._output_hessian_blocks(coupled, z) is None
+    assert kfac._output_hessian_blocks(separable, z[:, 0]) is None  # no positions
     with pytest.raises(Exception, match="num_output_samples"):
         kfac.check_num_output_samples(0)
 
