@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from dattri_cli import builders, runner
 from dattri_cli.errors import ConfigError
+from dattri_cli.func import ihvp, kfac
 
 log = logging.getLogger("dattri_cli")
 
@@ -153,8 +155,6 @@ def estimate(
     ``kfac_layers`` as ``(in[+1], out)`` pairs); ``budget`` (bytes) sizes the batch
     sizes suggested in the fixes.
     """
-    from dattri_cli.func import ihvp  # noqa: PLC0415 - only for the solver constants
-
     options = dict(options or {})
     p, item = sizes.num_params, sizes.itemsize
     est = Estimate()
@@ -254,36 +254,45 @@ def free_disk(path: Path) -> Optional[int]:
     return None
 
 
-def _kfac_layers(attributor: Any) -> Tuple[Tuple[int, int], ...]:
-    model = attributor.task.get_model()
-    layers = []
-    for name in getattr(attributor, "module_name", None) or []:
-        module = model.get_submodule(name)
-        weight = module.weight
-        cols = weight[0].numel() if weight.shape[0] else 0
-        out = int(weight.shape[0])
-        if type(module).__name__ == "Conv1D":
-            out, cols = int(weight.shape[1]), int(weight.shape[0])
-        layers.append((cols + (1 if getattr(module, "bias", None) is not None else 0), out))
-    return tuple(layers)
+def _trainable(model: Any) -> Dict[str, Any]:
+    """Trainable parameters by their first name (a tied weight once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def guard(resolved: Dict[str, Any], attributor: Any, task: Any, split: Any) -> None:
-    """Before heavy work: lower default loader batch sizes that would not fit, then refuse a run
-    whose estimated peak memory or feature cache does not fit. ``resolved["loader"]`` is updated
-    in place (so the score file records the sizes used). Does nothing with ``memory_guard=false``.
+def _selected_params(method: str, cfg: Mapping[str, Any], model: Any) -> Tuple[Dict[str, Any], Tuple]:
+    """The parameters whose per-sample gradients the attributor forms, and EK-FAC's ``(in[+1], out)`` layers."""
+    params = _trainable(model)
+    if method in ("IFAttributorEKFAC", "IFAttributorKFAC"):
+        selection = kfac.select_layers(model, cfg.get("module_name"))
+        layers = []
+        for name in selection.modules:
+            module = model.get_submodule(name)
+            out = kfac.out_features(module)
+            cols = module.weight.numel() // out + (1 if module.bias is not None else 0)
+            layers.append((cols, out))
+        return {n: params[n] for n in selection.param_names if n in params}, tuple(layers)
+    layer_name = cfg.get("layer_name")
+    if isinstance(layer_name, str):
+        layer_name = [layer_name]
+    if isinstance(layer_name, (list, tuple)):
+        return {n: params[n] for n in layer_name if n in params}, ()
+    return params, ()
+
+
+def guard(resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: Any, split: Any) -> None:
+    """Before checkpoints are trained or loaded: lower default loader batch sizes that would not fit,
+    then refuse a run whose estimated peak memory or feature cache does not fit.
+
+    ``resolved["loader"]`` is updated in place (so the score file records the sizes
+    used). Does nothing with ``memory_guard=false``.
     """
-    from dattri_cli import runner  # noqa: PLC0415 - runner imports the algorithms; keep this module light
-
     if not resolved.get("memory_guard", True):
         return
-    layer_name = getattr(attributor, "layer_name", None)
-    try:
-        shapes = task.param_shapes(layer_name if isinstance(layer_name, (str, list)) else None)
-    except Exception:  # noqa: BLE001 - an attributor with its own parameter naming: count them all
-        shapes = task.param_shapes(None)
-    num_params = sum(math.prod(s) for s in shapes.values())
-    itemsize = next(iter(task.named_parameters(0).values())).element_size() if shapes else 4
+    cls = builders.resolve_target(attributor_cfg, "attributor")
+    method = cls.__name__
+    params, layers = _selected_params(method, attributor_cfg, model)
+    num_params = sum(p.numel() for p in params.values())
+    itemsize = next(iter(params.values())).element_size() if params else 4
     available = runner.available_memory()
     loader = resolved["loader"]
     requested = {k: int(loader[k]) for k in ("train_batch_size", "test_batch_size")}
@@ -298,14 +307,20 @@ def guard(resolved: Dict[str, Any], attributor: Any, task: Any, split: Any) -> N
             planned,
         )
         loader.update(planned)
-    method = type(attributor).__name__
-    options: Dict[str, Any] = {}
-    if method in ("IFAttributorEKFAC", "IFAttributorKFAC"):
-        options["kfac_layers"] = _kfac_layers(attributor)
-    for key in ("max_iter", "proj_dim"):
-        if hasattr(attributor, key):
-            options[key] = getattr(attributor, key)
-    feature_cache = bool(resolved.get("feature_cache", False)) and bool(attributor.uses_feature_store)
+    options: Dict[str, Any] = {"kfac_layers": layers}
+    if "max_iter" in attributor_cfg:
+        options["max_iter"] = attributor_cfg["max_iter"]
+    proj_dim = (attributor_cfg.get("projector_kwargs") or {}).get("proj_dim", attributor_cfg.get("proj_dim"))
+    if proj_dim is not None:
+        options["proj_dim"] = proj_dim
+    checkpoints = resolved.get("checkpoint")
+    if checkpoints:
+        num_checkpoints = len(checkpoints) if isinstance(checkpoints, (list, tuple)) else 1
+    else:
+        num_checkpoints = int((resolved.get("train") or {}).get("num_models", 1))
+    feature_cache = bool(resolved.get("feature_cache", False)) and bool(
+        getattr(cls, "uses_feature_store", False)
+    )
     sizes = Sizes(
         num_params,
         int(loader["train_batch_size"]),
@@ -313,7 +328,7 @@ def guard(resolved: Dict[str, Any], attributor: Any, task: Any, split: Any) -> N
         int(split.train_indices.numel()),
         int(split.test_indices.numel()),
         itemsize,
-        len(task.get_checkpoints()),
+        num_checkpoints,
     )
     est = estimate(method, sizes, options, available, feature_cache)
     what = f"{method} on {num_params:,} parameters"

@@ -114,6 +114,9 @@ def run(
         model = build_model()
         settings = TrainSettings(**resolved["train"])
         attributor_cfg, run_opts = builders.split_runner(resolved["attributor"])
+        memory.guard(
+            resolved, attributor_cfg, model, split
+        )  # refuse what cannot fit; may lower default batches
 
     with _timed(timings, "checkpoints_s"):
         all_ckpts = builders.acquire_checkpoints(resolved, build_model, split, settings, seed, setup.rank)
@@ -121,7 +124,6 @@ def run(
 
     task = builders.build_task(model, checkpoints, settings, split)
     attributor = builders.build_attributor(attributor_cfg, run_opts, task, checkpoints, split, setup.device)
-    memory.guard(resolved, attributor, task, split)  # refuse what cannot fit; may lower default batch sizes
     loader_cfg = resolved["loader"]
     loaders = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
     batch_size = int(loader_cfg["train_batch_size"])
