@@ -367,9 +367,26 @@ def _output_hessian(loss: Tensor, z: Tensor) -> Tensor:
 
 
 def _psd_roots(hess: Tensor) -> Tensor:
-    """Batched ``R`` with ``R R^T`` the symmetrised matrices of ``hess`` (negative eigenvalues clipped)."""
+    """Batched ``R`` with ``R R^T`` the symmetrised matrices of ``hess`` (negative eigenvalues clipped).
+
+    The batched ``eigh`` is tried first (same bits as always); if it fails or returns
+    non-finite values, each matrix goes through :func:`robust_eigh` (float64, jitter
+    ladder), which refuses only matrices holding NaN/Inf.
+    """
     hess = 0.5 * (hess + hess.transpose(-1, -2))
-    evals, evecs = torch.linalg.eigh(hess)
+    try:
+        evals, evecs = torch.linalg.eigh(hess)
+        ok = bool(torch.isfinite(evals).all() and torch.isfinite(evecs).all())
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        ok = False
+    if not ok:
+        size = hess.shape[-1]
+        pairs = [
+            robust_eigh(m, "the Hessian of a sample's loss in the model output")
+            for m in hess.reshape(-1, size, size)
+        ]
+        evals = torch.stack([e for e, _ in pairs]).reshape(hess.shape[:-1])
+        evecs = torch.stack([v for _, v in pairs]).reshape(hess.shape)
     return evecs * evals.clamp_min(0.0).sqrt()[..., None, :]
 
 

@@ -321,3 +321,25 @@ def test_conv1d_factors_equal_linear_factors() -> None:
         torch.testing.assert_close(torch.cat([w_back, out_conv[:, size:]], dim=1), out_lin)
         trace_c, trace_l = fc[nm].dense().diagonal().sum(), fl[nm].dense().diagonal().sum()
         torch.testing.assert_close(trace_c, trace_l)
+
+
+def test_output_hessian_roots_survive_a_failing_batched_eigh(monkeypatch) -> None:
+    real = torch.linalg.eigh
+    hess = torch.randn(4, 5, 5)
+    hess = hess @ hess.transpose(1, 2)
+    hess[1] = 0.0  # an all-zero Hessian (a saturated sample)
+    expected = kfac._psd_roots(hess)
+
+    def failing(mat, *args, **kwargs):
+        if mat.dim() == 3:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(mat, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    roots = kfac._psd_roots(hess)
+    torch.testing.assert_close(roots @ roots.transpose(1, 2), hess)
+    torch.testing.assert_close(roots @ roots.transpose(1, 2), expected @ expected.transpose(1, 2))
+    bad = hess.clone()
+    bad[2, 0, 0] = float("nan")
+    with pytest.raises(Exception, match="NaN"):
+        kfac._psd_roots(bad)
