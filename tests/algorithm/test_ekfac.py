@@ -275,3 +275,29 @@ def test_inplace_relu_resnet_block_scores_equal_out_of_place_twin() -> None:
         scores.append(run(attributor, train, test, bs=4))
     assert torch.isfinite(scores[0]).all()
     torch.testing.assert_close(scores[0], scores[1])
+
+
+def test_resnet_with_one_pixel_maps_scores_finite_with_auto_damping() -> None:
+    """ResNet-18's last convolutions see 1x1 maps: most rows of their activation factor are zero."""
+    from dattri_cli.func.linalg import zero_rows
+    from tests.func.test_linalg import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 4, 4, generator=gen), torch.randint(0, 4, (12,), generator=gen)
+    train, test = TensorDataset(x[:9], y[:9]), TensorDataset(x[9:], y[9:])
+
+    def loss(params, batch):
+        return cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+
+    task = AttributionTask(loss, model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    with pytest.warns(UserWarning, match="bn1"):
+        attributor = IFAttributorEKFAC(task, damping=None)
+    scores = run(attributor, train, test, bs=8)
+    assert int(zero_rows(attributor.factors[0]["block2.conv2"].a_cov).sum()) >= 16 * 8  # 8 of 9 taps
+    assert torch.isfinite(scores).all() and scores.abs().sum() > 0
+    with pytest.warns(UserWarning, match="bn1"):
+        undamped = IFAttributorKFAC(task, damping=0.0)
+    with pytest.raises(NumericalError, match=r"layer block.\.conv.: the damped curvature is singular"):
+        run(undamped, train, test, bs=8)
