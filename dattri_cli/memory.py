@@ -164,10 +164,11 @@ def estimate(
     fit_train = _fits(per_sample, suggest * BATCH_FRACTION) if suggest else 1
     est.fixes["train_gradients"] = f"loader.train_batch_size={min(fit_train, sizes.train_batch_size)}"
     inner = method not in ("TRAKAttributor", "RPSAttributor", "IFAttributor")
-    if inner:
+    if method not in ("RPSAttributor", "IFAttributor"):
         est.memory["test_gradients"] = per_sample_grad_bytes(sizes.test_batch_size, p, item)
         fit_test = _fits(per_sample, suggest * BATCH_FRACTION) if suggest else 1
         est.fixes["test_gradients"] = f"loader.test_batch_size={min(fit_test, sizes.test_batch_size)}"
+    if inner:  # the (n_test, P) test side is kept across row blocks
         est.memory["test_side"] = test_side_bytes(sizes.n_test, p, item)
         est.fixes["test_side"] = "fewer test rows (dataset.n_test) or a projected method (attributor=trak)"
     if method == "IFAttributorExplicit":
