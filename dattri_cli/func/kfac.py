@@ -111,14 +111,40 @@ def _canonical_names(model: nn.Module) -> Dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def _tied_to(model: nn.Module, name: str, canonical: Optional[Dict[int, str]] = None) -> Optional[str]:
-    """The other name of module ``name``'s weight when it is a tied copy (GPT-2's ``lm_head``), else None."""
+def _weight_owners(model: nn.Module) -> Dict[int, List[str]]:
+    """For each parameter tensor, every module that registers it (more than one: tied weights)."""
+    owners: Dict[int, List[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for _, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if mod_name not in owners.setdefault(id(param), []):
+                owners[id(param)].append(mod_name)
+    return owners
+
+
+def _tied_to(
+    model: nn.Module,
+    name: str,
+    canonical: Optional[Dict[int, str]] = None,
+    owners: Optional[Dict[int, List[str]]] = None,
+) -> Optional[str]:
+    """What module ``name``'s weight is tied to, or None when no other module uses it.
+
+    A tied copy (GPT-2's ``lm_head``) names the weight's first registered name; the
+    first owner names the other modules, whose uses K-FAC's factors of this layer
+    alone would miss.
+    """
     canonical = _canonical_names(model) if canonical is None else canonical
+    owners = _weight_owners(model) if owners is None else owners
     module = model.get_submodule(name)
     weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
     own = f"{name}.weight" if name else "weight"
-    first = canonical.get(id(weight)) if isinstance(weight, Tensor) else None
-    return first if first is not None and first != own else None
+    first = canonical.get(id(weight))
+    if first is not None and first != own:
+        return first
+    others = [m for m in owners.get(id(weight), []) if m != name]
+    return f"the weight of module {others[0]!r} as well" if others else None
 
 
 def unsupported_reason(module: nn.Module, tied_to: Optional[str] = None) -> Optional[str]:
@@ -136,7 +162,7 @@ def unsupported_reason(module: nn.Module, tied_to: Optional[str] = None) -> Opti
         if isinstance(module.padding, str) and module.padding != "valid":
             return f"Conv2d with padding={module.padding!r} (use explicit integer padding)"
     if tied_to is not None:
-        return f"its weight is tied to {tied_to} (counted once, under that name)"
+        return f"its weight is tied to {tied_to} (K-FAC would see only this layer's use of it)"
     if not module.weight.requires_grad:
         return "its weight is frozen (requires_grad=False)"
     if module.bias is not None and not module.bias.requires_grad:
@@ -173,11 +199,12 @@ def select_layers(model: nn.Module, module_name: Optional[Sequence[str]] = None)
     weight once, under its first name).
     """
     modules = dict(model.named_modules())
-    canonical = _canonical_names(model)
+    canonical, owners = _canonical_names(model), _weight_owners(model)
 
     def reason(name: str) -> Optional[str]:
         mod = modules[name]
-        return unsupported_reason(mod, _tied_to(model, name, canonical) if is_supported_type(mod) else None)
+        tied = _tied_to(model, name, canonical, owners) if is_supported_type(mod) else None
+        return unsupported_reason(mod, tied)
 
     if module_name is not None:
         names = [module_name] if isinstance(module_name, str) else list(module_name)

@@ -343,3 +343,23 @@ def test_output_hessian_roots_survive_a_failing_batched_eigh(monkeypatch) -> Non
     bad[2, 0, 0] = float("nan")
     with pytest.raises(Exception, match="NaN"):
         kfac._psd_roots(bad)
+
+
+def test_tied_weights_are_left_out_under_either_name() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.mid = nn.Linear(4, 4)
+            self.last = nn.Linear(4, 4, bias=False)
+            self.last.weight = self.first.weight  # registered first under `first`
+
+        def forward(self, x):
+            return self.last(torch.tanh(self.mid(self.first(x))))
+
+    sel = kfac.select_layers(Tied())
+    assert sel.modules == ["mid"]
+    assert "tied to the weight of module 'last'" in sel.excluded["first.weight"]
+    assert set(sel.excluded) == {"first.weight", "first.bias"}  # `last.weight` is `first.weight`
+    with pytest.raises(Exception, match="'last': its weight is tied to first.weight"):
+        kfac.select_layers(Tied(), ["last"])
