@@ -129,7 +129,8 @@ def test_memo_lives_only_for_the_blocked_scoring():
 def test_auto_splits_only_when_memory_is_short(small_run, monkeypatch, caplog):
     monkeypatch.setattr(runner, "available_memory", lambda: 4096)  # budget 2 KiB: one 16-row batch per file
     with caplog.at_level(logging.INFO, logger="dattri_cli"):
-        tight = pipeline.run(small_run(out="tight/scores.safetensors"))
+        # memory_guard=false: 4 KiB would (rightly) be refused by the memory guard; row blocks are tested here
+        tight = pipeline.run(small_run("memory_guard=false", out="tight/scores.safetensors"))
     assert [p.name for p in tight.files] == block_names(4)
     assert "4 row-block files" in caplog.text and "available" in caplog.text
     for memory in (1 << 40, None):  # plenty, or unknown: one file
