@@ -630,6 +630,18 @@ CATALOGUE: List[BadInput] = [
         "use gauss_newton or empirical",
     ),
     BadInput(
+        "EK-FAC output samples not a positive integer",
+        ["run", *FAST, "attributor=if_ekfac", "attributor.num_output_samples=0"],
+        "num_output_samples must be null (exact) or a positive integer, got 0",
+        "leave it null (one backward pass per model output) or give a number of sampled pseudo-gradients",
+    ),
+    BadInput(
+        "run that cannot fit in memory (memory guard)",
+        ["run", *FAST, "attributor=if_explicit", "model=mlp", "model.hidden=[4096]"],
+        "IFAttributorExplicit on 307,210 parameters needs about",
+        "use the override the message names (here attributor=if_cg), or memory_guard=false to run anyway",
+    ),
+    BadInput(
         "attributor flag that is not a boolean",
         ["run", *FAST, "attributor.normalized_grad=maybe"],
         "attributor.normalized_grad must be a boolean",
