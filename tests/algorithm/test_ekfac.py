@@ -301,3 +301,48 @@ def test_resnet_with_one_pixel_maps_scores_finite_with_auto_damping() -> None:
         undamped = IFAttributorKFAC(task, damping=0.0)
     with pytest.raises(NumericalError, match=r"layer block.\.conv.: the damped curvature is singular"):
         run(undamped, train, test, bs=8)
+
+
+def test_tiny_bert_classifier_on_dict_batches_with_padding() -> None:
+    transformers = pytest.importorskip("transformers")
+    from dattri_cli.tasks import classification
+
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (9, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::2, 4:] = 0  # padded rows
+    labels = torch.randint(0, 3, (9,), generator=gen)
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = list(rows)
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            i = self.rows[i]
+            return {"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}
+
+    funcs = classification(model)
+    task = AttributionTask(
+        funcs.loss_func, model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    )
+    with pytest.warns(UserWarning, match="LayerNorm"):
+        attributor = IFAttributorEKFAC(task, damping=None)
+    train, test = DataLoader(Rows(range(6)), batch_size=3), DataLoader(Rows(range(6, 9)), batch_size=3)
+    attributor.cache(train)
+    scores = attributor.attribute(train, test)
+    assert scores.shape == (6, 3) and torch.isfinite(scores).all()
+    assert "classifier" in attributor.module_name
