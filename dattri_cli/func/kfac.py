@@ -397,8 +397,9 @@ def _psd_roots(hess: Tensor) -> Tensor:
     """Batched ``R`` with ``R R^T`` the symmetrised matrices of ``hess`` (negative eigenvalues clipped).
 
     The batched ``eigh`` is tried first (same bits as always); if it fails or returns
-    non-finite values, each matrix goes through :func:`robust_eigh` (float64, jitter
-    ladder), which refuses only matrices holding NaN/Inf.
+    non-finite values, each finite matrix goes through :func:`robust_eigh` (float64,
+    jitter ladder). A matrix holding NaN/Inf gives NaN roots, so the factor it feeds is
+    refused with the layer's name (:func:`fit_factors`).
     """
     hess = 0.5 * (hess + hess.transpose(-1, -2))
     try:
@@ -408,8 +409,10 @@ def _psd_roots(hess: Tensor) -> Tensor:
         ok = False
     if not ok:
         size = hess.shape[-1]
+        what = "the Hessian of a sample's loss in the model output"
+        nan = torch.full((size,), float("nan"), dtype=hess.dtype, device=hess.device)
         pairs = [
-            robust_eigh(m, "the Hessian of a sample's loss in the model output")
+            robust_eigh(m, what) if bool(torch.isfinite(m).all()) else (nan, nan.expand(size, size))
             for m in hess.reshape(-1, size, size)
         ]
         evals = torch.stack([e for e, _ in pairs]).reshape(hess.shape[:-1])

@@ -341,8 +341,8 @@ def test_output_hessian_roots_survive_a_failing_batched_eigh(monkeypatch) -> Non
     torch.testing.assert_close(roots @ roots.transpose(1, 2), expected @ expected.transpose(1, 2))
     bad = hess.clone()
     bad[2, 0, 0] = float("nan")
-    with pytest.raises(Exception, match="NaN"):
-        kfac._psd_roots(bad)
+    roots = kfac._psd_roots(bad)  # NaN roots for that sample: the factor check names the layer
+    assert torch.isnan(roots[2]).all() and torch.isfinite(roots[[0, 1, 3]]).all()
 
 
 def test_tied_weights_are_left_out_under_either_name() -> None:
