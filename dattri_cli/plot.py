@@ -179,9 +179,10 @@ def _histogram(ax: Any, sf: ScoreFile, col: int) -> None:
     values = sf.column(col).double().cpu().tolist()
     counts, _, _ = ax.hist(values, bins=50, color="#4477aa", log=True)
     ax.set_yscale("log")
-    ax.set_ylim(0.5, max(float(counts.max()), 1.0) * 2.0)  # a bin of one sample still shows a bar
-    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415 - matplotlib is optional
+    ax.set_ylim(0.6, max(float(counts.max()), 1.0) * 2.0)  # a bin of one sample still shows a bar
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: PLC0415 - optional
 
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 1, 10, 100 (not 10^0)
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.axvline(0.0, color="#888888", linewidth=0.8, linestyle=":")
