@@ -71,7 +71,12 @@ def draw_test(sf: ScoreFile, col: int, k: int) -> Any:
     plt = _pyplot()
     top = top_training_samples(sf, col, k)
     data = sf.data
-    test_image = data.image("test", col) if data is not None else None
+    test_image = None
+    if data is not None:
+        try:
+            test_image = data.image("test", col)
+        except DattriError as exc:  # replaced or broken since the run: list the samples instead
+            print(f"note: {exc}; drawing a table instead of images", file=sys.stderr)
     if test_image is not None:
         fig, hist_ax = _draw_images(plt, sf, col, top, test_image)
     elif data is not None:
@@ -120,7 +125,15 @@ def _draw_images(plt: Any, sf: ScoreFile, col: int, top: Dict[str, Any], test_im
     for r, (kind, entries) in enumerate((("helps", top["proponents"]), ("hurts", top["opponents"]))):
         for i, e in enumerate(entries):
             ax = fig.add_subplot(grid[r, i + 1])
-            _show_image(ax, data.image("train", e["row"]), data.invert_gray)
+            try:
+                image = data.image("train", e["row"])
+            except DattriError as exc:  # an image replaced or broken since the run: say so in its panel
+                ax.text(0.5, 0.5, "cannot read", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                print(f"note: {exc}", file=sys.stderr)
+            else:
+                _show_image(ax, image, data.invert_gray)
             ax.set_title(_panel_title(f"{kind} #{i + 1} {e['score']:+.3g}", e), fontsize=7)
     return fig, fig.add_subplot(grid[2, :])
 
@@ -128,11 +141,11 @@ def _draw_images(plt: Any, sf: ScoreFile, col: int, top: Dict[str, Any], test_im
 def _draw_table(plt: Any, sf: ScoreFile, col: int, top: Dict[str, Any]) -> Tuple[Any, Any]:
     data = sf.data
     test = {"dataset_index": int(sf.test_indices[col]), **data.describe("test", col)}
-    what = "text" if data.kind == "text" else "values"
+    what = "text" if data.kind == "text" else "file" if "path" in test else "values"
 
     def content(which: str, row: int, entry: Dict[str, Any]) -> str:
-        if what == "text":
-            return entry.get("text", "")
+        if what != "values":
+            return entry.get("path" if what == "file" else "text", "")
         return data.values(which, row, CELL_CHARS) or ""
 
     rows = []

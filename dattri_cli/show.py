@@ -277,7 +277,9 @@ def main(argv: List[str]) -> None:
         "--top-k", type=int, default=5, help="proponents/opponents per test column (default 5)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--no-labels", action="store_true", help="do not rebuild the dataset for labels")
+    parser.add_argument(
+        "--no-labels", action="store_true", help="do not rebuild the dataset (labels, files, texts)"
+    )
     args = parser.parse_args(argv)
     sf = open_score_file(args.path, with_data=not args.no_labels)
     if sf.labels_note:

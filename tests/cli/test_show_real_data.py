@@ -209,6 +209,30 @@ def test_plot_png_shows_the_painted_colours(images, tmp_path):
     assert near > 200  # the test image is drawn in its own (un-normalised) colour
 
 
+def test_plot_survives_images_broken_since_the_run(images, capsys):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from dattri_cli.plot import draw_test
+
+    path, root, _, paths, train_idx, test_idx = images
+    sf = open_score_file(path)
+    best = _ranked(sf.full, 0)[0]
+    (root / paths[int(train_idx[best])]).write_bytes(b"not a png")
+    fig = draw_test(sf, 0, 2)
+    assert len(_image_axes(fig)) == 1 + 2 * 2 - 1  # the broken proponent's panel says so instead
+    assert any(t.get_text() == "cannot read" for ax in fig.axes for t in ax.texts)
+    assert "cannot read image" in capsys.readouterr().err
+    plt.close(fig)
+    (root / paths[int(test_idx[0])]).write_bytes(b"")
+    fig = draw_test(sf, 0, 2)  # no test picture: the samples are listed with their files
+    cells = fig.axes[0].tables[0].get_celld()
+    assert cells[0, 4].get_text().get_text() == "file"
+    assert cells[1, 4].get_text().get_text() == paths[int(train_idx[best])]
+    assert "drawing a table instead" in capsys.readouterr().err
+    plt.close(fig)
+
+
 def test_grayscale_tall_images_are_drawn_gray_and_tall(tmp_path):
     pytest.importorskip("matplotlib")
     from dattri_cli.plot import draw_test
