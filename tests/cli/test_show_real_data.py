@@ -267,6 +267,29 @@ def test_grayscale_tall_images_are_drawn_gray_and_tall(tmp_path):
     assert float(_image_axes(fig)[0].images[0].get_array().mean()) == pytest.approx(expected, abs=1e-5)
 
 
+def test_separate_test_root_paths_are_relative_to_their_own_root(tmp_path, capsys):
+    for part, count in (("train", 3), ("test", 2)):
+        for name in ("a", "b"):
+            (tmp_path / part / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (5, 4), color=(i, 0, 0)).save(tmp_path / part / name / f"{part}{i}.png")
+    node = {
+        "_target_": "dattri_cli.data.image_folder.image_folder",
+        "train_root": str(tmp_path / "train"),
+        "test_root": str(tmp_path / "test"),
+        "image_size": 4,
+        "split_seed": 5,
+    }
+    order = [torch.randperm(n, generator=torch.Generator().manual_seed(5)) for n in (6, 4)]
+    path = _write_scores(tmp_path / "s.safetensors", node, order[0], order[1])
+    assert _run(["show", str(path), "--json", "--test", "0,1,2,3", "--top-k", "6"]) == 0
+    tests = json.loads(capsys.readouterr().out)["tests"]
+    test_files = [f"{n}/test{i}.png" for n in ("a", "b") for i in range(2)]
+    train_files = [f"{n}/train{i}.png" for n in ("a", "b") for i in range(3)]
+    assert [t["path"] for t in tests] == [test_files[int(i)] for i in order[1]]
+    assert {e["path"] for e in tests[0]["proponents"]} == set(train_files)
+
+
 def test_recorded_label_noise_is_applied_to_folder_labels(images):
     path, _, node, _, train_idx, test_idx = images
     noisy = {**node, "label_noise": 0.5, "label_noise_seed": 7}
