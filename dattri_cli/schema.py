@@ -299,6 +299,23 @@ def _check_shard(key: str, node: MutableMapping[str, Any]) -> None:  # noqa: ARG
         raise ConfigError(msg)
 
 
+def _check_task(key: str, node: MutableMapping[str, Any]) -> None:  # noqa: ARG001
+    """``task.loss`` / ``target`` / ``correct_probability`` belong to ``task=custom`` only."""
+    name = node.get("name", "classification")
+    given = [k for k in ("loss", "target", "correct_probability") if node.get(k) is not None]
+    if name != "custom" and given:
+        msg = (
+            f"task.{given[0]} is for task=custom; task={name} has its own loss (remove it or use task=custom)"
+        )
+        raise ConfigError(msg)
+    loss = node.get("loss")
+    if name == "custom" and (not isinstance(loss, Mapping) or loss.get("_target_") in (None, "", "???")):
+        msg = (
+            "task=custom needs task.loss._target_=mypkg.make_loss (a factory f(model) -> loss(params, data))"
+        )
+        raise ConfigError(msg)
+
+
 TRAIN = Node(
     {
         "epochs": Int(1),
@@ -344,6 +361,19 @@ TOP = {
         }
     ),
     "loader": Node({"train_batch_size": Int(1), "test_batch_size": Int(1)}),
+    "checkpoint_prefix": Str(nullable=True, nonempty=False),
+    "task": Node(
+        {
+            "name": Choice("classification", "regression", "causal_lm", "model_loss", "custom"),
+            "weight_decay": Float(0.0, 100.0, nullable=True),
+            "vmap_masks": Bool(nullable=True),
+            "ignore_index": Int(),
+            "loss": Mapping_(nullable=True),
+            "target": Mapping_(nullable=True),
+            "correct_probability": Mapping_(nullable=True),
+        },
+        _check_task,
+    ),
 }
 GROUPS = ("dataset", "model", "train", "attributor")
 TOP_KEYS = tuple(GROUPS) + tuple(TOP)

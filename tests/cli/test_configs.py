@@ -11,6 +11,7 @@ from dattri_cli.catalog import GROUPS, options
 from tests.conftest import compose_run
 
 RUNTIME_FILLED = set(builders.RUNTIME_FILLED)
+CUSTOM_LOSS = "tests.cli.custom_task.make_loss"
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
@@ -28,8 +29,18 @@ def test_option_composes_and_binds(group, option):
         overrides.append("dataset.path=/some/data.npz")
     if (group, option) == ("model", "custom"):
         overrides.append("model._target_=dattri_cli.models.MLP")
+    if (group, option) == ("task", "custom"):
+        overrides.append(f"task.loss._target_={CUSTOM_LOSS}")
     cfg = compose_run(overrides)
     node = builders.to_dict(cfg)[group]
+    if group == "task":  # no _target_: the name picks the loss; every key is read by make_task_functions
+        from dattri_cli import schema
+        from dattri_cli.models import LogisticRegression
+
+        schema.TOP["task"].check("task", node)
+        functions = builders.make_task_functions(node, LogisticRegression(3, 2), 1, 0.0)
+        assert functions.name == (node["name"])
+        return
     if group == "train":
         from dattri_cli.models.train import TrainSettings
 
