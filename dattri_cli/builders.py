@@ -196,7 +196,7 @@ DEFAULT_TASK = "classification"
 #: split keys the pipeline applies itself to a plain ``torch.utils.data.Dataset`` (never passed to it)
 DATASET_SPLIT_KEYS = ("n_train", "n_test", "split_seed")
 #: the model builder of ``model=hf`` (its ``path`` is the default checkpoint)
-HF_MODEL_TARGET = "dattri_cli.models.hf.from_pretrained_or_config"
+HF_MODEL_TARGET = "dattri_cli.models.hf.hf_model"
 
 
 def task_name(cfg: Mapping[str, Any]) -> str:

@@ -33,6 +33,8 @@ _LEAVE_TO_HYDRA = {
     "--shell-completion",
 }
 _CONFIG_DIR = {"-cd", "--config-dir"}
+#: a user config group of whole-run presets (``# @package _global_``): ``--config-dir DIR +experiment=NAME``
+EXPERIMENT_GROUP = "experiment"
 _WITH_VALUE = {"-c", "--cfg", "-p", "--package"} | _CONFIG_DIR
 _SHOW_ONLY = {"-c", "--cfg", "-p", "--package", "--resolve"}
 _MULTIRUN = {"-m", "--multirun"}
@@ -90,6 +92,15 @@ def check_keys(overrides: Sequence[str], extra_path: Sequence[str] = (), sweep: 
         prefix, key, value = _split_override(override)
         head = re.split(r"[./@]", key, maxsplit=1)[0]
         if head == "hydra" or not key:
+            continue
+        if key == EXPERIMENT_GROUP and prefix in ("+", "++") and not sweep:
+            available = catalog.options(key, extra_path)
+            if value not in available:
+                where = "your config dirs" if extra_path else "no --config-dir / hydra.searchpath given"
+                msg = (
+                    f"unknown experiment {value!r} ({where}); choose one of: {', '.join(available) or 'none'}"
+                )
+                raise ConfigError(msg)
             continue
         if head not in TOP_KEYS:
             best = closest(head, TOP_KEYS)

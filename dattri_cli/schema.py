@@ -390,18 +390,26 @@ DATASET_RULES: Dict[str, Rule] = {
     "class_sep": Float(0.0, MAX_ABS),
     "path": Str(),
     "test_path": Str(nullable=True),
-    "label_column": Str(),
+    "label_column": Str(nullable=True),
+    "image_size": AnyOf(Int(1), ListOf(Int(1)), nullable=True, text="a positive integer or [height, width]"),
+    "max_length": Int(1),
+    # a dotted path to f(list of samples) -> batch, for a _target_ returning a torch Dataset
+    "collate_fn": Str(nullable=True),
     # read by the pipeline for every dataset, never passed to the builder
     "label_noise": Float(0.0, 1.0, open_high=True),
     "label_noise_seed": Int(0),
 }
 PIPELINE_DATASET_KEYS = ("label_noise", "label_noise_seed")
+#: keys the pipeline applies itself when a dataset _target_ returns a plain torch Dataset
+DATASET_SPLIT_KEYS = ("collate_fn", "n_train", "n_test", "split_seed")
 MODEL_RULES: Dict[str, Rule] = {
     "in_features": Int(1, nullable=True),
     "num_classes": Int(2, nullable=True),
     "hidden": ListOf(Int(1)),
     "channels": Int(1),
-    "image_size": Int(1, nullable=True),
+    "image_size": AnyOf(Int(1), ListOf(Int(1)), nullable=True, text="a positive integer or [height, width]"),
+    "in_channels": Int(1),
+    "head": Choice("sequence_classification", "causal_lm", "image_classification"),
 }
 _LAYERS = AnyOf(Str(), ListOf(Str()), nullable=True, text="a layer name or a list of layer names")
 ATTRIBUTOR_RULES: Dict[str, Rule] = {
@@ -506,7 +514,7 @@ def _check_target_node(group: str, node: MutableMapping[str, Any]) -> None:
         node[RUNNER_KEY] = RUNNER.check(f"{group}.{RUNNER_KEY}", node[RUNNER_KEY])
     target = resolve_target(node, group)
     params, takes_any, hints = target_parameters(target)
-    extra = PIPELINE_DATASET_KEYS if group == "dataset" else ()
+    extra = PIPELINE_DATASET_KEYS + DATASET_SPLIT_KEYS if group == "dataset" else ()
     given = [k for k in node if k not in _HYDRA_KEYS and not (group == "attributor" and k == RUNNER_KEY)]
     if not takes_any:
         accepted = list(params) + list(extra)

@@ -47,7 +47,18 @@ def test_every_shipped_config_validates_unchanged(group, option):
 
 
 # one node of every kind: a key added to a YAML file without a rule (or a constructor argument) is refused
-NODES = ["", "train", "shard", "loader", "output", "attributor.runner", "dataset", "model", "attributor", "task"]
+NODES = [
+    "",
+    "train",
+    "shard",
+    "loader",
+    "output",
+    "attributor.runner",
+    "dataset",
+    "model",
+    "attributor",
+    "task",
+]
 
 
 @pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
