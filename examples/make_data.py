@@ -31,7 +31,7 @@ OBJECTS = ["the ball", "a tree", "the river", "some bread", "the moon"]
 
 
 def images(out: Path, per_class: int, rng: np.random.Generator) -> None:
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 - the vision extra
 
     for name, colour in COLORS.items():
         folder = out / "images" / name
@@ -44,7 +44,7 @@ def images(out: Path, per_class: int, rng: np.random.Generator) -> None:
 
 
 def word_tokenizer(texts: list, path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: PLC0415 - the text extra
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
