@@ -572,8 +572,13 @@ def feature_store_factory(
     dtype: torch.dtype,
     device: str,
     stats: Dict[str, List[BlockStore]],
+    loss_key: Optional[Mapping[str, Any]] = None,
 ) -> Callable[..., BlockStore]:
-    """``f(kind, ckpt_idx, extra) -> BlockStore`` keyed by what determines the blocks (opened: ``stats``)."""
+    """``f(kind, ckpt_idx, extra) -> BlockStore`` keyed by what determines the blocks (opened: ``stats``).
+
+    ``loss_key`` (the task and its L2 term) joins the key: the same checkpoint and data
+    under another loss (your checkpoint without the L2 term) give other Hessians.
+    """
     fingerprint = protocol.train_fingerprint(split)
 
     def make(kind: str, ckpt_idx: int, extra: Mapping[str, Any]) -> BlockStore:
@@ -583,6 +588,7 @@ def feature_store_factory(
             "layer_name": attributor.layer_name,
             "dtype": str(dtype),
             "device_type": torch.device(device).type,
+            **({"loss": dict(loss_key)} if loss_key else {}),
             **extra,
         }
         store = BlockStore.keyed(root, kind, parts)

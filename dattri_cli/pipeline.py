@@ -145,6 +145,11 @@ def run(
             param_dtype,
             setup.device,
             store_stats,
+            {
+                "task": resolved.get("task"),
+                "weight_decay": loss_record["weight_decay"],
+                "checkpoint_prefix": resolved.get("checkpoint_prefix"),
+            },
         )
 
     torch.manual_seed(seed)

@@ -404,7 +404,7 @@ PIPELINE_DATASET_KEYS = ("label_noise", "label_noise_seed")
 DATASET_SPLIT_KEYS = ("collate_fn", "n_train", "n_test", "split_seed")
 MODEL_RULES: Dict[str, Rule] = {
     "in_features": Int(1, nullable=True),
-    "num_classes": Int(2, nullable=True),
+    "num_classes": Int(1, nullable=True),  # 1: one regression output
     "hidden": ListOf(Int(1)),
     "channels": Int(1),
     "image_size": AnyOf(Int(1), ListOf(Int(1)), nullable=True, text="a positive integer or [height, width]"),
