@@ -172,3 +172,57 @@ def test_resnet18_example_through_a_stand_in_torchvision(in_example_dir, cache_d
     result = pipeline.run(cfg)
     assert calls and all(c == {"weights": None, "num_classes": 3} for c in calls)
     assert tuple(result.scores.shape) == (28, 8) and bool(torch.isfinite(result.scores).all())
+
+
+def test_hf_model_folder_is_the_checkpoint_and_is_hashed_by_its_files(in_example_dir, cache_dir):
+    """model=hf model.path=DIR: the folder's weights are attributed (no training), its files hashed."""
+    from dattri_cli.hashing import tree_sha256
+    from dattri_cli.models.hf import hf_model
+
+    config = dict(example_config("bert_text", cache_dir=cache_dir, out="x").model.config)
+    folder = in_example_dir / "tiny-bert"
+    torch.manual_seed(0)
+    hf_model(config=config, num_classes=2).save_pretrained(str(folder))
+    cfg = example_config(
+        "bert_text",
+        "model.config=null",
+        f"model.path={folder}",
+        "train.epochs=1000",  # would take minutes if it trained
+        cache_dir=cache_dir,
+        out=in_example_dir / "dir.safetensors",
+    )
+    result = pipeline.run(cfg)
+    assert result.metadata["checkpoints"][0]["sha256"] == tree_sha256(folder)
+    assert result.metadata["loss"]["weight_decay"] == 0.0  # your weights: the plain loss
+    assert tuple(result.scores.shape) == (40, 8) and bool(torch.isfinite(result.scores).all())
+    before = tree_sha256(folder)
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    assert tree_sha256(folder) != before
+
+
+def test_torchvision_that_does_not_import_is_one_line_naming_the_extra(monkeypatch):
+    from dattri_cli.errors import ConfigError
+    from dattri_cli.models.vision import torchvision_model
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    with pytest.raises(ConfigError, match=r"dattri-cli\[vision\]") as info:
+        torchvision_model("resnet18", num_classes=3)
+    assert "\n" not in str(info.value)
+
+
+def test_torchvision_builder_refuses_downloads_and_unknown_names(monkeypatch):
+    from dattri_cli.errors import ConfigError
+    from dattri_cli.models.vision import torchvision_model
+
+    fake = types.ModuleType("torchvision")
+    fake.models = types.ModuleType("torchvision.models")
+    fake.models.resnet18 = lambda weights=None, num_classes=1000: _TinyResNet(num_classes)
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
+    model = torchvision_model("resnet18", num_classes=4)
+    assert model.fc.out_features == 4 and model.final_layer == "fc"
+    with pytest.raises(ConfigError, match="never downloaded"):
+        torchvision_model("resnet18", kwargs={"weights": "IMAGENET1K_V1"})
+    with pytest.raises(ConfigError, match="not a torchvision.models builder"):
+        torchvision_model("resnet1000")
