@@ -217,7 +217,7 @@ def test_torchvision_builder_refuses_downloads_and_unknown_names(monkeypatch):
 
     fake = types.ModuleType("torchvision")
     fake.models = types.ModuleType("torchvision.models")
-    fake.models.resnet18 = lambda weights=None, num_classes=1000: _TinyResNet(num_classes)
+    fake.models.resnet18 = lambda weights=None, num_classes=1000: _TinyResNet(num_classes)  # noqa: ARG005
     monkeypatch.setitem(sys.modules, "torchvision", fake)
     monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
     model = torchvision_model("resnet18", num_classes=4)
