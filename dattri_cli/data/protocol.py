@@ -23,20 +23,20 @@ A :class:`~dattri_cli.data.Split` goes through exactly the code it went through 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from dattri_cli.data import Split
-from dattri_cli.errors import DataError
-
-#: label entry of dictionary samples
-LABEL_KEY = "labels"
-#: input of dictionary samples that decides one sample's dimensions
-MAIN_INPUT_KEY = "input_ids"
+from dattri_cli.data import (  # noqa: F401 - re-exported: the protocol's generic split
+    LABEL_KEY,
+    MAIN_INPUT_KEY,
+    DatasetSplit,
+    DictTensorDataset,
+    Split,
+    dataset_split,
+    first_input,
+)
 
 
 def is_split(obj: Any) -> bool:
@@ -87,25 +87,6 @@ def row_loader(split: Any, start: int, stop: int, batch_size: int) -> DataLoader
     return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_fn(split))
 
 
-def first_input(sample: Any) -> Tensor:
-    """The main input of one sample: ``input_ids`` (or the first tensor) of a dict, the first of a tuple."""
-    if isinstance(sample, dict):
-        if isinstance(sample.get(MAIN_INPUT_KEY), Tensor):
-            return sample[MAIN_INPUT_KEY]
-        for key, value in sample.items():
-            if key != LABEL_KEY and isinstance(value, Tensor):
-                return value
-    elif isinstance(sample, (tuple, list)) and sample and isinstance(sample[0], Tensor):
-        return sample[0]
-    elif isinstance(sample, Tensor):
-        return sample
-    msg = (
-        f"a dataset sample must be a tensor, an (inputs, label) tuple or a dict of tensors, got "
-        f"{type(sample).__name__}"
-    )
-    raise DataError(msg)
-
-
 def sample_ndim(split: Any) -> int:
     """Dimensions of one sample's main input (1 for feature vectors and token ids, 3 for images)."""
     if isinstance(split, Split):
@@ -134,161 +115,6 @@ def targets_shape(split: Any) -> Optional[tuple]:
     else:
         label = None
     return None if label is None else tuple(torch.as_tensor(label).shape)
-
-
-# -- any torch Dataset ----------------------------------------------------------------------------
-
-
-class DictTensorDataset(Dataset):
-    """Rows of named tensors (equal first dimensions) as dict samples: ``{name: tensor[i]}``."""
-
-    def __init__(self, tensors: Dict[str, Tensor]) -> None:
-        """Keep the tensors; all must have the same number of rows."""
-        sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
-        if len(set(sizes.values())) != 1:
-            msg = f"named arrays must have the same number of rows, got {sizes}"
-            raise DataError(msg)
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        """Number of rows."""
-        return next(iter(self.tensors.values())).shape[0]
-
-    def __getitem__(self, index: int) -> Dict[str, Tensor]:
-        """Row ``index`` of every tensor."""
-        return {k: v[index] for k, v in self.tensors.items()}
-
-
-def _label_of(sample: Any) -> Any:
-    if isinstance(sample, dict):
-        return sample.get(LABEL_KEY)
-    if isinstance(sample, (tuple, list)) and len(sample) > 1:
-        return sample[-1]
-    return None
-
-
-@dataclass
-class DatasetSplit:
-    """Train and test rows of any map-style ``torch.utils.data.Dataset`` (one, split by seed, or two).
-
-    ``collate`` batches its samples (None: PyTorch's default). Samples are ``(inputs...,
-    label)`` tuples, dicts (``labels`` the target, the rest passed to the model by name),
-    or bare tensors (inputs only).
-    """
-
-    name: str
-    train: Dataset
-    test: Dataset
-    train_indices: Tensor
-    test_indices: Tensor
-    collate: Optional[Callable] = None
-    fingerprint_text: str = ""
-
-    def collate_fn(self) -> Optional[Callable]:
-        """The batching function."""
-        return self.collate
-
-    @property
-    def num_features(self) -> int:
-        """Number of values of one sample's main input."""
-        return int(torch.as_tensor(first_input(self.train[0])).numel())
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        """Largest integer scalar label + 1 over train and test (None when labels are not class indices)."""
-        source = getattr(self.train, "dataset", self.train)
-        for attr in ("num_classes",):
-            value = getattr(source, attr, None)
-            if isinstance(value, int):
-                return value
-        classes = getattr(source, "classes", None)
-        if isinstance(classes, (list, tuple)) and classes:
-            return len(classes)
-        top = -1
-        for rows in (self.train, self.test):
-            for i in range(len(rows)):
-                label = _label_of(rows[i])
-                if label is None:
-                    return None
-                label = torch.as_tensor(label)
-                if label.dim() != 0 or label.is_floating_point():
-                    return None
-                top = max(top, int(label))
-        return top + 1 if top >= 0 else None
-
-    def loaders(self, train_batch_size: int, test_batch_size: int):  # noqa: ANN201
-        """Unshuffled loaders over train and test."""
-        return (
-            DataLoader(self.train, batch_size=train_batch_size, shuffle=False, collate_fn=self.collate),
-            DataLoader(self.test, batch_size=test_batch_size, shuffle=False, collate_fn=self.collate),
-        )
-
-    def fingerprint(self) -> str:
-        """SHA-256 of every sample's tensors (read once) and the positions."""
-        digest = hashlib.sha256(self.fingerprint_text.encode())
-        for rows in (self.train, self.test):
-            for i in range(len(rows)):
-                _feed(digest, rows[i])
-        for t in (self.train_indices, self.test_indices):
-            digest.update(t.contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-
-def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, dict):
-        for key in sorted(value):
-            digest.update(str(key).encode() + b"\0")
-            _feed(digest, value[key])
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _feed(digest, item)
-    else:
-        tensor = torch.as_tensor(value)
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def dataset_split(
-    name: str,
-    dataset: Dataset,
-    n_train: Optional[int],
-    n_test: Optional[int],
-    split_seed: int,
-    collate: Optional[Callable] = None,
-    test_dataset: Optional[Dataset] = None,
-) -> DatasetSplit:
-    """A seeded split of ``dataset`` (the rules of every dataset here), or ``dataset`` + ``test_dataset``."""
-    from dattri_cli.data import split_positions  # noqa: PLC0415
-
-    try:
-        total = len(dataset)  # type: ignore[arg-type]
-    except TypeError as exc:
-        msg = f"dataset {name} has no len(); dattri needs a map-style torch.utils.data.Dataset"
-        raise DataError(msg) from exc
-    if test_dataset is None:
-        train_idx, test_idx = split_positions(name, total, n_train, n_test, split_seed)
-        test_source = dataset
-    else:
-        generator = torch.Generator().manual_seed(split_seed)
-        picks = []
-        for rows, count in ((dataset, n_train), (test_dataset, n_test)):
-            size = len(rows)  # type: ignore[arg-type]
-            count = size if count is None else count
-            if count < 1 or count > size:
-                msg = f"dataset {name}: cannot take {count} of {size} rows"
-                raise DataError(msg)
-            picks.append(torch.randperm(size, generator=generator)[:count])
-        train_idx, test_idx = picks
-        test_source = test_dataset
-    return DatasetSplit(
-        name,
-        Subset(dataset, train_idx.tolist()),
-        Subset(test_source, test_idx.tolist()),
-        train_idx,
-        test_idx,
-        collate,
-        name,
-    )
 
 
 def num_features(split: Any) -> int:

@@ -226,3 +226,23 @@ def test_torchvision_builder_refuses_downloads_and_unknown_names(monkeypatch):
         torchvision_model("resnet18", kwargs={"weights": "IMAGENET1K_V1"})
     with pytest.raises(ConfigError, match="not a torchvision.models builder"):
         torchvision_model("resnet1000")
+
+
+def test_shards_of_a_lazy_split_equal_the_full_run(in_example_dir, cache_dir):
+    """Row blocks of an image-folder split (runner.row_loader through data.protocol) give the full run's rows."""
+    full = pipeline.run(
+        example_config("images", cache_dir=cache_dir, out=in_example_dir / "full.safetensors")
+    )
+    parts = [
+        pipeline.run(
+            example_config(
+                "images",
+                "shard.count=2",
+                f"shard.index={i}",
+                cache_dir=cache_dir,
+                out=in_example_dir / "s.safetensors",
+            )
+        ).scores
+        for i in range(2)
+    ]
+    assert torch.equal(torch.cat(parts), full.scores)

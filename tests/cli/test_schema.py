@@ -25,6 +25,8 @@ def _overrides(group: str, option: str) -> List[str]:
         ("dataset", "file"): ["dataset.path=/some/data.npz"],
         ("model", "custom"): ["model._target_=dattri_cli.models.MLP"],
         ("task", "custom"): ["task.loss._target_=tests.cli.custom_task.make_loss"],
+        ("dataset", "custom"): ["dataset._target_=tests.cli.test_byo.PairDataset"],
+        ("dataset", "hf"): ["dataset.path=/some/table.csv", "dataset.text_column=text"],
     }
     return [f"{group}={option}", *extra.get((group, option), [])]
 
