@@ -376,6 +376,8 @@ TOP = {
     ),
 }
 GROUPS = ("dataset", "model", "train", "attributor")
+#: config groups a run config may lack (a mapping built without it runs as task=classification)
+OPTIONAL_GROUPS = ("task",)
 TOP_KEYS = tuple(GROUPS) + tuple(TOP)
 
 # ranges for constructor arguments known by name (any target that takes them)

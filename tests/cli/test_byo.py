@@ -337,3 +337,12 @@ def test_any_torch_dataset_with_its_collate_fn(small_run):
     assert [int(base[int(i)]["labels"]) for i in split.train_indices] == [
         int(split.train[j]["labels"]) for j in range(20)
     ]  # rows follow the seeded positions
+
+
+def test_task_typos_and_misplaced_keys_are_one_line_errors():
+    from dattri_cli.precheck import check_run_args
+
+    assert "did you mean regression?" in check_run_args(["task=regresion"])
+    assert "task.loss is for task=custom" in check_run_args(["+task.loss._target_=x.y"])
+    assert "task=custom needs task.loss._target_" in check_run_args(["task=custom"])
+    assert check_run_args(["task=causal_lm", "task.weight_decay=0.01"]) is None
