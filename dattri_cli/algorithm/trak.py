@@ -116,7 +116,7 @@ class TRAKAttributor(Attributor):
     def __init__(
         self,
         task: AttributionTask,
-        correct_probability_func: Callable,
+        correct_probability_func: Optional[Callable],
         projector_kwargs: Optional[Dict[str, Any]] = None,
         layer_name: Optional[Union[str, List[str]]] = None,
         device: str = "cpu",
@@ -129,7 +129,8 @@ class TRAKAttributor(Attributor):
                 called on one sample without a batch dimension, as in dattri.
             correct_probability_func: ``f(params_dict, sample) -> p``, the probability
                 of the correct label of one sample (no batch dimension), vmapped over
-                the batch as in dattri.
+                the batch as in dattri; None weights every sample 1 (tasks without a
+                correct label: regression, language models).
             projector_kwargs: updates to the dattri defaults ``proj_dim=512``,
                 ``proj_max_batch_size=128`` (dattri: 32), ``proj_seed=0``, ``proj_type="normal"``
                 (``"identity"`` disables the projection).
@@ -250,7 +251,11 @@ class TRAKAttributor(Attributor):
         return FeatureBlocks(store, ranges, total.shape[0]), total, count, q
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
-        """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""
+        """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint (1 without a function)."""
+        if (
+            self.correct_probability_func is None
+        ):  # tasks without a correct label (regression, language models)
+            return torch.ones(batch_size_of(batch), dtype=torch.float64, device=self.device)
         probs = per_sample_value(
             self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False
         ).detach()
