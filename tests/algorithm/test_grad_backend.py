@@ -7,6 +7,7 @@ offset); scores must agree to float32 rounding.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional, Tuple
 
 import pytest
@@ -18,6 +19,7 @@ from dattri_cli.algorithm import grad_backend
 from dattri_cli.algorithm.tracin import TracInAttributor
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.errors import ConfigError
+from dattri_cli.feature_cache import BlockStore
 from dattri_cli.models.train import correct_probability, make_loss_funcs
 from dattri_cli.task import AttributionTask
 
@@ -272,3 +274,33 @@ def test_trak_checks_dims_before_any_gradient(monkeypatch: pytest.MonkeyPatch) -
         pytest.raises(AssertionError, match="before the check"),
     ):
         attributor.cache(_loader(train, 4))
+
+
+def _cached_run(tmp_path, limit_gb: float, projector_kwargs: Optional[dict] = None) -> Tuple[Tensor, int]:
+    task, _, (train, test, _) = _setup("mlp")
+    attributor = TracInAttributor(
+        task,
+        [1.0],
+        False,
+        projector_kwargs=projector_kwargs,
+        grad_backend="func",
+        feature_cache_max_gb=limit_gb,
+    )
+    attributor.feature_store = lambda kind, k, extra: BlockStore.keyed(tmp_path, kind, {"ckpt": k, **extra})
+    scores = attributor.attribute(_loader(train, 4), _loader(test, 3))
+    return scores, len(list(tmp_path.rglob("r*.safetensors")))
+
+
+def test_feature_cache_skips_unprojected_gradients_over_the_limit(tmp_path, caplog) -> None:
+    # 11 rows x 73 parameters x 4 bytes = 3212 bytes
+    with caplog.at_level(logging.WARNING, logger="dattri_cli"):
+        small, written = _cached_run(tmp_path / "a", limit_gb=3000 / 2**30)
+    assert written == 0
+    lines = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
+    assert len(lines) == 1 and "feature_cache_max_gb" in lines[0]
+    big, written = _cached_run(tmp_path / "b", limit_gb=3300 / 2**30)
+    assert written == 3  # one block per training batch
+    assert torch.equal(small, big)
+    # projected gradients are small: kept whatever the limit
+    _, written = _cached_run(tmp_path / "c", limit_gb=1e-9, projector_kwargs={"proj_dim": 4})
+    assert written == 3
