@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -26,6 +27,7 @@ from dattri_cli.errors import ConfigError
 from dattri_cli.func.batch import batch_size_of, index_batch, map_tensors
 from dattri_cli.func.kronecker import KroneckerProjector
 from dattri_cli.func.layer_grads import (
+    LINEAR,
     LayerBackendUnsupported,
     LayerCapture,
     PerSampleLayers,
@@ -156,11 +158,41 @@ class LayerGradients:
         self, caps: Dict[str, LayerCapture], projector: RandomProjector, ckpt_idx: int
     ) -> Tensor:
         """``(B, proj_dim)``: each layer's gradients times its rows of the dense matrix, added up."""
+        return self.project_dense_group([caps], projector, ckpt_idx)[0]
+
+    def project_dense_group(
+        self, group: List[Dict[str, LayerCapture]], projector: RandomProjector, ckpt_idx: int
+    ) -> List[Tensor]:
+        """:meth:`project_dense` of several batches' captures, drawing each chunk of the matrix once for all.
+
+        The layers are walked in order and each chunk of the seeded matrix that covers a
+        layer's rows is multiplied with the matching columns of every batch's layer
+        gradients; a linear layer's columns are formed from its factors chunk by chunk,
+        so the working memory is the group's factors of one layer plus one chunk. A
+        chunk beyond the projector's memory budget is drawn once per group, not per batch.
+        """
         if not self.contiguous:
             msg = "a layer's parameters are not contiguous in the flat parameter vector"
             raise LayerBackendUnsupported(msg)
-        slices = ((self.starts[n], caps[n].per_sample_grads()) for n in self.layers)
-        return projector.project_slices(slices, self.num_params, ckpt_idx)
+        if projector.proj_type == "identity":
+            return [self.flat(caps) for caps in group]
+        outs: List[Optional[Tensor]] = [None] * len(group)
+        rows_per_chunk = projector.chunk_rows
+        for name in self.layers:
+            sources = [_Columns(caps[name]) for caps in group]
+            start, stop = self.starts[name], self.starts[name] + sources[0].size
+            for idx in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+                lo = idx * rows_per_chunk
+                device = projector._device_for(sources[0].like)
+                chunk = projector._chunk_of(ckpt_idx, idx, self.num_params, device)
+                a, b = max(start, lo), min(stop, lo + chunk.shape[0])
+                rows = chunk[a - lo : b - lo]
+                for i, source in enumerate(sources):
+                    cols = source.columns(a - start, b - start).to(device=device, dtype=projector.dtype)
+                    part = (cols @ rows).float()
+                    outs[i] = part if outs[i] is None else outs[i] + part
+        scale = math.sqrt(projector.proj_dim)
+        return [o.div_(scale) for o in outs if o is not None]
 
     def feature_dim(self, projector: Any) -> int:
         """Width of the projected features (before any gradient is computed)."""
@@ -176,9 +208,59 @@ class LayerGradients:
         return projector.proj_dim
 
 
+class _Columns:
+    """Column ranges of one layer's ``(B, P_layer)`` per-sample gradients (the flat layout), formed on demand.
+
+    A linear layer's weight columns ``[s, e)`` are rows of ``G = sum_t d_t a_t^T`` and come
+    from the factors (only the output rows spanned); other layers are materialised once.
+    """
+
+    def __init__(self, cap: LayerCapture) -> None:
+        self.cap = cap
+        self.size = sum(int(p.numel()) for p in cap.module.parameters(recurse=False) if p.requires_grad)
+        self._full: Optional[Tensor] = None
+        self._factors: Optional[Tuple[Tensor, Tensor]] = None
+        self.like = cap.inputs[0][0] if cap.inputs[0][0].is_floating_point() else cap.outgrads[0][0]
+
+    def columns(self, s: int, e: int) -> Tensor:
+        cap = self.cap
+        if cap.kind != LINEAR:
+            if self._full is None:
+                self._full = cap.per_sample_grads()
+            return self._full[:, s:e]
+        if self._factors is None:
+            self._factors = cap.factors()
+        a, d = self._factors
+        in_w = a.shape[-1] - int(cap.has_bias)
+        weight = int(cap.module.weight.numel())
+        parts = []
+        if s < weight:
+            w_end = min(e, weight)
+            o0, o1 = s // in_w, -(-w_end // in_w)
+            block = torch.einsum("bto,bti->boi", d[:, :, o0:o1], a[:, :, :in_w]).reshape(a.shape[0], -1)
+            parts.append(block[:, s - o0 * in_w : w_end - o0 * in_w])
+        if e > weight:
+            parts.append(d.sum(dim=1)[:, max(s, weight) - weight : e - weight])
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if cap.offset is not None:
+            out = out + cap.offset[s:e].to(out.dtype)
+        return out
+
+
 def _to(batch: Any, device: str) -> Any:
     moved = map_tensors(lambda t: t.to(device), batch)
     return tuple(moved) if isinstance(moved, list) else moved
+
+
+def capture_bytes(caps: Dict[str, LayerCapture]) -> int:
+    """Memory held by a batch's captures (layer inputs and output gradients)."""
+    total = 0
+    for cap in caps.values():
+        for xs in cap.inputs:
+            total += sum(x.numel() * x.element_size() for x in xs)
+        for ds in cap.outgrads:
+            total += sum(d.numel() * d.element_size() for d in ds if d is not None)
+    return total
 
 
 def _cast(cap: LayerCapture, dtype: torch.dtype) -> None:

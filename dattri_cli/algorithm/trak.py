@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from dattri_cli import distributed
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
 from dattri_cli.algorithm.grad_backend import (
     LayerGradients,
+    capture_bytes,
     check_backend,
     choose_backend,
     first_batch,
@@ -61,6 +62,9 @@ from dattri_cli.task import AttributionTask
 #: warns: the projected gradients barely span some direction, and the scores are then
 #: dominated by it (measurements on digits: docs/benchmarks.md, "TRAK kernel conditioning").
 ILL_CONDITIONED_PIVOT = 1e-4
+#: Bytes of layer captures (inputs and output gradients) buffered before a dense per-layer
+#: projection: each chunk of the random matrix is drawn once per such group of batches.
+LAYER_BUFFER_BYTES = 1024 * 2**20
 
 
 @dataclass
@@ -184,6 +188,8 @@ class TRAKAttributor(Attributor):
             self.projector.dtype = self.dtype
         self._layers: Optional[LayerGradients] = None
         self._backend_chosen = False
+        #: captures held before a dense per-layer projection of the group (the layers backend)
+        self.layer_buffer_bytes = LAYER_BUFFER_BYTES
         num_params = sum(p.numel() for p in task.get_model().parameters() if p.requires_grad)
         self.norm_scaler = math.sqrt(num_params)
         self.full_train_dataloader: Optional[DataLoader] = None
@@ -226,18 +232,54 @@ class TRAKAttributor(Attributor):
             self._backend_chosen = True
         return self._layers
 
-    def _layer_features(self, ckpt_idx: int, batch: Any, target: bool) -> Tensor:
-        """Projected per-sample gradients of one batch from the layers, divided by ``sqrt(P)``."""
+    def _project_captures(self, caps: Dict[str, Any], ckpt_idx: int) -> Tensor:
+        """Kronecker or identity features of one batch's captures (unscaled)."""
+        assert self._layers is not None
+        if isinstance(self.projector, KroneckerProjector):
+            return self.projector.project(caps, ckpt_idx).float()
+        return self._layers.flat(caps)
+
+    def _layer_stream(
+        self, ckpt_idx: int, entries: Iterable[Tuple[Any, Optional[Any]]], target: bool
+    ) -> Iterator[Tuple[Any, Optional[Tensor]]]:
+        """``(key, features / sqrt(P))`` for ``(key, batch)`` entries in order (``None`` batches pass as None).
+
+        A dense projection holds several batches' captures (up to ``layer_buffer_bytes``)
+        and projects them together, so each chunk of the random matrix is drawn once per
+        group of batches rather than once per batch.
+        """
         layers = self._layers
         assert layers is not None
-        caps = layers.captures(ckpt_idx, batch, target)
-        if isinstance(self.projector, KroneckerProjector):
-            projected = self.projector.project(caps, ckpt_idx).float()
-        elif self.projector.proj_type == "identity":
-            projected = layers.flat(caps)
-        else:
-            projected = layers.project_dense(caps, self.projector, ckpt_idx)
-        return projected / self.norm_scaler
+        dense = not isinstance(self.projector, KroneckerProjector) and self.projector.proj_type != "identity"
+        pending: List[Tuple[Any, Any]] = []
+        held = 0
+
+        def flush() -> Iterator[Tuple[Any, Optional[Tensor]]]:
+            group = [item for _, item in pending if isinstance(item, dict)]
+            projected = (
+                iter(layers.project_dense_group(group, self.projector, ckpt_idx)) if group else iter(())
+            )
+            for key, item in pending:
+                if isinstance(item, dict):
+                    yield key, next(projected) / self.norm_scaler
+                else:
+                    yield key, item
+            pending.clear()
+
+        for key, batch in entries:
+            if batch is None:
+                pending.append((key, None))
+            else:
+                caps = layers.captures(ckpt_idx, batch, target)
+                if dense:
+                    pending.append((key, caps))
+                    held += capture_bytes(caps)
+                else:
+                    pending.append((key, self._project_captures(caps, ckpt_idx) / self.norm_scaler))
+            if not dense or held >= self.layer_buffer_bytes:
+                yield from flush()
+                held = 0
+        yield from flush()
 
     def feature_dim(self) -> int:
         """Width of the projected features, known before any gradient is computed."""
@@ -255,9 +297,8 @@ class TRAKAttributor(Attributor):
         side = "test" if target else "train"
         batches = track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
         if self._layers is not None:
-            return torch.cat(
-                [self._checked(self._layer_features(ckpt_idx, b, target), side) for b in batches]
-            )
+            stream = self._layer_stream(ckpt_idx, ((None, b) for b in batches), target)
+            return torch.cat([self._checked(rows, side) for _, rows in stream])
         params, grad_func = self._grad_setup(ckpt_idx, target)
         items = ((None, self._grads(params, grad_func, batch)) for batch in batches)
         return torch.cat(
@@ -287,13 +328,17 @@ class TRAKAttributor(Attributor):
         place in the projection stream, so blocks still come out in batch order.
         """
         row = self.train_row_offset
-        if self._layers is not None:  # projected per batch already: no stream to fill
-            for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
-                n = batch_size_of(batch)
-                stored = store.lookup(block_name(row, row + n))
-                projected = self._layer_features(ckpt_idx, batch, target=False) if stored is None else None
-                yield (batch, row, stored), projected
-                row += n
+        if self._layers is not None:  # projected by the layers, several batches at a time
+
+            def entries() -> Iterator[Tuple[Tuple[Any, int, Optional[Tensor]], Optional[Any]]]:
+                row = self.train_row_offset
+                for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
+                    n = batch_size_of(batch)
+                    stored = store.lookup(block_name(row, row + n))
+                    yield (batch, row, stored), (batch if stored is None else None)
+                    row += n
+
+            yield from self._layer_stream(ckpt_idx, entries(), target=False)
             return
         params, grad_func = self._grad_setup(ckpt_idx, target=False)
         for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):

@@ -304,3 +304,24 @@ def test_feature_cache_skips_unprojected_gradients_over_the_limit(tmp_path, capl
     # projected gradients are small: kept whatever the limit
     _, written = _cached_run(tmp_path / "c", limit_gb=1e-9, projector_kwargs={"proj_dim": 4})
     assert written == 3
+
+
+@pytest.mark.parametrize("buffer_bytes", [0, 2**30])
+def test_trak_dense_layers_with_small_chunks_and_groups_equal_func(buffer_bytes: int) -> None:
+    """Chunks of 5 matrix rows cut through every layer (and a linear layer's output rows); batches
+    are projected alone (buffer 0) or all together: the features equal torch.func's."""
+    features = {}
+    for backend in ("func", "layers"):
+        task, model, (train, _, sample_ndim) = _setup("cnn")
+        attributor = TRAKAttributor(
+            task,
+            correct_probability(model, sample_ndim),
+            projector_kwargs={"proj_dim": 8, "proj_seed": 5},
+            regularization=1e-2,
+            grad_backend=backend,
+        )
+        attributor.projector.chunk_rows = 5
+        attributor.layer_buffer_bytes = buffer_bytes
+        attributor.cache(_loader(train, 4))
+        features[backend] = attributor.train_side.features[0].dense()
+    torch.testing.assert_close(features["layers"], features["func"], rtol=1e-4, atol=1e-6)
