@@ -681,6 +681,7 @@ class PerSampleLayers:
         self.kinds = {n: layer_kind(m) or FALLBACK for n, m in self.modules.items()}
         self.param_names = module_param_names(model, self.layers)
         self._state: Optional[Dict[str, object]] = None
+        self._shapes: Dict[Tuple, Tuple[Dict, Dict, Callable]] = {}
 
     # -- hooks ---------------------------------------------------------------------------
     def _hook(self, name: str) -> Callable:
@@ -762,14 +763,18 @@ class PerSampleLayers:
         ``params`` are the parameters ``func`` is called with (not differentiated);
         ``direct`` the offsets from :meth:`direct_gradient`.
         """
-        from dattri_cli.func.batch import batch_size_of, index_batch  # noqa: PLC0415
+        from dattri_cli.func.batch import batch_size_of, index_batch, tensor_leaves  # noqa: PLC0415
 
         size = batch_size_of(batch)
-        first = index_batch(batch, 0)
-        state: Dict[str, object] = {"mode": "probe", "uses": {}, "shapes": {}, "in_dims": {}}
-        with torch.no_grad():
-            self._run(state, lambda: func(params, first))
-        shapes, in_dims = state["shapes"], state["in_dims"]
+        # the layers' per-sample output shapes, probed on one sample per new sample shape
+        key = (id(func), tuple((tuple(t.shape[1:]), t.dtype) for t in tensor_leaves(batch)))
+        if key not in self._shapes:
+            first = index_batch(batch, 0)
+            state: Dict[str, object] = {"mode": "probe", "uses": {}, "shapes": {}, "in_dims": {}}
+            with torch.no_grad():
+                self._run(state, lambda: func(params, first))
+            self._shapes = {key: (state["shapes"], state["in_dims"], func)}  # func held: its id stays unique
+        shapes, in_dims, _ = self._shapes[key]
         missing = [n for n in self.layers if n not in shapes]
         if missing:
             msg = f"modules {missing[:3]} were not called by the loss function (does it call the model?)"
