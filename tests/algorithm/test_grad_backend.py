@@ -325,3 +325,17 @@ def test_trak_dense_layers_with_small_chunks_and_groups_equal_func(buffer_bytes:
         attributor.cache(_loader(train, 4))
         features[backend] = attributor.train_side.features[0].dense()
     torch.testing.assert_close(features["layers"], features["func"], rtol=1e-4, atol=1e-6)
+
+
+def test_layer_name_selecting_whole_modules_works_with_layers() -> None:
+    task, _, (train, test, _) = _setup("mlp")
+    names = ["fc2.weight", "fc2.bias"]
+    out = {}
+    for backend in ("func", "layers"):
+        attributor = TracInAttributor(task, [1.0], True, layer_name=names, grad_backend=backend)
+        out[backend] = attributor.attribute(_loader(train, 4), _loader(test, 3))
+    torch.testing.assert_close(out["layers"], out["func"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="only some parameters"):
+        TracInAttributor(task, [1.0], False, layer_name=["fc2.weight"], grad_backend="layers").attribute(
+            _loader(train, 4), _loader(test, 3)
+        )
