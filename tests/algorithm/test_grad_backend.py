@@ -339,3 +339,36 @@ def test_layer_name_selecting_whole_modules_works_with_layers() -> None:
         TracInAttributor(task, [1.0], False, layer_name=["fc2.weight"], grad_backend="layers").attribute(
             _loader(train, 4), _loader(test, 3)
         )
+
+
+def test_cli_runs_default_auto_byte_identical_to_func_and_layers_close(small_run) -> None:
+    """Through the pipeline: the default (auto) keeps the torch.func numbers on the small MLP; the
+    layers backend and a Kronecker TRAK run from the command-line keys."""
+    from dattri_cli import pipeline  # noqa: PLC0415 - the whole CLI stack, only for this test
+
+    auto = pipeline.run(small_run("attributor=grad_dot", "feature_cache=false", out="a.safetensors"))
+    func = pipeline.run(
+        small_run(
+            "attributor=grad_dot", "attributor.grad_backend=func", "feature_cache=false", out="f.safetensors"
+        )
+    )
+    layers = pipeline.run(
+        small_run(
+            "attributor=grad_dot",
+            "attributor.grad_backend=layers",
+            "feature_cache=false",
+            out="l.safetensors",
+        )
+    )
+    assert torch.equal(auto.scores, func.scores)
+    torch.testing.assert_close(layers.scores, func.scores, rtol=1e-4, atol=1e-5)
+    kron = pipeline.run(
+        small_run(
+            "attributor=trak",
+            "attributor.projector_kwargs.proj_type=kronecker",
+            "attributor.projector_kwargs.proj_dim=16",
+            "feature_cache=false",
+            out="k.safetensors",
+        )
+    )
+    assert kron.scores.shape == func.scores.shape and bool(torch.isfinite(kron.scores).all())
