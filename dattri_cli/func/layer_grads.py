@@ -162,6 +162,25 @@ class LayerCapture:
             return a_parts[0], d_parts[0]
         return torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)
 
+    def factor_shape(self) -> Tuple[int, int, int, int]:
+        """``(B, T, in[+1], out)`` of a linear (or convolution) layer's factors, without unfolding anything."""
+        if self.kind != LINEAR:
+            msg = f"factor_shape is for linear and convolution layers, not {self.kind}"
+            raise ValueError(msg)
+        weight = self.module.weight
+        k_in = int(weight[0].numel()) + int(self.has_bias)
+        k_out = int(weight.shape[0])
+        positions = 0
+        for grads in self.outgrads:
+            d = _first_grad(grads)
+            if isinstance(self.module, nn.Conv2d):
+                positions += int(d[0].numel()) // k_out  # rows of d are (out, H', W') per call row
+            else:
+                positions += int(d.numel()) // (int(d.shape[0]) * k_out)
+        batch = self.batch_size
+        rows_per_sample = int(_first_grad(self.outgrads[0]).shape[0]) // max(1, batch)
+        return batch, positions * rows_per_sample, k_in, k_out
+
     def per_sample_grads(self) -> Tensor:
         """``(B, P_layer)``: the materialised per-sample gradient of this layer's parameters.
 
@@ -427,7 +446,11 @@ def capture_batches(
 def _factored_cost(a: Tensor, d: Tensor, b2: int, t2: int) -> Tuple[float, float]:
     """Multiply-adds of the factored and the materialised inner products for one layer."""
     b1, t1, k_in = a.shape
-    k_out = d.shape[-1]
+    return _factored_cost_from(b1, t1, k_in, d.shape[-1], b2, t2)
+
+
+def _factored_cost_from(b1: int, t1: int, k_in: int, k_out: int, b2: int, t2: int) -> Tuple[float, float]:
+    """:func:`_factored_cost` from the sizes alone."""
     factored = float(b1) * b2 * t1 * t2 * (k_in + k_out)
     materialised = float(b1 * t1 + b2 * t2) * k_in * k_out + float(b1) * b2 * k_in * k_out
     return factored, materialised
@@ -470,13 +493,21 @@ def layer_inner_products(
 
     if left.kind in (LAYERNORM, BATCHNORM, FALLBACK):
         return left.per_sample_grads() @ right_grads().T
-    a1, d1 = left.factors()
-    a2, d2 = right.factors()
-    if method == "auto" and left.kind == LINEAR:
-        factored, materialised = _factored_cost(a1, d1, a2.shape[0], a2.shape[1])
+    if method == "auto" and left.kind == LINEAR:  # decided from the shapes, before any unfolding
+        b1, t1, k_in, k_out = left.factor_shape()
+        b2, t2, _, _ = right.factor_shape()
+        factored, materialised = _factored_cost_from(b1, t1, k_in, k_out, b2, t2)
         method = "factored" if factored <= materialised else "materialised"
     if method == "materialised":
         return left.per_sample_grads() @ right_grads().T
+    a1, d1 = left.factors()
+    if right_cache is None:
+        a2, d2 = right.factors()
+    else:  # a fixed right side: its factors (unfolded patches) are formed once
+        key = f"{right.name}/factors"
+        if key not in right_cache:
+            right_cache[key] = right.factors()
+        a2, d2 = right_cache[key]
     rows = []
     for start in range(0, a1.shape[0], max(1, chunk)):
         ac, dc = a1[start : start + chunk], d1[start : start + chunk]
