@@ -372,3 +372,13 @@ def test_cli_runs_default_auto_byte_identical_to_func_and_layers_close(small_run
         )
     )
     assert kron.scores.shape == func.scores.shape and bool(torch.isfinite(kron.scores).all())
+
+
+@pytest.mark.parametrize("backend", ["func", "layers"])
+def test_bfloat16_projections_stay_close_and_accumulate_in_float32(backend: str) -> None:
+    proj = {"proj_dim": 32, "proj_seed": 1}
+    exact = _tracin("cnn", backend, False, projector_kwargs=proj)
+    half = _tracin("cnn", backend, False, projector_kwargs=proj, dtype="bfloat16", allow_cpu_half=True)
+    assert half.dtype == torch.float32
+    assert not torch.equal(half, exact)  # the half precision took part
+    assert float((half - exact).abs().max() / exact.abs().max()) < 5e-2
