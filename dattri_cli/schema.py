@@ -438,6 +438,9 @@ ATTRIBUTOR_RULES: Dict[str, Rule] = {
     "layer_name": _LAYERS,
     "module_name": _LAYERS,
     "projector_kwargs": Mapping_(nullable=True),
+    "grad_backend": Choice("auto", "func", "layers"),
+    "dtype": Choice("float32", "bfloat16", "float16"),
+    "feature_cache_max_gb": Float(0.0, MAX_ABS),
 }
 GROUP_RULES = {"dataset": DATASET_RULES, "model": MODEL_RULES, "attributor": ATTRIBUTOR_RULES}
 
