@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence
 
 import yaml
 
-GROUPS = ("attributor", "dataset", "model", "train")
+GROUPS = ("attributor", "dataset", "model", "task", "train")
 
 
 def _first_comment(text: str) -> str:

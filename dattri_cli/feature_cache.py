@@ -39,6 +39,31 @@ log = logging.getLogger("dattri_cli")
 KEY_FILE = "key.json"
 #: Test hook: after this many blocks written by this process, SIGKILL ourselves.
 KILL_ENV = "DATTRI_TEST_KILL_AFTER_BLOCKS"
+#: Default most GiB of unprojected per-sample gradients an attributor keeps in the cache.
+DEFAULT_MAX_STORE_GB = 2.0
+
+
+def store_fits(
+    nbytes: int, limit_gb: float, setting: str, log_once: Callable[[], bool] = lambda: True
+) -> bool:
+    """Whether ``nbytes`` of blocks may be kept under a limit of ``limit_gb`` GiB (``setting`` names it).
+
+    When they may not, one log line (if ``log_once()`` says so) gives the size, the
+    limit and how to raise it; the blocks are then computed and not kept.
+    """
+    limit = float(limit_gb) * 2**30
+    if nbytes <= limit:
+        return True
+    if log_once():
+        log.warning(
+            "feature cache: not keeping these training gradients (%.1f GiB > %s=%g GiB); raise "
+            "attributor.%s, or project them (attributor.projector_kwargs.proj_dim=...), to keep them",
+            nbytes / 2**30,
+            setting,
+            limit_gb,
+            setting,
+        )
+    return False
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
@@ -200,4 +225,13 @@ def train_fingerprint(x_train: Tensor, y_train: Tensor, train_indices: Tensor) -
     return data_fingerprint((x_train, y_train, train_indices), with_layout=True)
 
 
-__all__ = ["KILL_ENV", "BlockStore", "block_name", "cache_key", "tensor_sha256", "train_fingerprint"]
+__all__ = [
+    "DEFAULT_MAX_STORE_GB",
+    "KILL_ENV",
+    "BlockStore",
+    "store_fits",
+    "block_name",
+    "cache_key",
+    "tensor_sha256",
+    "train_fingerprint",
+]

@@ -34,6 +34,7 @@ from torch import Tensor
 
 import dattri_cli
 from dattri_cli import builders, progress
+from dattri_cli.data import Split
 from dattri_cli.errors import ConfigError, DattriError
 from dattri_cli.io import atomic_write, check_writable, read_tensor_file, write_tensor_file
 
@@ -277,6 +278,12 @@ def generate(cfg: Mapping[str, Any], settings: GroundTruthSettings) -> Optional[
     out = Path(settings.out).expanduser()
     check_writable(out, overwrite=bool(resolved.get("overwrite", True)))
     split, flips = builders.build_split_and_flips(resolved)
+    if builders.task_name(resolved) != builders.DEFAULT_TASK or not isinstance(split, Split):
+        msg = (
+            "dattri groundtruth retrains on in-memory (x, y) data with task=classification; "
+            f"task={builders.task_name(resolved)} on {type(split).__name__} is not supported yet"
+        )
+        raise ConfigError(msg)
     n_train = int(split.y_train.shape[0])
     settings.check(n_train)
     subsets = draw_subsets(n_train, settings)

@@ -56,3 +56,20 @@ def tensor_sha256(tensor: Tensor) -> str:
 
 
 __all__ = ["data_fingerprint", "file_sha256", "json_sha256", "tensor_sha256"]
+
+
+def tree_sha256(path: Path | str) -> str:
+    """SHA-256 of a file, or of a directory's files (a Hugging Face model folder): sorted relative names and contents.
+
+    Hidden entries (``.cache``, ``.git``) are left out, so reading a folder does not change its hash.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        digest.update(f"{rel.as_posix()}\0{file_sha256(file)}\0".encode())
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from dattri_cli import builders, distributed, io, memory, progress, runner, schema
 from dattri_cli.builders import NON_RESULT_KEYS
-from dattri_cli.data import Split
+from dattri_cli.data.protocol import n_test, n_train
 from dattri_cli.errors import ConfigError
 from dattri_cli.models.train import TrainSettings
 
@@ -114,22 +114,27 @@ def run(
         model = build_model()
         settings = TrainSettings(**resolved["train"])
         attributor_cfg, run_opts = builders.split_runner(resolved["attributor"])
-        memory.guard(
-            resolved, attributor_cfg, model, split
-        )  # refuse what cannot fit; may lower default batches
+        # refuse what cannot fit, before training or loading checkpoints; may lower default batch sizes
+        memory.guard(resolved, attributor_cfg, model, split)
 
     with _timed(timings, "checkpoints_s"):
-        all_ckpts = builders.acquire_checkpoints(resolved, build_model, split, settings, seed, setup.rank)
+        objective = builders.training_objective(resolved, split)
+        all_ckpts = builders.acquire_checkpoints(
+            resolved, build_model, split, settings, seed, setup.rank, objective
+        )
         checkpoints = builders.select_checkpoints(all_ckpts, run_opts.get("checkpoints", "final"))
 
-    task = builders.build_task(model, checkpoints, settings, split)
-    attributor = builders.build_attributor(attributor_cfg, run_opts, task, checkpoints, split, setup.device)
+    functions, loss_record = builders.task_functions(resolved, model, split, settings)
+    task = builders.build_task(
+        model, checkpoints, settings, split, functions, resolved.get("checkpoint_prefix")
+    )
+    attributor = builders.build_attributor(
+        attributor_cfg, run_opts, task, checkpoints, split, setup.device, functions
+    )
     loader_cfg = resolved["loader"]
     loaders = split.loaders(loader_cfg["train_batch_size"], loader_cfg["test_batch_size"])
     batch_size = int(loader_cfg["train_batch_size"])
-    plan = runner.plan_rows(
-        resolved.get("shard"), split.x_train.shape[0], batch_size, setup.rank, setup.world
-    )
+    plan = runner.plan_rows(resolved.get("shard"), n_train(split), batch_size, setup.rank, setup.world)
     hashes = builders.checkpoint_hashes(checkpoints)
     param_dtype = task.get_param(0)[0].dtype
     store_stats: Dict[str, Any] = {}
@@ -142,6 +147,11 @@ def run(
             param_dtype,
             setup.device,
             store_stats,
+            {
+                "task": resolved.get("task"),
+                "weight_decay": loss_record["weight_decay"],
+                "checkpoint_prefix": resolved.get("checkpoint_prefix"),
+            },
         )
 
     torch.manual_seed(seed)
@@ -149,7 +159,7 @@ def run(
         setup.rows_per_file,
         plan,
         batch_size,
-        int(split.test_indices.numel()),
+        n_test(split),
         runner.score_bytes(attributor, param_dtype),
         runner.available_memory(),
     )
@@ -157,6 +167,8 @@ def run(
         for block in blocks:  # before any heavy work
             io.check_writable(io.shard_path(setup.out, block.index, block.count), overwrite=setup.overwrite)
     make_metadata = functools.partial(
+        _with_loss_record,
+        loss_record,
         io.score_metadata,
         builders.result_config(resolved),
         builders.config_hash(resolved),
@@ -180,9 +192,14 @@ def run(
     )
 
 
+def _with_loss_record(record: Dict[str, Any], make: Any, *args: Any) -> Dict[str, Any]:
+    """The score metadata plus ``loss``: the task and the L2 term used, and why."""
+    return {**make(*args), "loss": dict(record)}
+
+
 def _score_and_write(
     attributor: Any,
-    split: Split,
+    split: Any,
     loaders: Any,
     plan: runner.RowPlan,
     blocks: List[runner.RowPlan],

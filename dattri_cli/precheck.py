@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from dattri_cli import catalog
 from dattri_cli.errors import ConfigError
-from dattri_cli.schema import GROUPS, TOP_KEYS, closest, validate_run, yaml_value
+from dattri_cli.schema import GROUPS, OPTIONAL_GROUPS, TOP_KEYS, closest, validate_run, yaml_value
 
 _LEAVE_TO_HYDRA = {
     "-cp",
@@ -33,6 +33,8 @@ _LEAVE_TO_HYDRA = {
     "--shell-completion",
 }
 _CONFIG_DIR = {"-cd", "--config-dir"}
+#: a user config group of whole-run presets (``# @package _global_``): ``--config-dir DIR +experiment=NAME``
+EXPERIMENT_GROUP = "experiment"
 _WITH_VALUE = {"-c", "--cfg", "-p", "--package"} | _CONFIG_DIR
 _SHOW_ONLY = {"-c", "--cfg", "-p", "--package", "--resolve"}
 _MULTIRUN = {"-m", "--multirun"}
@@ -91,12 +93,21 @@ def check_keys(overrides: Sequence[str], extra_path: Sequence[str] = (), sweep: 
         head = re.split(r"[./@]", key, maxsplit=1)[0]
         if head == "hydra" or not key:
             continue
+        if key == EXPERIMENT_GROUP and prefix in ("+", "++") and not sweep:
+            available = catalog.options(key, extra_path)
+            if value not in available:
+                where = "your config dirs" if extra_path else "no --config-dir / hydra.searchpath given"
+                msg = (
+                    f"unknown experiment {value!r} ({where}); choose one of: {', '.join(available) or 'none'}"
+                )
+                raise ConfigError(msg)
+            continue
         if head not in TOP_KEYS:
             best = closest(head, TOP_KEYS)
             hint = f"did you mean {best}?" if best else "see `dattri run --cfg job` for the keys"
             msg = f"unknown key {head!r} in {override!r}; {hint} (top-level keys: {', '.join(TOP_KEYS)})"
             raise ConfigError(msg)
-        if key in GROUPS and prefix != "~":
+        if key in GROUPS + OPTIONAL_GROUPS and prefix != "~":
             available = catalog.options(key, extra_path)
             options = value.split(",") if sweep else [value]
             for option in options:
@@ -126,7 +137,9 @@ def _missing_key_hint(key: str, overrides: Sequence[str]) -> str:
     from omegaconf import DictConfig  # noqa: PLC0415
 
     choices = [
-        o for o in overrides if _split_override(o)[1] in GROUPS or _split_override(o)[1] == "hydra.searchpath"
+        o
+        for o in overrides
+        if _split_override(o)[1] in GROUPS + OPTIONAL_GROUPS or _split_override(o)[1] == "hydra.searchpath"
     ]
     try:
         node: Any = _compose(choices)

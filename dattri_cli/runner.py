@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
 from dattri_cli.algorithm.base import Attributor, TestSideMemo, TrainRows
-from dattri_cli.data import Split
+from dattri_cli.data import protocol
 from dattri_cli.errors import ConfigError
 
 log = logging.getLogger("dattri_cli")
@@ -99,10 +99,9 @@ def plan_rows(
     return RowPlan(int(index), count, start, stop, n_train, "shard")
 
 
-def row_loader(split: Split, start: int, stop: int, batch_size: int) -> DataLoader:
-    """An unshuffled loader over train rows ``[start, stop)``, batched like the full one."""
-    data = TensorDataset(split.x_train[start:stop], split.y_train[start:stop])
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
+def row_loader(split: Any, start: int, stop: int, batch_size: int) -> DataLoader:
+    """An unshuffled loader over train rows ``[start, stop)``, batched like the full one (any split type)."""
+    return protocol.row_loader(split, start, stop, batch_size)
 
 
 # -- several score files from one run -----------------------------------------------------
@@ -287,7 +286,7 @@ def score(
 
 def score_blocks(
     attributor: Attributor,
-    split: Split,
+    split: Any,
     loaders: Tuple[DataLoader, DataLoader],
     plan: RowPlan,
     blocks: List[RowPlan],

@@ -299,6 +299,23 @@ def _check_shard(key: str, node: MutableMapping[str, Any]) -> None:  # noqa: ARG
         raise ConfigError(msg)
 
 
+def _check_task(key: str, node: MutableMapping[str, Any]) -> None:  # noqa: ARG001
+    """``task.loss`` / ``target`` / ``correct_probability`` belong to ``task=custom`` only."""
+    name = node.get("name", "classification")
+    given = [k for k in ("loss", "target", "correct_probability") if node.get(k) is not None]
+    if name != "custom" and given:
+        msg = (
+            f"task.{given[0]} is for task=custom; task={name} has its own loss (remove it or use task=custom)"
+        )
+        raise ConfigError(msg)
+    loss = node.get("loss")
+    if name == "custom" and (not isinstance(loss, Mapping) or loss.get("_target_") in (None, "", "???")):
+        msg = (
+            "task=custom needs task.loss._target_=mypkg.make_loss (a factory f(model) -> loss(params, data))"
+        )
+        raise ConfigError(msg)
+
+
 TRAIN = Node(
     {
         "epochs": Int(1),
@@ -345,8 +362,23 @@ TOP = {
         }
     ),
     "loader": Node({"train_batch_size": Int(1), "test_batch_size": Int(1)}),
+    "checkpoint_prefix": Str(nullable=True, nonempty=False),
+    "task": Node(
+        {
+            "name": Choice("classification", "regression", "causal_lm", "model_loss", "custom"),
+            "weight_decay": Float(0.0, 100.0, nullable=True),
+            "vmap_masks": Bool(nullable=True),
+            "ignore_index": Int(),
+            "loss": Mapping_(nullable=True),
+            "target": Mapping_(nullable=True),
+            "correct_probability": Mapping_(nullable=True),
+        },
+        _check_task,
+    ),
 }
 GROUPS = ("dataset", "model", "train", "attributor")
+#: config groups a run config may lack (a mapping built without it runs as task=classification)
+OPTIONAL_GROUPS = ("task",)
 TOP_KEYS = tuple(GROUPS) + tuple(TOP)
 
 # ranges for constructor arguments known by name (any target that takes them)
@@ -361,18 +393,26 @@ DATASET_RULES: Dict[str, Rule] = {
     "class_sep": Float(0.0, MAX_ABS),
     "path": Str(),
     "test_path": Str(nullable=True),
-    "label_column": Str(),
+    "label_column": Str(nullable=True),
+    "image_size": AnyOf(Int(1), ListOf(Int(1)), nullable=True, text="a positive integer or [height, width]"),
+    "max_length": Int(1),
+    # a dotted path to f(list of samples) -> batch, for a _target_ returning a torch Dataset
+    "collate_fn": Str(nullable=True),
     # read by the pipeline for every dataset, never passed to the builder
     "label_noise": Float(0.0, 1.0, open_high=True),
     "label_noise_seed": Int(0),
 }
 PIPELINE_DATASET_KEYS = ("label_noise", "label_noise_seed")
+#: keys the pipeline applies itself when a dataset _target_ returns a plain torch Dataset
+DATASET_SPLIT_KEYS = ("collate_fn", "n_train", "n_test", "split_seed")
 MODEL_RULES: Dict[str, Rule] = {
     "in_features": Int(1, nullable=True),
-    "num_classes": Int(2, nullable=True),
+    "num_classes": Int(1, nullable=True),  # 1: one regression output
     "hidden": ListOf(Int(1)),
     "channels": Int(1),
-    "image_size": Int(1, nullable=True),
+    "image_size": AnyOf(Int(1), ListOf(Int(1)), nullable=True, text="a positive integer or [height, width]"),
+    "in_channels": Int(1),
+    "head": Choice("sequence_classification", "causal_lm", "image_classification"),
 }
 _LAYERS = AnyOf(Str(), ListOf(Str()), nullable=True, text="a layer name or a list of layer names")
 ATTRIBUTOR_RULES: Dict[str, Rule] = {
@@ -399,6 +439,9 @@ ATTRIBUTOR_RULES: Dict[str, Rule] = {
     "layer_name": _LAYERS,
     "module_name": _LAYERS,
     "projector_kwargs": Mapping_(nullable=True),
+    "grad_backend": Choice("auto", "func", "layers"),
+    "dtype": Choice("float32", "bfloat16", "float16"),
+    "feature_cache_max_gb": Float(0.0, MAX_ABS),
 }
 GROUP_RULES = {"dataset": DATASET_RULES, "model": MODEL_RULES, "attributor": ATTRIBUTOR_RULES}
 
@@ -477,7 +520,7 @@ def _check_target_node(group: str, node: MutableMapping[str, Any]) -> None:
         node[RUNNER_KEY] = RUNNER.check(f"{group}.{RUNNER_KEY}", node[RUNNER_KEY])
     target = resolve_target(node, group)
     params, takes_any, hints = target_parameters(target)
-    extra = PIPELINE_DATASET_KEYS if group == "dataset" else ()
+    extra = PIPELINE_DATASET_KEYS + DATASET_SPLIT_KEYS if group == "dataset" else ()
     given = [k for k in node if k not in _HYDRA_KEYS and not (group == "attributor" and k == RUNNER_KEY)]
     if not takes_any:
         accepted = list(params) + list(extra)

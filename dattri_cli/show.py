@@ -7,12 +7,11 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from dattri_cli.data import Split
 from dattri_cli.errors import DattriError
 from dattri_cli.io import (
     SCORES,
@@ -25,6 +24,9 @@ from dattri_cli.io import (
     score_set_source,
 )
 
+if TYPE_CHECKING:
+    from dattri_cli.data.recorded import RecordedData
+
 EXAMPLES = """examples:
   dattri show outputs/2026-11-30/12-00-00_grad_dot_digits_lr/scores.safetensors
   dattri show scores.safetensors --test 0,5,9 --top-k 5
@@ -34,19 +36,21 @@ EXAMPLES = """examples:
 
 @dataclass
 class ScoreFile:
-    """A score file or a set of row-block shards, with its dataset split when it can be rebuilt.
+    """A score file or a set of row-block shards, with its dataset when it can be rebuilt.
 
-    Shard sets stay on disk: columns and statistics are read piece by piece.
+    Shard sets stay on disk: columns and statistics are read piece by piece. ``data``
+    (labels, file names, texts, pictures per row) is ``None`` when the recorded
+    dataset cannot be rebuilt here; ``labels_note`` then says why.
     """
 
     path: Path
     train_indices: Tensor
     test_indices: Tensor
     metadata: Dict[str, Any]
-    split: Optional[Split]
+    data: Optional[RecordedData]
     full: Optional[Tensor] = None  # the whole matrix (single file)
     shards: Optional[ShardedScores] = None  # lazily read row blocks (shard set)
-    labels_note: str = ""  # why ``split`` is None, when labels were asked for
+    labels_note: str = ""  # why ``data`` is None or partial, when labels were asked for
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -73,42 +77,36 @@ def open_score_file(path: Path, with_data: bool = True) -> ScoreFile:
         shards = open_score_set(score_set_source(path))
         meta = shards.metadata
         train_indices = shards.train_indices
-        split, note = _rebuild_split(meta, train_indices, shards.test_indices) if with_data else (None, "")
+        data, note = _rebuild_data(meta, train_indices, shards.test_indices) if with_data else (None, "")
         return ScoreFile(
-            path, train_indices, shards.test_indices, meta, split, shards=shards, labels_note=note
+            path, train_indices, shards.test_indices, meta, data, shards=shards, labels_note=note
         )
     tensors, meta = load_scores(path)
-    split, note = (
-        _rebuild_split(meta, tensors[TRAIN_INDICES], tensors[TEST_INDICES]) if with_data else (None, "")
+    data, note = (
+        _rebuild_data(meta, tensors[TRAIN_INDICES], tensors[TEST_INDICES]) if with_data else (None, "")
     )
     return ScoreFile(
         path,
         tensors[TRAIN_INDICES],
         tensors[TEST_INDICES],
         meta,
-        split,
+        data,
         full=tensors[SCORES],
         labels_note=note,
     )
 
 
-def _rebuild_split(
+def _rebuild_data(
     meta: Dict[str, Any], train_indices: Tensor, test_indices: Tensor
-) -> Tuple[Optional[Split], str]:
-    """The recorded split through our fixed registry of datasets: a score file never runs code.
+) -> Tuple[Optional[RecordedData], str]:
+    """The recorded dataset through our fixed registry of datasets: a score file never runs code.
 
-    Labels are a nicety: a moved data file or an unknown dataset gives ``(None, reason)``
-    and the rest of the output.
+    Labels, file names and texts are a nicety: a moved data folder or an unknown
+    dataset gives ``(None, reason)`` and the rest of the output (indices and scores).
     """
-    from dattri_cli.data.recorded import rebuild_recorded_split  # noqa: PLC0415 - only when labels are wanted
+    from dattri_cli.data.recorded import rebuild_recorded_data  # noqa: PLC0415 - only when labels are wanted
 
-    split, note = rebuild_recorded_split(meta.get("config", {}))
-    if split is not None and not (
-        torch.equal(split.train_indices, train_indices.to(split.train_indices.dtype))
-        and torch.equal(split.test_indices, test_indices.to(split.test_indices.dtype))
-    ):
-        return None, "labels not available for this dataset (the rebuilt split does not match the file)"
-    return split, note
+    return rebuild_recorded_data(meta.get("config", {}), train_indices, test_indices)
 
 
 def parse_test_indices(text: Optional[str], n_test: int) -> List[int]:
@@ -136,8 +134,8 @@ def top_training_samples(sf: ScoreFile, col: int, k: int) -> Dict[str, List[Dict
         out = []
         for row in indices.tolist():
             entry = {"row": row, "dataset_index": int(sf.train_indices[row]), "score": float(column[row])}
-            if sf.split is not None:
-                entry["label"] = int(sf.split.y_train[row])
+            if sf.data is not None:
+                entry.update(sf.data.describe("train", row))
             out.append(entry)
         return out
 
@@ -177,8 +175,8 @@ def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
             "dataset_index": int(sf.test_indices[col]),
             **top_training_samples(sf, col, k),
         }
-        if sf.split is not None:
-            entry["label"] = int(sf.split.y_test[col])
+        if sf.data is not None:
+            entry.update(sf.data.describe("test", col))
         tests.append(entry)
     return {
         "path": str(sf.path),
@@ -195,8 +193,6 @@ def summarize(sf: ScoreFile, cols: List[int], k: int) -> Dict[str, Any]:
 
 
 def _print_rich(summary: Dict[str, Any]) -> None:
-    from rich.table import Table  # noqa: PLC0415
-
     from dattri_cli.console import make_console  # noqa: PLC0415
 
     console = make_console()
@@ -215,19 +211,54 @@ def _print_rich(summary: Dict[str, Any]) -> None:
             f"{st['std'] or 0:.4g}, positive {st['fraction_positive']:.1%}"
         )
     for test in summary["tests"]:
-        label = f", label {test['label']}" if "label" in test else ""
-        table = Table(title=f"test column {test['column']} (dataset index {test['dataset_index']}{label})")
-        for name in ("proponent (helps)", "score", "opponent (hurts)", "score "):
-            table.add_column(name)
+        console.print(_test_table(test))
 
-        def fmt(e: Dict[str, Any]) -> str:
-            return f"row {e['row']} (#{e['dataset_index']}" + (
-                f", label {e['label']})" if "label" in e else ")"
-            )
 
-        for pro, con in zip(test["proponents"], test["opponents"]):
-            table.add_row(fmt(pro), f"{pro['score']:+.4g}", fmt(con), f"{con['score']:+.4g}")
-        console.print(table)
+def label_text(entry: Dict[str, Any]) -> str:
+    """``2 (cat)``, ``0.731`` or ``""``: an entry's label as people read it."""
+    if "label" not in entry:
+        return ""
+    value = entry["label"]
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{text} ({entry['class']})" if "class" in entry else text
+
+
+def sample_text(entry: Dict[str, Any]) -> str:
+    """What identifies a sample to a person: its file (image folders) or its text snippet."""
+    return entry.get("path") or entry.get("text") or ""
+
+
+def _test_table(test: Dict[str, Any]) -> Any:
+    """One rich table per test column: a line per proponent and opponent, strongest first."""
+    from rich.markup import escape  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    entries = test["proponents"] + test["opponents"]
+    has_label = "label" in test or any("label" in e for e in entries)
+    what = "file" if "path" in test else "text" if "text" in test else None
+    title = f"test column {test['column']} (dataset index {test['dataset_index']}"
+    if has_label:
+        title += f", label {label_text(test)}"
+    title += ")"
+    if what is not None:
+        title += f": {sample_text(test)}"
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("rank")
+    table.add_column("score", justify="right")
+    table.add_column("train row (#dataset index)")
+    if has_label:
+        table.add_column("label")
+    if what is not None:
+        table.add_column(what, no_wrap=True, overflow="ellipsis")
+    for kind, group in (("proponent", test["proponents"]), ("opponent", test["opponents"])):
+        for rank, e in enumerate(group, 1):
+            cells = [f"{kind} {rank}", f"{e['score']:+.4g}", f"{e['row']} (#{e['dataset_index']})"]
+            if has_label:
+                cells.append(escape(label_text(e)))
+            if what is not None:
+                cells.append(escape(sample_text(e)))
+            table.add_row(*cells)
+    return table
 
 
 def main(argv: List[str]) -> None:
@@ -246,7 +277,9 @@ def main(argv: List[str]) -> None:
         "--top-k", type=int, default=5, help="proponents/opponents per test column (default 5)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--no-labels", action="store_true", help="do not rebuild the dataset for labels")
+    parser.add_argument(
+        "--no-labels", action="store_true", help="do not rebuild the dataset (labels, files, texts)"
+    )
     args = parser.parse_args(argv)
     sf = open_score_file(args.path, with_data=not args.no_labels)
     if sf.labels_note:

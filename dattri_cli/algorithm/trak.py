@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,7 +32,15 @@ from torch.utils.data import DataLoader
 
 from dattri_cli import distributed
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
-from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, to_device
+from dattri_cli.algorithm.grad_backend import (
+    LayerGradients,
+    capture_bytes,
+    check_backend,
+    choose_backend,
+    first_batch,
+    resolve_dtype,
+)
+from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, num_samples, to_device
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.feature_cache import BlockStore, block_name
 from dattri_cli.func.batch import SAMPLE_IN_DIMS
@@ -44,7 +52,8 @@ from dattri_cli.func.kernel import (  # noqa: F401 - re-exported: their home bef
     KernelSolver,
     factor_kernel,
 )
-from dattri_cli.func.projection import RandomProjector, resolve_projector_kwargs
+from dattri_cli.func.kronecker import KroneckerProjector
+from dattri_cli.func.projection import RandomProjector, resolve_projector_kwargs, result_projector_kwargs
 from dattri_cli.func.utils import per_sample_value
 from dattri_cli.progress import track
 from dattri_cli.task import AttributionTask
@@ -53,6 +62,9 @@ from dattri_cli.task import AttributionTask
 #: warns: the projected gradients barely span some direction, and the scores are then
 #: dominated by it (measurements on digits: docs/benchmarks.md, "TRAK kernel conditioning").
 ILL_CONDITIONED_PIVOT = 1e-4
+#: Bytes of layer captures (inputs and output gradients) buffered before a dense per-layer
+#: projection: each chunk of the random matrix is drawn once per such group of batches.
+LAYER_BUFFER_BYTES = 1024 * 2**20
 
 
 @dataclass
@@ -116,11 +128,14 @@ class TRAKAttributor(Attributor):
     def __init__(
         self,
         task: AttributionTask,
-        correct_probability_func: Callable,
+        correct_probability_func: Optional[Callable],
         projector_kwargs: Optional[Dict[str, Any]] = None,
         layer_name: Optional[Union[str, List[str]]] = None,
         device: str = "cpu",
         regularization: float = 0.0,
+        grad_backend: str = "auto",
+        dtype: str = "float32",
+        allow_cpu_half: bool = False,
     ) -> None:
         """Set up the projector; no gradients are computed here.
 
@@ -129,7 +144,8 @@ class TRAKAttributor(Attributor):
                 called on one sample without a batch dimension, as in dattri.
             correct_probability_func: ``f(params_dict, sample) -> p``, the probability
                 of the correct label of one sample (no batch dimension), vmapped over
-                the batch as in dattri.
+                the batch as in dattri; None weights every sample 1 (tasks without a
+                correct label: regression, language models).
             projector_kwargs: updates to the dattri defaults ``proj_dim=512``,
                 ``proj_max_batch_size=128`` (dattri: 32), ``proj_seed=0``, ``proj_type="normal"``
                 (``"identity"`` disables the projection).
@@ -138,6 +154,14 @@ class TRAKAttributor(Attributor):
             regularization: ridge added to the kernel ``Phi^T Phi`` before it is
                 inverted (as dattri 0.3.0 adds it); makes the kernel invertible for
                 any ``proj_dim`` and data size.
+            grad_backend: ``"func"`` (``torch.func``, the ``(batch, P)`` gradient matrix),
+                ``"layers"`` (per-layer captures projected layer by layer: each layer meets
+                its own rows of the same seeded matrix, or with ``proj_type="kronecker"``
+                its own Kronecker factors) or ``"auto"`` (see
+                :mod:`dattri_cli.algorithm.grad_backend`).
+            dtype: float32, or bfloat16 / float16 gradients and projections on a GPU
+                (features and kernels stay float32 / float64; on a CPU only with
+                ``allow_cpu_half``).
         """
         if not (
             isinstance(regularization, (int, float)) and math.isfinite(regularization) and regularization >= 0
@@ -148,9 +172,25 @@ class TRAKAttributor(Attributor):
         self.task = task
         self.correct_probability_func = correct_probability_func
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs)
-        self.projector = RandomProjector(**self.projector_kwargs)
+        self.projector: Any
+        if self.projector_kwargs["proj_type"] == "kronecker":
+            self.projector = KroneckerProjector(
+                self.projector_kwargs["proj_dim"],
+                seed=self.projector_kwargs["proj_seed"],
+                deterministic=False,
+            )
+        else:
+            self.projector = RandomProjector(**self.projector_kwargs)
         self.layer_name = layer_name
         self.device = device or "cpu"
+        self.grad_backend = check_backend(grad_backend)
+        self.dtype = resolve_dtype(dtype, self.device, allow_cpu_half)
+        if self.dtype != torch.float32 and isinstance(self.projector, RandomProjector):
+            self.projector.dtype = self.dtype
+        self._layers: Optional[LayerGradients] = None
+        self._backend_chosen = False
+        #: captures held before a dense per-layer projection of the group (the layers backend)
+        self.layer_buffer_bytes = LAYER_BUFFER_BYTES
         num_params = sum(p.numel() for p in task.get_model().parameters() if p.requires_grad)
         self.norm_scaler = math.sqrt(num_params)
         self.full_train_dataloader: Optional[DataLoader] = None
@@ -178,14 +218,89 @@ class TRAKAttributor(Attributor):
         check_finite(projected, f"{side} gradients", hint="check the data and the checkpoint")
         return projected
 
+    def _choose_backend(self, train_dataloader: Optional[DataLoader]) -> Optional[LayerGradients]:
+        """The layers backend or None (``torch.func``), decided once (on the first training batch)."""
+        if not self._backend_chosen:
+            self._layers = choose_backend(
+                self.grad_backend,
+                self.task,
+                self.layer_name,
+                self.device,
+                self.dtype,
+                needs_layers=isinstance(self.projector, KroneckerProjector),
+                probe_batch=(lambda: first_batch(train_dataloader)) if train_dataloader is not None else None,
+            )
+            self._backend_chosen = True
+        return self._layers
+
+    def _project_captures(self, caps: Dict[str, Any], ckpt_idx: int) -> Tensor:
+        """Kronecker or identity features of one batch's captures (unscaled)."""
+        assert self._layers is not None
+        if isinstance(self.projector, KroneckerProjector):
+            return self.projector.project(caps, ckpt_idx).float()
+        return self._layers.flat(caps)
+
+    def _layer_stream(
+        self, ckpt_idx: int, entries: Iterable[Tuple[Any, Optional[Any]]], target: bool
+    ) -> Iterator[Tuple[Any, Optional[Tensor]]]:
+        """``(key, features / sqrt(P))`` for ``(key, batch)`` entries in order (``None`` batches pass as None).
+
+        A dense projection holds several batches' captures (up to ``layer_buffer_bytes``)
+        and projects them together, so each chunk of the random matrix is drawn once per
+        group of batches rather than once per batch.
+        """
+        layers = self._layers
+        assert layers is not None
+        dense = not isinstance(self.projector, KroneckerProjector) and self.projector.proj_type != "identity"
+        pending: List[Tuple[Any, Any]] = []
+        held = 0
+
+        def flush() -> Iterator[Tuple[Any, Optional[Tensor]]]:
+            group = [item for _, item in pending if isinstance(item, dict)]
+            projected = (
+                iter(layers.project_dense_group(group, self.projector, ckpt_idx)) if group else iter(())
+            )
+            for key, item in pending:
+                if isinstance(item, dict):
+                    yield key, next(projected) / self.norm_scaler
+                else:
+                    yield key, item
+            pending.clear()
+
+        for key, batch in entries:
+            if batch is None:
+                pending.append((key, None))
+            else:
+                caps = layers.captures(ckpt_idx, batch, target)
+                if dense:
+                    pending.append((key, caps))
+                    held += capture_bytes(caps)
+                else:
+                    pending.append((key, self._project_captures(caps, ckpt_idx) / self.norm_scaler))
+            if not dense or held >= self.layer_buffer_bytes:
+                yield from flush()
+                held = 0
+        yield from flush()
+
+    def feature_dim(self) -> int:
+        """Width of the projected features, known before any gradient is computed."""
+        if self._layers is not None:
+            return self._layers.feature_dim(self.projector)
+        if self.projector.proj_type == "identity":
+            return int(self.task.get_param(0, layer_name=self.layer_name)[0].numel())
+        return self.projector.proj_dim
+
     def _features(self, ckpt_idx: int, loader: DataLoader, target: bool) -> Tensor:
         """Projected, scaled per-sample gradients of the loss (train) or target (test).
 
         The loader's batches form one projection stream: only its last block is padded.
         """
-        params, grad_func = self._grad_setup(ckpt_idx, target)
         side = "test" if target else "train"
         batches = track(loader, f"TRAK {side} gradients (checkpoint {ckpt_idx})")
+        if self._layers is not None:
+            stream = self._layer_stream(ckpt_idx, ((None, b) for b in batches), target)
+            return torch.cat([self._checked(rows, side) for _, rows in stream])
+        params, grad_func = self._grad_setup(ckpt_idx, target)
         items = ((None, self._grads(params, grad_func, batch)) for batch in batches)
         return torch.cat(
             [self._checked(rows, side) for _, rows in self.projector.project_stream(items, ckpt_idx)]
@@ -195,10 +310,14 @@ class TRAKAttributor(Attributor):
         if self.feature_store is None:
             return BlockStore()
         extra = {
-            "projector_kwargs": self.projector_kwargs,
+            "projector_kwargs": result_projector_kwargs(self.projector_kwargs),
             "ckpt_idx": ckpt_idx,
             "norm_scaler": self.norm_scaler,
         }
+        if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
+            extra["grad_backend"] = "layers"
+            if self.dtype != torch.float32:
+                extra["dtype"] = str(self.dtype)
         return self.feature_store("trak_features", ckpt_idx, extra)
 
     def _train_items(
@@ -209,8 +328,20 @@ class TRAKAttributor(Attributor):
         A batch whose block is stored brings no gradient rows: it only keeps its
         place in the projection stream, so blocks still come out in batch order.
         """
-        params, grad_func = self._grad_setup(ckpt_idx, target=False)
         row = self.train_row_offset
+        if self._layers is not None:  # projected by the layers, several batches at a time
+
+            def entries() -> Iterator[Tuple[Tuple[Any, int, Optional[Tensor]], Optional[Any]]]:
+                row = self.train_row_offset
+                for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
+                    n = batch_size_of(batch)
+                    stored = store.lookup(block_name(row, row + n))
+                    yield (batch, row, stored), (batch if stored is None else None)
+                    row += n
+
+            yield from self._layer_stream(ckpt_idx, entries(), target=False)
+            return
+        params, grad_func = self._grad_setup(ckpt_idx, target=False)
         for batch in track(loader, f"TRAK train gradients (checkpoint {ckpt_idx})"):
             n = batch_size_of(batch)
             stored = store.lookup(block_name(row, row + n))
@@ -231,7 +362,8 @@ class TRAKAttributor(Attributor):
         # per-batch kernel parts folded in global batch order: the same bits under torchrun
         kernel, q_parts = distributed.OrderedSum(), []
         items = self._train_items(ckpt_idx, loader, store)
-        for (batch, row, stored), projected in self.projector.project_stream(items, ckpt_idx):
+        stream = items if self._layers is not None else self.projector.project_stream(items, ckpt_idx)
+        for (batch, row, stored), projected in stream:
             n = batch_size_of(batch)
             if stored is None:
                 stored = self._checked(projected, "train")
@@ -250,7 +382,11 @@ class TRAKAttributor(Attributor):
         return FeatureBlocks(store, ranges, total.shape[0]), total, count, q
 
     def _one_minus_p(self, params: Dict[str, Tensor], batch: Any) -> Tensor:
-        """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint."""
+        """``1 - p`` per sample of ``batch``, from the full parameters of the checkpoint (1 without a function)."""
+        if (
+            self.correct_probability_func is None
+        ):  # tasks without a correct label (regression, language models)
+            return torch.ones(batch_size_of(batch), dtype=torch.float64, device=self.device)
         probs = per_sample_value(
             self.correct_probability_func, params, to_device(batch, self.device), batch_of_one=False
         ).detach()
@@ -287,6 +423,8 @@ class TRAKAttributor(Attributor):
 
     def _cache(self, full_train_dataloader: DataLoader) -> None:
         check_not_shuffled(full_train_dataloader, "full_train_dataloader")
+        self._choose_backend(full_train_dataloader)
+        self._check_dims(full_train_dataloader)
         self.train_side = self._train_side(full_train_dataloader)
         self.full_train_dataloader = full_train_dataloader
         # Smallest Cholesky pivot over the mean kernel diagonal: a cheap conditioning indicator.
@@ -304,6 +442,26 @@ class TRAKAttributor(Attributor):
                 "usually attributes better (check with `dattri eval`)",
                 RuntimeWarning,
                 stacklevel=2,
+            )
+
+    def _check_dims(self, loader: DataLoader) -> None:
+        """Before any gradient: warn when the features are wider than the training rows without a ridge.
+
+        The kernel ``Phi^T Phi`` is then singular whatever the gradients (only its
+        pseudo-inverse exists); the same advice as the warning after the solve, but
+        before minutes of gradients.
+        """
+        if self.regularization > 0:
+            return
+        dim = self.feature_dim()
+        rows = distributed.reduce_count(num_samples(loader), self.device)
+        if dim > rows:
+            warnings.warn(
+                f"TRAK: {dim} projected dimensions for {rows} training samples and regularization=0: the "
+                f"kernel Phi^T Phi will be singular; add a ridge (e.g. regularization={DEFAULT_REGULARIZATION_HINT}) "
+                f'or lower projector_kwargs["proj_dim"] to at most {rows}',
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     def _resolve_train_side(self, train_dataloader: Optional[DataLoader]) -> TrainSide:
@@ -325,6 +483,8 @@ class TRAKAttributor(Attributor):
         if train_dataloader is None:
             return self.train_side  # type: ignore[return-value]
         check_not_shuffled(train_dataloader, "train_dataloader")
+        self._choose_backend(train_dataloader)
+        self._check_dims(train_dataloader)
         return self._train_side(train_dataloader)
 
     def attribute(

@@ -7,14 +7,15 @@ generated, and user data comes from local files.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from dattri_cli.errors import DataError
 from dattri_cli.hashing import data_fingerprint
@@ -300,6 +301,52 @@ def _read_csv(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
     return table[:, keep].float(), table[:, label_at]
 
 
+def _from_arrays(
+    path: Path,
+    raw: dict,
+    test_path: Optional[Union[str, Path]],
+    label_column: str,
+    n_train: Optional[int],
+    n_test: Optional[int],
+    split_seed: int,
+    task: str,
+) -> Any:
+    """``from_files`` for named inputs or non-class targets: tensors kept as stored (see there)."""
+    parts = [_checked_arrays(str(path), raw, task)]
+    if test_path is not None:
+        test_path = Path(test_path).expanduser()
+        parts.append(_checked_arrays(str(test_path), _raw_arrays(test_path, label_column), task))
+    if set(parts[0][0]) == {"x"}:  # one input array: (x, y) tensors, as a Split
+        xs = [inputs["x"] for inputs, _ in parts]
+        ys = [inputs["x"] if y is None else y for inputs, y in parts]  # language modelling: labels = ids
+        if len(parts) == 1:
+            return split_dataset(path.name, xs[0], ys[0], n_train, n_test, split_seed)
+        generator = torch.Generator().manual_seed(split_seed)
+        picks = []
+        for x, count in ((xs[0], n_train), (xs[1], n_test)):
+            count = x.shape[0] if count is None else count
+            if count < 1 or count > x.shape[0]:
+                msg = f"n_train / n_test = {count} does not fit {x.shape[0]} rows"
+                raise DataError(msg)
+            picks.append(torch.randperm(x.shape[0], generator=generator)[:count])
+        tr, te = picks
+        return Split(path.name, xs[0][tr], ys[0][tr], xs[1][te], ys[1][te], tr, te)
+    datasets = []
+    for inputs, y in parts:
+        tensors = dict(inputs)
+        if y is not None:
+            tensors["labels"] = y
+        datasets.append(DictTensorDataset(tensors))
+    return dataset_split(
+        path.name,
+        datasets[0],
+        n_train,
+        n_test,
+        split_seed,
+        test_dataset=datasets[1] if len(datasets) > 1 else None,
+    )
+
+
 def _check_classes(where: str, y_train: Tensor, y_test: Tensor) -> None:
     """At least two training classes, and no test class the training labels never reach."""
     classes = torch.unique(y_train)
@@ -320,6 +367,75 @@ def _check_classes(where: str, y_train: Tensor, y_test: Tensor) -> None:
         raise DataError(msg)
 
 
+#: tasks whose targets are not class indices: float and multi-dimensional targets are kept as stored
+KEEP_TARGET_TASKS = ("regression", "causal_lm", "model_loss", "custom")
+#: tasks whose integer inputs are token ids (kept integer)
+TOKEN_TASKS = ("causal_lm", "model_loss")
+#: names of the label array in a data file
+LABEL_NAMES = ("y", "labels")
+
+
+def _raw_arrays(path: Path, label_column: str) -> dict:
+    """Every array of a data file by name (a csv: ``x`` and ``y``), unchecked."""
+    if not path.is_file():
+        msg = f"data file not found: {path}"
+        raise DataError(msg)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        x, y = _read_csv(path, label_column)
+        return {"x": x, "y": y}
+    if suffix in {".safetensors", ".npz"}:
+        return _read_arrays(path, suffix)
+    return {}
+
+
+def _checked_arrays(where: str, arrays: dict, task: str) -> Tuple[dict, Optional[Tensor]]:
+    """Inputs (by name) and targets of a file read for ``task``: dtypes and shapes kept as the task needs."""
+    label_name = next((k for k in LABEL_NAMES if k in arrays), None)
+    inputs = {k: torch.as_tensor(v) for k, v in arrays.items() if k != label_name}
+    y = None if label_name is None else torch.as_tensor(arrays[label_name])
+    if not inputs:
+        msg = f"{where} holds no input arrays (found {sorted(arrays)}); store 'x' or named inputs such as 'input_ids'"
+        raise DataError(msg)
+    rows = {k: int(v.shape[0]) if v.dim() else 0 for k, v in inputs.items()}
+    if y is not None:
+        rows[label_name] = int(y.shape[0]) if y.dim() else 0
+    if len(set(rows.values())) != 1 or 0 in rows.values():
+        msg = f"{where}: every array needs one row per sample, got rows {rows}"
+        raise DataError(msg)
+    named = set(inputs) != {"x"}
+    for name, value in inputs.items():
+        if value.dtype == torch.bool or value.is_complex():
+            msg = f"{where}: input {name!r} must hold real numbers, got {value.dtype}"
+            raise DataError(msg)
+        if value.is_floating_point():
+            bad = ~torch.isfinite(value).reshape(value.shape[0], -1).all(dim=1)
+            if bool(bad.any()):
+                msg = f"{where} contains NaN or Inf inputs in {name!r} (first at row {_first(bad)})"
+                raise DataError(msg)
+            inputs[name] = value.float()
+        elif not (named or task in TOKEN_TASKS):
+            inputs[name] = value.float()  # integer pixels or counts: features, as always
+        else:
+            inputs[name] = value.long()  # token ids reach the embedding as integers
+    if y is None:
+        if task != "causal_lm":
+            msg = f"{where} has no labels ('y' or 'labels'); only task=causal_lm reads inputs alone"
+            raise DataError(msg)
+    elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        bad = ~torch.isfinite(y.reshape(y.shape[0], -1)).all(1)
+        msg = f"{where} contains NaN or Inf targets (first at row {_first(bad)})"
+        raise DataError(msg)
+    elif y.dtype == torch.bool or y.is_complex():
+        msg = f"{where}: targets must be numbers, got {y.dtype}"
+        raise DataError(msg)
+    elif not y.is_floating_point():
+        y = y.long()
+    else:
+        y = y.float()
+    return inputs, y
+
+
 def from_files(
     path: Union[str, Path],
     test_path: Optional[Union[str, Path]] = None,
@@ -327,9 +443,23 @@ def from_files(
     n_train: Optional[int] = None,
     n_test: Optional[int] = None,
     split_seed: int = 0,
-) -> Split:
-    """Your own data: one file split by seed, or separate train and test files."""
+    task: Optional[str] = None,
+) -> Any:
+    """Your own data: one file split by seed, or separate train and test files.
+
+    ``task`` (filled from ``task.name``) decides what the arrays may hold: for
+    classification, ``x`` (float features) and ``y`` (integer classes) as always; for
+    ``regression`` / ``causal_lm`` / ``model_loss`` / ``custom``, float and ``(N, L)``
+    targets keep their dtype and shape, and for ``causal_lm`` / ``model_loss`` integer
+    inputs stay integers (token ids). A ``.npz`` / ``.safetensors`` file holding named
+    input arrays other than ``x`` (``input_ids``, ``attention_mask`` ...) gives dict
+    batches of those names plus ``labels`` (from ``y`` or ``labels``), integers kept.
+    """
+    task = task or "classification"
     path = Path(path).expanduser()
+    raw = _raw_arrays(path, label_column)
+    if raw and (set(raw) - {"x", "y"} or task in KEEP_TARGET_TASKS):
+        return _from_arrays(path, raw, test_path, label_column, n_train, n_test, split_seed, task)
     x, y = _read_tensors(path, label_column)
     if test_path is None:
         split = split_dataset(path.name, x, y, n_train, n_test, split_seed)
@@ -373,3 +503,181 @@ def from_files(
     _check_classes(f"{path} / {test_path}", y[:n_tr], y_test[:n_te])
     train_idx, test_idx = torch.arange(n_tr), torch.arange(n_te)
     return Split(path.name, x[:n_tr], y[:n_tr], x_test[:n_te], y_test[:n_te], train_idx, test_idx)
+
+
+#: label entry of dictionary samples
+LABEL_KEY = "labels"
+#: input of dictionary samples that decides one sample's dimensions
+MAIN_INPUT_KEY = "input_ids"
+
+
+def first_input(sample: Any) -> Tensor:
+    """The main input of one sample: ``input_ids`` (or the first tensor) of a dict, the first of a tuple."""
+    if isinstance(sample, dict):
+        if isinstance(sample.get(MAIN_INPUT_KEY), Tensor):
+            return sample[MAIN_INPUT_KEY]
+        for key, value in sample.items():
+            if key != LABEL_KEY and isinstance(value, Tensor):
+                return value
+    elif isinstance(sample, (tuple, list)) and sample and isinstance(sample[0], Tensor):
+        return sample[0]
+    elif isinstance(sample, Tensor):
+        return sample
+    msg = (
+        f"a dataset sample must be a tensor, an (inputs, label) tuple or a dict of tensors, got "
+        f"{type(sample).__name__}"
+    )
+    raise DataError(msg)
+
+
+# -- any torch Dataset ----------------------------------------------------------------------------
+
+
+class DictTensorDataset(Dataset):
+    """Rows of named tensors (equal first dimensions) as dict samples: ``{name: tensor[i]}``."""
+
+    def __init__(self, tensors: Dict[str, Tensor]) -> None:
+        """Keep the tensors; all must have the same number of rows."""
+        sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            msg = f"named arrays must have the same number of rows, got {sizes}"
+            raise DataError(msg)
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+        """Row ``index`` of every tensor."""
+        return {k: v[index] for k, v in self.tensors.items()}
+
+
+def _label_of(sample: Any) -> Any:
+    if isinstance(sample, dict):
+        return sample.get(LABEL_KEY)
+    if isinstance(sample, (tuple, list)) and len(sample) > 1:
+        return sample[-1]
+    return None
+
+
+@dataclass
+class DatasetSplit:
+    """Train and test rows of any map-style ``torch.utils.data.Dataset`` (one, split by seed, or two).
+
+    ``collate`` batches its samples (None: PyTorch's default). Samples are ``(inputs...,
+    label)`` tuples, dicts (``labels`` the target, the rest passed to the model by name),
+    or bare tensors (inputs only).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    train_indices: Tensor
+    test_indices: Tensor
+    collate: Optional[Callable] = None
+    fingerprint_text: str = ""
+
+    def collate_fn(self) -> Optional[Callable]:
+        """The batching function."""
+        return self.collate
+
+    @property
+    def num_features(self) -> int:
+        """Number of values of one sample's main input."""
+        return int(torch.as_tensor(first_input(self.train[0])).numel())
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Largest integer scalar label + 1 over train and test (None when labels are not class indices)."""
+        source = getattr(self.train, "dataset", self.train)
+        for attr in ("num_classes",):
+            value = getattr(source, attr, None)
+            if isinstance(value, int):
+                return value
+        classes = getattr(source, "classes", None)
+        if isinstance(classes, (list, tuple)) and classes:
+            return len(classes)
+        top = -1
+        for rows in (self.train, self.test):
+            for i in range(len(rows)):
+                label = _label_of(rows[i])
+                if label is None:
+                    return None
+                label = torch.as_tensor(label)
+                if label.dim() != 0 or label.is_floating_point():
+                    return None
+                top = max(top, int(label))
+        return top + 1 if top >= 0 else None
+
+    def loaders(self, train_batch_size: int, test_batch_size: int):  # noqa: ANN201
+        """Unshuffled loaders over train and test."""
+        return (
+            DataLoader(self.train, batch_size=train_batch_size, shuffle=False, collate_fn=self.collate),
+            DataLoader(self.test, batch_size=test_batch_size, shuffle=False, collate_fn=self.collate),
+        )
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every sample's tensors (read once) and the positions."""
+        digest = hashlib.sha256(self.fingerprint_text.encode())
+        for rows in (self.train, self.test):
+            for i in range(len(rows)):
+                _feed(digest, rows[i])
+        for t in (self.train_indices, self.test_indices):
+            digest.update(t.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, dict):
+        for key in sorted(value):
+            digest.update(str(key).encode() + b"\0")
+            _feed(digest, value[key])
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _feed(digest, item)
+    else:
+        tensor = torch.as_tensor(value)
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def dataset_split(
+    name: str,
+    dataset: Dataset,
+    n_train: Optional[int],
+    n_test: Optional[int],
+    split_seed: int,
+    collate: Optional[Callable] = None,
+    test_dataset: Optional[Dataset] = None,
+) -> DatasetSplit:
+    """A seeded split of ``dataset`` (the rules of every dataset here), or ``dataset`` + ``test_dataset``."""
+    try:
+        total = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        msg = f"dataset {name} has no len(); dattri needs a map-style torch.utils.data.Dataset"
+        raise DataError(msg) from exc
+    if test_dataset is None:
+        train_idx, test_idx = split_positions(name, total, n_train, n_test, split_seed)
+        test_source = dataset
+    else:
+        generator = torch.Generator().manual_seed(split_seed)
+        picks = []
+        for rows, count in ((dataset, n_train), (test_dataset, n_test)):
+            size = len(rows)  # type: ignore[arg-type]
+            count = size if count is None else count
+            if count < 1 or count > size:
+                msg = f"dataset {name}: cannot take {count} of {size} rows"
+                raise DataError(msg)
+            picks.append(torch.randperm(size, generator=generator)[:count])
+        train_idx, test_idx = picks
+        test_source = test_dataset
+    return DatasetSplit(
+        name,
+        Subset(dataset, train_idx.tolist()),
+        Subset(test_source, test_idx.tolist()),
+        train_idx,
+        test_idx,
+        collate,
+        name,
+    )

@@ -42,7 +42,13 @@ log = logging.getLogger("dattri_cli")
 
 EXTRA_HINT = "pip install 'dattri-cli[text]'"
 #: file endings read as tables, and the ``datasets.Dataset`` reader of each
-TABLE_READERS = {".csv": "from_csv", ".json": "from_json", ".jsonl": "from_json", ".parquet": "from_parquet"}
+TABLE_READERS = {
+    ".csv": "from_csv",
+    ".json": "from_json",
+    ".jsonl": "from_json",
+    ".parquet": "from_parquet",
+    ".txt": "from_text",  # one row per line, column "text" (language modelling)
+}
 #: label value for positions no loss is taken at (padding)
 IGNORE_INDEX = -100
 

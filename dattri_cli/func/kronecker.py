@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from dattri_cli.errors import ConfigError
-from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture
+from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture, as_layer_matrix
 
 
 def kronecker_dims(in_dim: int, out_dim: int, proj_dim: int) -> Tuple[int, int]:
@@ -145,7 +145,24 @@ class KroneckerProjector:
         a, d = cap.factors()
         p_in, p_out = self.matrices(cap, ckpt_idx, d)
         num = int(cap.module.weight.shape[0]) if cap.kind == EMBEDDING else None
-        return project_factors(a, d, p_in, p_out, num_embeddings=num, deterministic=self.deterministic)
+        out = project_factors(a, d, p_in, p_out, num_embeddings=num, deterministic=self.deterministic)
+        if cap.offset is not None:  # the same gradient term for every sample (an L2 penalty)
+            out = out + self._project_offset(cap, p_in, p_out).to(out.dtype)
+        return out
+
+    @staticmethod
+    def _project_offset(cap: LayerCapture, p_in: Optional[Tensor], p_out: Optional[Tensor]) -> Tensor:
+        """``vec(P_out C P_in^T)`` for the layer's constant gradient term ``C`` (an embedding's transposed)."""
+        assert cap.offset is not None
+        mat = as_layer_matrix(cap, cap.offset)
+        if cap.kind == EMBEDDING:
+            mat = mat.T  # (dim, rows): outputs x inputs, as the factors are projected
+        mat = mat.to(p_in.dtype if p_in is not None else mat.dtype)
+        if p_out is not None:
+            mat = p_out.to(mat.dtype) @ mat
+        if p_in is not None:
+            mat = mat @ p_in.T
+        return mat.reshape(-1)
 
     def project(self, caps: Dict[str, LayerCapture], ckpt_idx: int = 0) -> Tensor:
         """``(B, sum of layer dims)``: every layer projected, concatenated in capture order."""

@@ -117,6 +117,15 @@ class LayerCapture:
     kind: str
     inputs: List[Tuple[Tensor, ...]] = field(default_factory=list)
     outgrads: List[List[Optional[Tensor]]] = field(default_factory=list)
+    #: module calls per sample: recorded rows ``(B * group, ...)`` belong to ``B`` samples
+    #: (a per-sample loss calling the model on a batch of one has ``group == 1`` rows each)
+    group: int = 1
+    #: fallback layers: ``inputs`` are per-sample inputs (``(B, ...)`` of what one sample's
+    #: module call received), not rows of a batched call
+    sample_inputs: bool = False
+    #: ``(P_layer,)`` added to every sample's gradient: the loss's direct dependence on the
+    #: parameters outside the module's forward pass (an L2 penalty), the same for all samples
+    offset: Optional[Tensor] = None
 
     @property
     def has_bias(self) -> bool:
@@ -124,7 +133,7 @@ class LayerCapture:
 
     @property
     def batch_size(self) -> int:
-        return int(self.inputs[0][0].shape[0])
+        return int(self.inputs[0][0].shape[0]) // max(1, self.group)
 
     def factors(self) -> Tuple[Tensor, Tensor]:
         """``(a, d)`` per sample and position, the uses of a shared layer concatenated along positions.
@@ -143,11 +152,34 @@ class LayerCapture:
         for inputs, grads in zip(self.inputs, self.outgrads):
             x, d = inputs[0], _first_grad(grads)
             a, d = _factor_one_use(self.module, self.kind, x, d)
+            if self.group > 1:  # rows of one sample's calls become positions of that sample
+                b = a.shape[0] // self.group
+                a = a.reshape(b, -1, *a.shape[2:])
+                d = d.reshape(b, -1, d.shape[-1])
             a_parts.append(a)
             d_parts.append(d)
         if len(a_parts) == 1:
             return a_parts[0], d_parts[0]
         return torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)
+
+    def factor_shape(self) -> Tuple[int, int, int, int]:
+        """``(B, T, in[+1], out)`` of a linear (or convolution) layer's factors, without unfolding anything."""
+        if self.kind != LINEAR:
+            msg = f"factor_shape is for linear and convolution layers, not {self.kind}"
+            raise ValueError(msg)
+        weight = self.module.weight
+        k_in = int(weight[0].numel()) + int(self.has_bias)
+        k_out = int(weight.shape[0])
+        positions = 0
+        for grads in self.outgrads:
+            d = _first_grad(grads)
+            if isinstance(self.module, nn.Conv2d):
+                positions += int(d[0].numel()) // k_out  # rows of d are (out, H', W') per call row
+            else:
+                positions += int(d.numel()) // (int(d.shape[0]) * k_out)
+        batch = self.batch_size
+        rows_per_sample = int(_first_grad(self.outgrads[0]).shape[0]) // max(1, batch)
+        return batch, positions * rows_per_sample, k_in, k_out
 
     def per_sample_grads(self) -> Tensor:
         """``(B, P_layer)``: the materialised per-sample gradient of this layer's parameters.
@@ -155,6 +187,10 @@ class LayerCapture:
         Layout: the module's own trainable parameters in registration order
         (``weight`` then ``bias``), each flattened row-major, as ``torch.func`` gives them.
         """
+        g = self._grads_without_offset()
+        return g if self.offset is None else g + self.offset.to(g.dtype)
+
+    def _grads_without_offset(self) -> Tensor:
         if self.kind == FALLBACK:
             return _fallback_grads(self)
         a, d = self.factors()
@@ -231,12 +267,13 @@ def _fallback_grads(cap: LayerCapture) -> Tensor:
 
     def one(x_args: Tuple[Tensor, ...], cot: Tuple[Tensor, ...]) -> Tensor:
         def f(p: Dict[str, Tensor]) -> Tuple[Tensor, ...]:
-            out = functional_call(module, p, tuple(x.unsqueeze(0) for x in x_args))
+            args = x_args if cap.sample_inputs else tuple(x.unsqueeze(0) for x in x_args)
+            out = functional_call(module, p, args)
             outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
             return tuple(o for o in outs if isinstance(o, Tensor))
 
         _, pull = vjp(f, params)
-        (g,) = pull(tuple(c.unsqueeze(0) for c in cot))
+        (g,) = pull(cot if cap.sample_inputs else tuple(c.unsqueeze(0) for c in cot))
         return torch.cat([g[n].reshape(-1) for n in names])
 
     total: Optional[Tensor] = None
@@ -409,7 +446,11 @@ def capture_batches(
 def _factored_cost(a: Tensor, d: Tensor, b2: int, t2: int) -> Tuple[float, float]:
     """Multiply-adds of the factored and the materialised inner products for one layer."""
     b1, t1, k_in = a.shape
-    k_out = d.shape[-1]
+    return _factored_cost_from(b1, t1, k_in, d.shape[-1], b2, t2)
+
+
+def _factored_cost_from(b1: int, t1: int, k_in: int, k_out: int, b2: int, t2: int) -> Tuple[float, float]:
+    """:func:`_factored_cost` from the sizes alone."""
     factored = float(b1) * b2 * t1 * t2 * (k_in + k_out)
     materialised = float(b1 * t1 + b2 * t2) * k_in * k_out + float(b1) * b2 * k_in * k_out
     return factored, materialised
@@ -452,13 +493,21 @@ def layer_inner_products(
 
     if left.kind in (LAYERNORM, BATCHNORM, FALLBACK):
         return left.per_sample_grads() @ right_grads().T
-    a1, d1 = left.factors()
-    a2, d2 = right.factors()
-    if method == "auto" and left.kind == LINEAR:
-        factored, materialised = _factored_cost(a1, d1, a2.shape[0], a2.shape[1])
+    if method == "auto" and left.kind == LINEAR:  # decided from the shapes, before any unfolding
+        b1, t1, k_in, k_out = left.factor_shape()
+        b2, t2, _, _ = right.factor_shape()
+        factored, materialised = _factored_cost_from(b1, t1, k_in, k_out, b2, t2)
         method = "factored" if factored <= materialised else "materialised"
     if method == "materialised":
         return left.per_sample_grads() @ right_grads().T
+    a1, d1 = left.factors()
+    if right_cache is None:
+        a2, d2 = right.factors()
+    else:  # a fixed right side: its factors (unfolded patches) are formed once
+        key = f"{right.name}/factors"
+        if key not in right_cache:
+            right_cache[key] = right.factors()
+        a2, d2 = right_cache[key]
     rows = []
     for start in range(0, a1.shape[0], max(1, chunk)):
         ac, dc = a1[start : start + chunk], d1[start : start + chunk]
@@ -468,7 +517,76 @@ def layer_inner_products(
         else:
             aa = torch.einsum("itk,jsk->ijts", ac, a2)
         rows.append((aa * dd).sum(dim=(2, 3)))
-    return torch.cat(rows, dim=0)
+    out = torch.cat(rows, dim=0)
+    if left.offset is None and right.offset is None:
+        return out
+    # <G_i + c, H_j + c'> = <G_i, H_j> + <G_i, c'> + <c, H_j> + <c, c'>
+    if right.offset is not None:
+        out = out + dot_with(left, right.offset, with_offset=False)[:, None]
+    if left.offset is not None:
+        out = out + dot_with(right, left.offset, with_offset=False)[None, :]
+    if left.offset is not None and right.offset is not None:
+        out = out + (left.offset.to(out.dtype) @ right.offset.to(out.dtype))
+    return out
+
+
+def as_layer_matrix(cap: LayerCapture, vec: Tensor) -> Tensor:
+    """A flat ``(P_layer,)`` vector of a factored layer as its ``(out, in[+1])`` (embedding: ``(rows, dim)``) matrix."""
+    weight = cap.module.weight
+    if cap.kind == EMBEDDING:
+        return vec.reshape(weight.shape)
+    out_dim = int(weight.shape[0])
+    w = vec[: weight.numel()].reshape(out_dim, -1)
+    if cap.has_bias:
+        w = torch.cat([w, vec[weight.numel() :].reshape(out_dim, 1)], dim=1)
+    return w
+
+
+def dot_with(cap: LayerCapture, vec: Tensor, with_offset: bool = True) -> Tensor:
+    """``(B,)``: each sample's layer gradient dotted with the flat vector ``vec`` (``(P_layer,)``)."""
+    if cap.kind in (LINEAR, EMBEDDING):
+        a, d = cap.factors()
+        mat = as_layer_matrix(cap, vec.to(d.dtype))
+        out = (
+            (mat[a] * d).sum(dim=(1, 2))
+            if cap.kind == EMBEDDING
+            else torch.einsum("bto,oi,bti->b", d, mat, a)
+        )
+    else:
+        out = cap._grads_without_offset() @ vec.to(cap.inputs[0][0].dtype)
+    if with_offset and cap.offset is not None:
+        out = out + cap.offset.to(out.dtype) @ vec.to(out.dtype)
+    return out
+
+
+def layer_sq_norms(cap: LayerCapture) -> Tensor:
+    """``(B,)``: each sample's squared gradient norm for one layer (offset included)."""
+    if cap.kind == LINEAR:
+        a, d = cap.factors()
+        b, t, k_in = a.shape
+        k_out = d.shape[-1]
+        if float(t) * t * (k_in + k_out) <= float(t) * k_in * k_out + k_in * k_out:
+            aa = torch.einsum("btk,bsk->bts", a, a)
+            dd = torch.einsum("btk,bsk->bts", d, d)
+            out = (aa * dd).sum(dim=(1, 2))
+        else:
+            out = cap._grads_without_offset().square().sum(dim=1)
+    else:
+        out = cap._grads_without_offset().square().sum(dim=1)
+    if cap.offset is not None:
+        c = cap.offset.to(out.dtype)
+        out = out + 2 * dot_with(cap, c, with_offset=False) + c @ c
+    return out
+
+
+def sq_norms(caps: Dict[str, LayerCapture]) -> Tensor:
+    """``(B,)``: squared norms of the whole per-sample gradients (the layers' squared norms summed)."""
+    total: Optional[Tensor] = None
+    for cap in caps.values():
+        value = layer_sq_norms(cap)
+        total = value if total is None else total + value
+    assert total is not None
+    return total
 
 
 def inner_products(
@@ -494,3 +612,261 @@ def inner_products(
     for value in out.values():
         total = value if total.dim() == 0 else total + value
     return total
+
+
+# -- per-sample loss functions (dattri's convention) -----------------------------------
+
+
+class LayerBackendUnsupported(ConfigError):
+    """The model or the loss function cannot be captured layer by layer exactly."""
+
+
+def module_param_names(model: nn.Module, layers: Sequence[str]) -> Dict[str, List[str]]:
+    """``{layer: [full parameter names]}`` (``layer.weight``, ...), in the module's registration order."""
+    modules = dict(model.named_modules())
+    return {n: [f"{n}.{p}" if n else p for p in param_names(modules[n])] for n in layers}
+
+
+def check_layer_support(
+    model: nn.Module, selected: Optional[Sequence[str]] = None, allow_fallback: bool = True
+) -> List[str]:
+    """The layers that cover the ``selected`` trainable parameters (all when None), or LayerBackendUnsupported.
+
+    Refused: a BatchNorm in training mode, a parameter shared by two modules (tied
+    weights), a selection that covers only part of a module's parameters, and (unless
+    ``allow_fallback``) modules without a factored form.
+    """
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    wanted = list(trainable) if selected is None else list(selected)
+    seen: Dict[int, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            msg = f"module {n!r} is a BatchNorm in training mode (samples interact); call model.eval()"
+            raise LayerBackendUnsupported(msg)
+        for p in m.parameters(recurse=False):
+            if id(p) in seen and seen[id(p)] != n:
+                msg = f"modules {seen[id(p)]!r} and {n!r} share a parameter (tied weights)"
+                raise LayerBackendUnsupported(msg)
+            seen[id(p)] = n
+    layers = [n for n in default_layers(model)]
+    owned = module_param_names(model, layers)
+    chosen = [n for n in layers if any(p in wanted for p in owned[n])]
+    partial = [n for n in chosen if not all(p in wanted for p in owned[n])]
+    if partial:
+        msg = f"layer_name selects only some parameters of modules {partial}"
+        raise LayerBackendUnsupported(msg)
+    modules = dict(model.named_modules())
+    if not allow_fallback:
+        other = [n for n in chosen if layer_kind(modules[n]) == FALLBACK]
+        if other:
+            kinds = sorted({type(modules[n]).__name__ for n in other})
+            msg = f"modules {other[:3]} ({', '.join(kinds)}) have no factored per-sample gradient"
+            raise LayerBackendUnsupported(msg)
+    return chosen
+
+
+def _tensor_outputs(output: object) -> Tuple[List[Tensor], Callable[[List[Tensor]], object]]:
+    """A module output's tensors and a function rebuilding the output from replacements."""
+    if isinstance(output, Tensor):
+        return [output], lambda new: new[0]
+    if isinstance(output, (tuple, list)):
+        idx = [i for i, o in enumerate(output) if isinstance(o, Tensor)]
+
+        def rebuild(new: List[Tensor]) -> object:
+            items = list(output)
+            for i, t in zip(idx, new):
+                items[i] = t
+            return type(output)(items)
+
+        return [output[i] for i in idx], rebuild
+    msg = f"a module returned {type(output).__name__}; only tensors and tuples of tensors are supported"
+    raise LayerBackendUnsupported(msg)
+
+
+class PerSampleLayers:
+    """Per-layer per-sample gradients of a per-sample loss ``func(params, sample)`` (dattri's convention).
+
+    ``func`` sees one sample without a batch dimension (and usually calls the model on
+    it as a batch of one, through ``torch.func.functional_call``); it is ``vmap``-ed over
+    the batch, so the modules run one batched forward and backward pass, and forward
+    hooks on the model's modules do what :func:`capture` does for a batched loss:
+
+    * a zero perturbation ``eps`` is added to every recorded layer output and the
+      gradient of the sample's loss with respect to ``eps`` is that sample's output
+      gradient ``d_i`` (no parameter gradient is formed);
+    * the layer inputs ``a_i`` are returned as auxiliary outputs of the vmapped function.
+
+    The loss may also depend on the parameters directly (an L2 penalty inside
+    ``func``): :meth:`direct_gradient` finds that part with every recorded layer output
+    detached, refuses it when it differs between samples, and the captures carry it as
+    a constant ``offset`` of each layer's per-sample gradient. The result is the exact
+    gradient of ``func`` per sample, as ``vmap(grad(func))`` gives it.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        """Record the modules named in ``layers`` (see :func:`check_layer_support`)."""
+        self.model = model
+        self.layers = list(layers)
+        modules = dict(model.named_modules())
+        self.modules = {n: modules[n] for n in self.layers}
+        self.kinds = {n: layer_kind(m) or FALLBACK for n, m in self.modules.items()}
+        self.param_names = module_param_names(model, self.layers)
+        self._state: Optional[Dict[str, object]] = None
+        self._shapes: Dict[Tuple, Tuple[Dict, Dict, Callable]] = {}
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Tuple, output: object) -> object:  # noqa: ARG001
+            state = self._state
+            if state is None:
+                return None
+            outs, rebuild = _tensor_outputs(output)
+            uses = state["uses"]
+            use = uses.get(name, 0)
+            uses[name] = use + 1
+            if state["mode"] == "probe":
+                state["shapes"].setdefault(name, []).append([(o.shape, o.dtype) for o in outs])
+                state["in_dims"].setdefault(name, []).append(
+                    [x.dim() for x in inputs if isinstance(x, Tensor)]
+                )
+                return rebuild([o.detach() for o in outs])
+            tensors = tuple(x.detach() for x in inputs if isinstance(x, Tensor))
+            state["inputs"].setdefault(name, []).append(tensors)
+            eps = state["eps"][name][use]
+            return rebuild([o + e for o, e in zip(outs, eps)])
+
+        return hook
+
+    def _run(self, state: Dict[str, object], call: Callable[[], object]) -> object:
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        self._state = state
+        try:
+            return call()
+        finally:
+            self._state = None
+            for h in handles:
+                h.remove()
+
+    def _probe(self, func: Callable, params: Dict[str, Tensor], sample: object) -> Tuple[Dict, Dict, Dict]:
+        """One sample with every recorded output detached: ``(direct gradient, output shapes, input dims)``."""
+        state: Dict[str, object] = {"mode": "probe", "uses": {}, "shapes": {}, "in_dims": {}}
+        direct = self._run(state, lambda: torch.func.grad(func)(params, sample))
+        missing = [n for n in self.layers if n not in state["shapes"]]
+        if missing:
+            msg = f"modules {missing[:3]} were not called by the loss function (does it call the model?)"
+            raise LayerBackendUnsupported(msg)
+        return direct, state["shapes"], state["in_dims"]
+
+    def direct_gradient(
+        self, func: Callable, params: Dict[str, Tensor], samples: Sequence[object]
+    ) -> Optional[Dict[str, Tensor]]:
+        """``{layer: (P_layer,)}``: the gradient of ``func`` outside the layers' forward passes, or None if zero.
+
+        Computed on each of ``samples`` (one sample each, no batch dimension); refused
+        (LayerBackendUnsupported) when it differs between them: only a term that is the
+        same for every sample (a penalty on the parameters) can be carried as an offset.
+        """
+        first: Optional[Dict[str, Tensor]] = None
+        for sample in samples:
+            direct, _, _ = self._probe(func, params, sample)
+            if first is None:
+                first = direct
+            elif any(not torch.equal(first[k], direct[k]) for k in first):
+                msg = "the loss depends on the parameters outside the modules' forward passes, per sample"
+                raise LayerBackendUnsupported(msg)
+        if first is None or all(not bool(v.any()) for v in first.values()):
+            return None
+        out = {}
+        for n in self.layers:
+            parts = [first[p].reshape(-1) for p in self.param_names[n] if p in first]
+            out[n] = torch.cat(parts).detach()
+        return out
+
+    def capture(
+        self,
+        func: Callable,
+        params: Dict[str, Tensor],
+        batch: object,
+        direct: Optional[Dict[str, Tensor]] = None,
+    ) -> Dict[str, LayerCapture]:
+        """One vmapped forward and backward pass over ``batch``: the captures of the recorded layers.
+
+        ``params`` are the parameters ``func`` is called with (not differentiated);
+        ``direct`` the offsets from :meth:`direct_gradient`.
+        """
+        from dattri_cli.func.batch import batch_size_of, index_batch, tensor_leaves  # noqa: PLC0415
+
+        size = batch_size_of(batch)
+        # the layers' per-sample output shapes, probed on one sample per new sample shape
+        key = (id(func), tuple((tuple(t.shape[1:]), t.dtype) for t in tensor_leaves(batch)))
+        if key not in self._shapes:
+            first = index_batch(batch, 0)
+            state: Dict[str, object] = {"mode": "probe", "uses": {}, "shapes": {}, "in_dims": {}}
+            with torch.no_grad():
+                self._run(state, lambda: func(params, first))
+            self._shapes = {key: (state["shapes"], state["in_dims"], func)}  # func held: its id stays unique
+        shapes, in_dims, _ = self._shapes[key]
+        missing = [n for n in self.layers if n not in shapes]
+        if missing:
+            msg = f"modules {missing[:3]} were not called by the loss function (does it call the model?)"
+            raise LayerBackendUnsupported(msg)
+        eps = {
+            n: [
+                [torch.zeros((size, *shape), dtype=dtype, device=_device_of(batch)) for shape, dtype in use]
+                for use in shapes[n]
+            ]
+            for n in self.layers
+        }
+
+        def one(eps_: Dict[str, List[List[Tensor]]], sample: object) -> Tuple[Tensor, Dict]:
+            inner: Dict[str, object] = {"mode": "capture", "uses": {}, "inputs": {}, "eps": eps_}
+            loss = self._run(inner, lambda: func(params, sample))
+            return loss, inner["inputs"]
+
+        grads, inputs = vmap(torch.func.grad(one, has_aux=True), in_dims=(0, 0), randomness="different")(
+            eps, batch
+        )
+        caps: Dict[str, LayerCapture] = {}
+        for n in self.layers:
+            module, kind = self.modules[n], self.kinds[n]
+            cap = LayerCapture(n, module, kind, offset=None if direct is None else direct.get(n))
+            groups = set()
+            for use, (xs, ds) in enumerate(zip(inputs[n], grads[n])):
+                if kind == FALLBACK:
+                    cap.sample_inputs = True
+                    cap.inputs.append(tuple(xs))
+                    cap.outgrads.append(list(ds))
+                    continue
+                x, d = xs[0], ds[0]
+                per_sample_dim = in_dims[n][use][0]
+                if _needs_merge(module, per_sample_dim):
+                    groups.add(int(x.shape[1]))
+                    x = x.reshape(-1, *x.shape[2:])
+                    d = d.reshape(-1, *d.shape[2:])
+                else:
+                    groups.add(1)
+                cap.inputs.append((x,))
+                cap.outgrads.append([d])
+            if len(groups) > 1:
+                msg = f"module {n!r} is called on batches of different sizes within one sample"
+                raise LayerBackendUnsupported(msg)
+            cap.group = groups.pop() if groups else 1
+            caps[n] = cap
+        return caps
+
+
+def _device_of(batch: object) -> torch.device:
+    from dattri_cli.func.batch import tensor_leaves  # noqa: PLC0415
+
+    return tensor_leaves(batch)[0].device
+
+
+def _needs_merge(module: nn.Module, per_sample_dim: int) -> bool:
+    """Whether a module's per-sample input ``(m, ...)`` is a batch of ``m`` rows to merge into the samples' rows.
+
+    Linear, Embedding and LayerNorm treat leading dimensions as positions already; a
+    convolution or BatchNorm needs ``(rows, channels, ...)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        return per_sample_dim == 4  # 3: an unbatched (C, H, W) sample
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)

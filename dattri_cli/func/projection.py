@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Deque, Dict, Iterable, Iterator, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -55,7 +55,17 @@ DEFAULT_PROJECTOR_KWARGS: Dict[str, Any] = {
 #: The caller's label of a streamed item (returned untouched).
 Key = TypeVar("Key")
 
-PROJ_TYPES = {"normal": "normal", "gaussian": "normal", "rademacher": "rademacher", "identity": "identity"}
+PROJ_TYPES = {
+    "normal": "normal",
+    "gaussian": "normal",
+    "rademacher": "rademacher",
+    "identity": "identity",
+    "kronecker": "kronecker",
+}
+#: Keys ``projector_kwargs`` may also hold, used only when given (memory settings: never part of a result's key).
+#: ``max_matrix_mb``: most MiB of the dense random matrix kept in memory per checkpoint; the
+#: remaining chunks are generated again from their seeds whenever they are used (same numbers).
+OPTIONAL_PROJECTOR_KEYS = ("max_matrix_mb",)
 
 #: Most bytes of gradient rows in one projected block: fewer than ``proj_max_batch_size``
 #: rows are used when each row is long (a 10M-parameter model gets 6-row blocks), so the
@@ -65,8 +75,9 @@ MAX_BLOCK_BYTES = 256 * 2**20
 ALIGNMENT = 64
 #: Entries of ``R`` generated per chunk (64 MiB in float32), whatever ``proj_dim``.
 CHUNK_ELEMENTS = 2**24
-#: Keep all chunks of the current checkpoint in memory when they fit this budget.
-DEFAULT_MAX_MATRIX_BYTES = 256 * 2**20
+#: Chunks of the current checkpoint's matrix kept in memory (the first ones, up to this many bytes);
+#: the others are generated again from their seeds on each use.
+DEFAULT_MAX_MATRIX_BYTES = 1024 * 2**20
 
 
 def chunk_seed(seed: int, ckpt_idx: int, chunk_idx: int) -> int:
@@ -79,7 +90,7 @@ def resolve_projector_kwargs(projector_kwargs: Optional[Dict[str, Any]]) -> Dict
     """Defaults updated with ``projector_kwargs``; unknown keys and bad values raise ConfigError."""
     kwargs = dict(DEFAULT_PROJECTOR_KWARGS)
     given = dict(projector_kwargs or {})
-    unknown = sorted(set(given) - set(kwargs))
+    unknown = sorted(set(given) - set(kwargs) - set(OPTIONAL_PROJECTOR_KEYS))
     if unknown:
         msg = f"unknown projector_kwargs {unknown}; allowed keys are {sorted(kwargs)}"
         raise ConfigError(msg)
@@ -92,7 +103,17 @@ def resolve_projector_kwargs(projector_kwargs: Optional[Dict[str, Any]]) -> Dict
         if kwargs["proj_type"] != "identity" and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
             msg = f'projector_kwargs["{key}"] must be a positive integer, got {kwargs[key]!r}'
             raise ConfigError(msg)
+    if "max_matrix_mb" in kwargs:
+        value = kwargs["max_matrix_mb"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            msg = f'projector_kwargs["max_matrix_mb"] must be a number >= 0, got {value!r}'
+            raise ConfigError(msg)
     return kwargs
+
+
+def result_projector_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` without the memory settings (what a feature-cache key records)."""
+    return {k: v for k, v in kwargs.items() if k not in OPTIONAL_PROJECTOR_KEYS}
 
 
 class RandomProjector:
@@ -107,8 +128,13 @@ class RandomProjector:
         device: Optional[Union[str, torch.device]] = None,
         use_half_precision: bool = False,
         max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
+        max_matrix_mb: Optional[float] = None,
     ) -> None:
-        """Store the settings; matrices are generated lazily on first use."""
+        """Store the settings; matrices are generated lazily on first use.
+
+        ``max_matrix_mb`` (or ``max_matrix_bytes``) bounds the memory of the kept part
+        of the matrix; it never changes the numbers.
+        """
         kwargs = resolve_projector_kwargs(
             {
                 "proj_dim": proj_dim,
@@ -125,10 +151,16 @@ class RandomProjector:
         self.proj_type = kwargs["proj_type"]
         self.device = kwargs["device"]
         self.dtype = torch.float16 if use_half_precision else torch.float32
-        self.max_matrix_bytes = max_matrix_bytes
+        if self.proj_type == "kronecker":
+            msg = 'proj_type="kronecker" projects per layer: use KroneckerProjector (grad_backend="layers")'
+            raise ConfigError(msg)
+        self.max_matrix_bytes = int(max_matrix_mb * 2**20) if max_matrix_mb is not None else max_matrix_bytes
         self.chunk_rows = max(1, CHUNK_ELEMENTS // self.proj_dim)
-        self._cache_key: Optional[Tuple[int, int, str]] = None
-        self._cached_chunks: List[Tensor] = []
+        self._cache_key: Optional[Tuple[int, str]] = None
+        self._cached_chunks: Dict[int, Tensor] = {}
+        self._cached_bytes = 0
+        #: chunks generated (a cached chunk counts once): how often the matrix was drawn
+        self.chunks_generated = 0
 
     # -- the random matrix ------------------------------------------------------------
     def _chunk(self, ckpt_idx: int, chunk_idx: int, rows: int, device: torch.device) -> Tensor:
@@ -142,24 +174,64 @@ class RandomProjector:
             block = torch.randint(0, 2, shape, generator=gen, device=device).to(torch.float32).mul_(2).sub_(1)
         return block.to(self.dtype)
 
+    def _chunk_of(self, ckpt_idx: int, idx: int, num_params: int, device: torch.device) -> Tensor:
+        """Chunk ``idx`` of checkpoint ``ckpt_idx``'s matrix: kept while the budget lasts, else drawn again."""
+        key = (ckpt_idx, str(device))
+        if self._cache_key != key:  # another checkpoint (or device): its chunks replace the kept ones
+            self._cache_key, self._cached_chunks, self._cached_bytes = key, {}, 0
+        chunk = self._cached_chunks.get(idx)
+        if chunk is not None:
+            return chunk
+        start = idx * self.chunk_rows
+        chunk = self._chunk(ckpt_idx, idx, min(start + self.chunk_rows, num_params) - start, device)
+        self.chunks_generated += 1
+        size = chunk.numel() * chunk.element_size()
+        if self._cached_bytes + size <= self.max_matrix_bytes:
+            self._cached_chunks[idx] = chunk
+            self._cached_bytes += size
+        return chunk
+
     def _chunks(self, ckpt_idx: int, num_params: int, device: torch.device):  # noqa: ANN202 - generator
-        """Yield ``(start, stop, chunk)`` over the parameter dimension, cached when it fits."""
-        bounds = [(s, min(s + self.chunk_rows, num_params)) for s in range(0, num_params, self.chunk_rows)]
-        key = (ckpt_idx, num_params, str(device))
-        if self._cache_key == key:
-            yield from ((s, e, c) for (s, e), c in zip(bounds, self._cached_chunks))
-            return
-        element_size = torch.tensor([], dtype=self.dtype).element_size()
-        keep = num_params * self.proj_dim * element_size <= self.max_matrix_bytes
-        self._cache_key, self._cached_chunks = None, []
-        chunks = []
-        for idx, (start, stop) in enumerate(bounds):
-            chunk = self._chunk(ckpt_idx, idx, stop - start, device)
-            if keep:
-                chunks.append(chunk)
-            yield start, stop, chunk
-        if keep:
-            self._cache_key, self._cached_chunks = key, chunks
+        """Yield ``(start, stop, chunk)`` over the parameter dimension (the first chunks kept, see ``_chunk_of``)."""
+        for idx, start in enumerate(range(0, num_params, self.chunk_rows)):
+            chunk = self._chunk_of(ckpt_idx, idx, num_params, device)
+            yield start, start + chunk.shape[0], chunk
+
+    def project_slices(
+        self, slices: Iterable[Tuple[int, Tensor]], num_params: int, ckpt_idx: int = 0
+    ) -> Tensor:
+        """``sum_l grads_l @ R[start_l : start_l + P_l] / sqrt(proj_dim)`` (float32) for ``(start_l, grads_l)``.
+
+        The per-layer form of :meth:`project`: each layer's ``(B, P_l)`` gradients meet the
+        rows of the same matrix that its entries occupy in the flat ``num_params`` vector,
+        so the result equals ``project`` of the concatenated gradients up to rounding
+        (without forming them). Memory: one layer's gradients and one chunk.
+        """
+        out: Optional[Tensor] = None
+        for start, grads in slices:
+            _check_matrix(grads)
+            stop = start + grads.shape[1]
+            if start < 0 or stop > num_params:
+                msg = f"a slice [{start}, {stop}) lies outside the {num_params} parameters"
+                raise ValueError(msg)
+            device = self._device_for(grads)
+            rows = grads.detach().to(device=device, dtype=self.dtype)
+            if out is None:
+                out = torch.zeros(rows.shape[0], self.proj_dim, dtype=torch.float32, device=device)
+            if self.proj_type == "identity":
+                msg = "identity projections have no matrix; concatenate the gradients instead"
+                raise ValueError(msg)
+            if stop == start:
+                continue
+            for idx in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+                chunk = self._chunk_of(ckpt_idx, idx, num_params, device)
+                lo = idx * self.chunk_rows
+                a, b = max(start, lo), min(stop, lo + chunk.shape[0])
+                out += (rows[:, a - start : b - start] @ chunk[a - lo : b - lo]).float()
+        if out is None:
+            msg = "project_slices needs at least one slice"
+            raise ValueError(msg)
+        return out.div_(math.sqrt(self.proj_dim))
 
     # -- projection ---------------------------------------------------------------------
     def project(self, grads: Tensor, ckpt_idx: int = 0) -> Tensor:
@@ -236,7 +308,7 @@ class RandomProjector:
 
 
 def make_projector(projector_kwargs: Optional[Dict[str, Any]]) -> RandomProjector:
-    """A projector from (possibly partial) ``projector_kwargs``, filled with the defaults."""
+    """A projector from (possibly partial) ``projector_kwargs``, filled with the defaults (not Kronecker)."""
     return RandomProjector(**resolve_projector_kwargs(projector_kwargs))
 
 

@@ -112,3 +112,77 @@ def unwrap_loss(output: Any) -> Tensor:
         )
         raise TypeError(msg)
     return loss
+
+
+#: ``model.head`` values and the transformers auto class each loads
+HEADS = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+    "image_classification": "AutoModelForImageClassification",
+}
+#: heads whose output width is the number of classes (``num_labels``)
+CLASSIFICATION_HEADS = ("sequence_classification", "image_classification")
+
+
+def hf_model(
+    path: Optional[str] = None,
+    head: str = "sequence_classification",
+    config: Optional[Dict[str, Any]] = None,
+    num_classes: Optional[int] = None,
+    attn_implementation: str = "eager",
+) -> nn.Module:
+    """A Hugging Face model (``model=hf``): from a local folder (``path``), or randomly initialised from ``config``.
+
+    ``path`` is read with ``local_files_only=True`` (nothing is downloaded); its weights
+    are also the run's checkpoint unless ``checkpoint`` says otherwise. ``config`` is a
+    mapping with ``model_type`` (``bert``, ``gpt2``, ``vit`` ...) and that model's
+    config fields, for a model of a given size trained from scratch; a classification
+    head gets ``num_labels`` from the data unless the config sets it.
+    ``attn_implementation="eager"`` keeps attention in plain tensor operations, which
+    second-order methods (Hessian-vector products) can differentiate twice.
+    """
+    from dattri_cli.errors import ConfigError  # noqa: PLC0415
+
+    if head not in HEADS:
+        msg = f"model.head must be one of {', '.join(HEADS)}, got {head!r}"
+        raise ConfigError(msg)
+    if (path is None) == (config is None):
+        msg = "model=hf needs model.path (a local model folder) or model.config (a random init), exactly one"
+        raise ConfigError(msg)
+    try:
+        import transformers  # noqa: PLC0415 - optional dependency, only for model=hf
+    except ImportError as exc:
+        msg = "model=hf needs transformers: pip install 'dattri-cli[text]'"
+        raise ConfigError(msg) from exc
+    auto = getattr(transformers, HEADS[head])
+    if path is not None:
+        from pathlib import Path  # noqa: PLC0415
+
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").is_file():
+            msg = (
+                f"model.path={path} is not a Hugging Face model folder (no config.json); use save_pretrained"
+            )
+            raise ConfigError(msg)
+        try:
+            return auto.from_pretrained(
+                str(folder), local_files_only=True, attn_implementation=attn_implementation
+            )
+        except Exception as exc:  # noqa: BLE001 - any loading failure is the folder's
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = f"cannot load a {head} model from model.path={path} ({reason})"
+            raise ConfigError(msg) from exc
+    fields = dict(config or {})
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        msg = "model.config needs model_type (bert, gpt2, vit ...) and that model's config fields"
+        raise ConfigError(msg)
+    if head in CLASSIFICATION_HEADS and num_classes is not None and "num_labels" not in fields:
+        fields["num_labels"] = int(num_classes)
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+        return auto.from_config(hf_config, attn_implementation=attn_implementation)
+    except Exception as exc:  # noqa: BLE001 - an unknown model type or field
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"cannot build a {head} model from model.config ({reason})"
+        raise ConfigError(msg) from exc

@@ -129,9 +129,20 @@ def save_state_dict(state: Dict[str, Tensor], path: Path) -> None:
 
 
 def train_one(
-    model: nn.Module, split: Split, settings: TrainSettings, seed: int
+    model: nn.Module,
+    split: Any,
+    settings: TrainSettings,
+    seed: int,
+    objective: Optional[Callable[[Any], Tensor]] = None,
 ) -> List[tuple[int, Dict[str, Tensor]]]:
-    """Minibatch SGD from ``seed``; returns ``(epoch, state_dict)`` for each kept checkpoint."""
+    """Minibatch SGD from ``seed``; returns ``(epoch, state_dict)`` for each kept checkpoint.
+
+    ``objective(batch) -> loss`` (a task's plain loss on the model's live parameters)
+    trains any split, its batches made by the split's ``collate_fn`` and moved to the
+    model's device; without it, cross-entropy on the ``(x, y)`` tensors of a
+    :class:`~dattri_cli.data.Split` (the arithmetic checkpoints have always had).
+    The L2 term is the optimiser's ``weight_decay`` either way.
+    """
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
@@ -140,7 +151,29 @@ def train_one(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     generator = torch.Generator().manual_seed(seed)
-    n = split.x_train.shape[0]
+    if objective is None:
+        if not isinstance(split, Split):
+            msg = f"training on a {type(split).__name__} needs the task's objective"
+            raise TypeError(msg)
+
+        n = split.x_train.shape[0]
+
+        def step(idx: Tensor) -> Tensor:
+            return nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+
+    else:
+        from dattri_cli.data import protocol  # noqa: PLC0415
+        from dattri_cli.func.batch import to_device  # noqa: PLC0415
+
+        rows = protocol.train_dataset(split)
+        collate = protocol.collate_fn(split) or torch.utils.data.default_collate
+        n = protocol.n_train(split)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+        def step(idx: Tensor) -> Tensor:
+            batch = collate([rows[int(i)] for i in idx])
+            return objective(to_device(batch, device))
+
     kept = []
     model.train()
     for epoch in track(range(1, settings.epochs + 1), f"training model (seed {seed})"):
@@ -148,7 +181,7 @@ def train_one(
         for start in range(0, n, settings.batch_size):
             idx = order[start : start + settings.batch_size]
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+            loss = step(idx)
             loss.backward()
             optimizer.step()
         last = epoch == settings.epochs
@@ -165,8 +198,12 @@ def trained_checkpoints(
     seed: int,
     cache_dir: Path,
     key_parts: Dict[str, Any],
+    make_objective: Optional[Callable[[nn.Module], Callable[[Any], Tensor]]] = None,
 ) -> List[Checkpoint]:
-    """Checkpoints for ``num_models`` models (seeds ``seed, seed+1, ...``), trained or reused."""
+    """Checkpoints for ``num_models`` models (seeds ``seed, seed+1, ...``), trained or reused.
+
+    ``make_objective(model)`` gives :func:`train_one` the task's loss (None: cross-entropy).
+    """
     key = cache_key({**key_parts, "data": split.fingerprint(), "train": settings.__dict__, "seed": seed})
     folder = Path(cache_dir).expanduser() / "checkpoints" / key
     manifest_path = folder / "manifest.json"
@@ -178,7 +215,8 @@ def trained_checkpoints(
     checkpoints = []
     for model_index in range(settings.num_models):
         model = build_model()
-        for epoch, state in train_one(model, split, settings, seed + model_index):
+        objective = None if make_objective is None else make_objective(model)
+        for epoch, state in train_one(model, split, settings, seed + model_index, objective):
             path = folder / f"model{model_index}_epoch{epoch:04d}.safetensors"
             save_state_dict(state, path)
             checkpoints.append(Checkpoint(path, model_index, epoch, settings.lr))

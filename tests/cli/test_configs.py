@@ -11,6 +11,8 @@ from dattri_cli.catalog import GROUPS, options
 from tests.conftest import compose_run
 
 RUNTIME_FILLED = set(builders.RUNTIME_FILLED)
+CUSTOM_LOSS = "tests.cli.custom_task.make_loss"
+CUSTOM_DATASET = "tests.cli.test_byo.PairDataset"
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
@@ -28,8 +30,22 @@ def test_option_composes_and_binds(group, option):
         overrides.append("dataset.path=/some/data.npz")
     if (group, option) == ("model", "custom"):
         overrides.append("model._target_=dattri_cli.models.MLP")
+    if (group, option) == ("task", "custom"):
+        overrides.append(f"task.loss._target_={CUSTOM_LOSS}")
+    if (group, option) == ("dataset", "hf"):
+        overrides.append("dataset.path=/some/table.csv")
+    if (group, option) == ("dataset", "custom"):
+        overrides.append(f"dataset._target_={CUSTOM_DATASET}")
     cfg = compose_run(overrides)
     node = builders.to_dict(cfg)[group]
+    if group == "task":  # no _target_: the name picks the loss; every key is read by make_task_functions
+        from dattri_cli import schema
+        from dattri_cli.models import LogisticRegression
+
+        schema.TOP["task"].check("task", node)
+        functions = builders.make_task_functions(node, LogisticRegression(3, 2), 1, 0.0)
+        assert functions.name == (node["name"])
+        return
     if group == "train":
         from dattri_cli.models.train import TrainSettings
 
@@ -40,6 +56,11 @@ def test_option_composes_and_binds(group, option):
         from dattri_cli.data.noise import NOISE_KEYS
 
         assert all(node.pop(k) is not None for k in NOISE_KEYS)
+        node.pop("collate_fn", None)  # read by the pipeline for a _target_ returning a torch Dataset
+        params, takes_any = builders._accepted(builders.resolve_target(node, group))
+        for key in builders.DATASET_SPLIT_KEYS:  # applied by the pipeline when the builder does not take them
+            if key not in params and not takes_any:
+                node.pop(key, None)
     params = builders.check_kwargs(node, group)
     target = builders.resolve_target(node, group)
     given = {k for k in node if not k.startswith("_")}

@@ -24,6 +24,9 @@ def _overrides(group: str, option: str) -> List[str]:
     extra = {
         ("dataset", "file"): ["dataset.path=/some/data.npz"],
         ("model", "custom"): ["model._target_=dattri_cli.models.MLP"],
+        ("task", "custom"): ["task.loss._target_=tests.cli.custom_task.make_loss"],
+        ("dataset", "custom"): ["dataset._target_=tests.cli.test_byo.PairDataset"],
+        ("dataset", "hf"): ["dataset.path=/some/table.csv", "dataset.text_column=text"],
     }
     return [f"{group}={option}", *extra.get((group, option), [])]
 
@@ -46,7 +49,18 @@ def test_every_shipped_config_validates_unchanged(group, option):
 
 
 # one node of every kind: a key added to a YAML file without a rule (or a constructor argument) is refused
-NODES = ["", "train", "shard", "loader", "output", "attributor.runner", "dataset", "model", "attributor"]
+NODES = [
+    "",
+    "train",
+    "shard",
+    "loader",
+    "output",
+    "attributor.runner",
+    "dataset",
+    "model",
+    "attributor",
+    "task",
+]
 
 
 @pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
@@ -357,8 +371,8 @@ def test_eval_paths_are_taken_as_written():
 
 @pytest.mark.parametrize(
     ("group", "option"),
-    [(g, o) for g, o in ALL if g != "train"],
-    ids=[f"{g}={o}" for g, o in ALL if g != "train"],
+    [(g, o) for g, o in ALL if g not in ("train", "task")],
+    ids=[f"{g}={o}" for g, o in ALL if g not in ("train", "task")],
 )
 def test_shipped_targets_have_resolvable_annotations(group, option):
     """Type checks come from annotations: every constructor argument of a shipped target must have one we can read."""

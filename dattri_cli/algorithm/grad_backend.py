@@ -1,0 +1,347 @@
+"""Per-sample gradient backends of the first-order attributors (TracIn, Grad-Dot, Grad-Cos, TRAK).
+
+* ``"func"``: ``vmap(grad(loss))`` over the batch: the ``(batch, P)`` matrix of every
+  parameter's per-sample gradient (dattri's way; exact, simple, memory ``batch x P``).
+* ``"layers"``: :class:`~dattri_cli.func.layer_grads.PerSampleLayers`: the task's
+  per-sample loss vmapped once with hooks on the model's layers, each layer's inputs and
+  output gradients kept, and everything downstream (inner products, norms, projections)
+  computed layer by layer: memory ``batch x`` the largest layer, and the
+  ``(batch, P)`` matrix is never formed. The same gradients up to float rounding.
+* ``"auto"``: ``"layers"`` when it is exactly equivalent (every parameterised module
+  has a factored form, BatchNorm in eval mode, no shared parameters, the loss's direct
+  dependence on the parameters the same for every sample) and the model has at least
+  :data:`AUTO_MIN_PARAMS` parameters (or a Kronecker projection asks for it); ``"func"``
+  otherwise, so small models keep their exact numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from dattri_cli.errors import ConfigError
+from dattri_cli.func.batch import batch_size_of, index_batch, map_tensors
+from dattri_cli.func.kronecker import KroneckerProjector
+from dattri_cli.func.layer_grads import (
+    LINEAR,
+    LayerBackendUnsupported,
+    LayerCapture,
+    PerSampleLayers,
+    check_layer_support,
+    module_param_names,
+)
+from dattri_cli.func.projection import RandomProjector
+from dattri_cli.task import AttributionTask
+
+log = logging.getLogger("dattri_cli")
+
+GRAD_BACKENDS = ("auto", "func", "layers")
+#: ``grad_backend="auto"`` uses the layers for models with at least this many trainable parameters.
+AUTO_MIN_PARAMS = 1_000_000
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(
+    dtype: Union[str, torch.dtype, None], device: str, allow_cpu_half: bool = False
+) -> torch.dtype:
+    """The compute dtype of per-sample gradients and projections (float32 unless asked; half dtypes on GPUs)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    else:
+        name = str(dtype).lower().replace("torch.", "")
+    if name not in DTYPES:
+        msg = f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}"
+        raise ConfigError(msg)
+    resolved = DTYPES[name]
+    if resolved != torch.float32 and not str(device).startswith("cuda") and not allow_cpu_half:
+        msg = (
+            f"dtype={name!r} on device {device!r}: half-precision gradients are meant for GPUs (on a CPU "
+            "they are slower than float32 and lose precision); use dtype='float32', or allow_cpu_half=True "
+            "to insist"
+        )
+        raise ConfigError(msg)
+    return resolved
+
+
+def check_backend(grad_backend: str) -> str:
+    """``grad_backend`` validated (one of :data:`GRAD_BACKENDS`)."""
+    if grad_backend not in GRAD_BACKENDS:
+        msg = f"grad_backend must be one of {GRAD_BACKENDS}, got {grad_backend!r}"
+        raise ConfigError(msg)
+    return grad_backend
+
+
+class LayerGradients:
+    """The ``"layers"`` backend for one task: captures per checkpoint and side, and what is computed from them."""
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Any,
+        device: str,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Record the layers covering the ``layer_name`` parameters (all when None) of ``task``'s model."""
+        self.task = task
+        self.layer_name = layer_name
+        self.device = device
+        self.dtype = dtype
+        model = task.get_model()
+        self.names = task.selected_names(layer_name, 0)
+        self.layers = check_layer_support(model, self.names)
+        self.recorder = PerSampleLayers(model, self.layers)
+        # where each layer's parameters sit in the flat gradient vector (func's layout)
+        numel = {n: int(torch.Size(s).numel()) for n, s in task.param_shapes(layer_name, 0).items()}
+        position, offset = {}, 0
+        for name, size in numel.items():
+            position[name] = offset
+            offset += size
+        self.num_params = offset
+        owned = module_param_names(model, self.layers)
+        self.starts = {n: position[owned[n][0]] for n in self.layers}
+        # each layer's parameters one after the other in the flat vector (true for named_parameters order)
+        self.contiguous = all(
+            position[b] == position[a] + numel[a] for n in self.layers for a, b in zip(owned[n], owned[n][1:])
+        )
+        self._setup: Dict[
+            Tuple[int, bool], Tuple[Callable, Dict[str, Tensor], Optional[Dict[str, Tensor]]]
+        ] = {}
+
+    # -- captures -------------------------------------------------------------------------
+    def _func_and_params(
+        self, ckpt_idx: int, target: bool, batch: Any
+    ) -> Tuple[Callable, Dict, Optional[Dict]]:
+        key = (ckpt_idx, target)
+        if key not in self._setup:
+            getter = self.task.get_target_func if target else self.task.get_loss_func
+            func = getter(True, self.layer_name, ckpt_idx)
+            named = self.task.named_parameters(ckpt_idx)
+            params = {n: named[n].to(self.device) for n in self.names}
+            size = batch_size_of(batch)
+            samples = [index_batch(batch, i) for i in sorted({0, size - 1})]
+            direct = self.recorder.direct_gradient(func, params, samples)
+            self._setup = {
+                k: v for k, v in self._setup.items() if k[0] == ckpt_idx
+            }  # one checkpoint at a time
+            self._setup[key] = (func, params, direct)
+        return self._setup[key]
+
+    def probe(self, ckpt_idx: int, batch: Any, target: bool) -> None:
+        """Run the checks of the first capture now (LayerBackendUnsupported if the loss cannot be captured)."""
+        self._func_and_params(ckpt_idx, target, _to(batch, self.device))
+
+    def captures(self, ckpt_idx: int, batch: Any, target: bool) -> Dict[str, LayerCapture]:
+        """The layers' captures of one batch (loss for the training side, target for the test side)."""
+        batch = _to(batch, self.device)
+        func, params, direct = self._func_and_params(ckpt_idx, target, batch)
+        caps = self.recorder.capture(func, params, batch, direct)
+        if self.dtype != torch.float32:
+            for cap in caps.values():
+                _cast(cap, self.dtype)
+        return caps
+
+    # -- what the attributors need ----------------------------------------------------------
+    def flat(self, caps: Dict[str, LayerCapture]) -> Tensor:
+        """``(B, P)``: the concatenated per-sample gradients in the flat layout (identity projection, tests)."""
+        parts = sorted(
+            ((self.starts[n], caps[n].per_sample_grads()) for n in self.layers), key=lambda x: x[0]
+        )
+        return torch.cat([p.float() for _, p in parts], dim=1)
+
+    def project_dense(
+        self, caps: Dict[str, LayerCapture], projector: RandomProjector, ckpt_idx: int
+    ) -> Tensor:
+        """``(B, proj_dim)``: each layer's gradients times its rows of the dense matrix, added up."""
+        return self.project_dense_group([caps], projector, ckpt_idx)[0]
+
+    def project_dense_group(
+        self, group: List[Dict[str, LayerCapture]], projector: RandomProjector, ckpt_idx: int
+    ) -> List[Tensor]:
+        """:meth:`project_dense` of several batches' captures, drawing each chunk of the matrix once for all.
+
+        The layers are walked in order and each chunk of the seeded matrix that covers a
+        layer's rows is multiplied with the matching columns of every batch's layer
+        gradients; a linear layer's columns are formed from its factors chunk by chunk,
+        so the working memory is the group's factors of one layer plus one chunk. A
+        chunk beyond the projector's memory budget is drawn once per group, not per batch.
+        """
+        if not self.contiguous:
+            msg = "a layer's parameters are not contiguous in the flat parameter vector"
+            raise LayerBackendUnsupported(msg)
+        if projector.proj_type == "identity":
+            return [self.flat(caps) for caps in group]
+        outs: List[Optional[Tensor]] = [None] * len(group)
+        rows_per_chunk = projector.chunk_rows
+        for name in self.layers:
+            sources = [_Columns(caps[name]) for caps in group]
+            start, stop = self.starts[name], self.starts[name] + sources[0].size
+            for idx in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+                lo = idx * rows_per_chunk
+                device = projector._device_for(sources[0].like)
+                chunk = projector._chunk_of(ckpt_idx, idx, self.num_params, device)
+                a, b = max(start, lo), min(stop, lo + chunk.shape[0])
+                rows = chunk[a - lo : b - lo]
+                for i, source in enumerate(sources):
+                    cols = source.columns(a - start, b - start).to(device=device, dtype=projector.dtype)
+                    part = (cols @ rows).float()
+                    outs[i] = part if outs[i] is None else outs[i] + part
+        scale = math.sqrt(projector.proj_dim)
+        return [o.div_(scale) for o in outs if o is not None]
+
+    def feature_dim(self, projector: Any) -> int:
+        """Width of the projected features (before any gradient is computed)."""
+        if isinstance(projector, KroneckerProjector):
+            total = 0
+            for n in self.layers:
+                cap = LayerCapture(n, self.recorder.modules[n], self.recorder.kinds[n])
+                dims = projector.layer_dims(cap)
+                total += dims[0] * dims[1] if len(dims) == 2 else dims[0]
+            return total
+        if projector is None or projector.proj_type == "identity":
+            return self.num_params
+        return projector.proj_dim
+
+
+class _Columns:
+    """Column ranges of one layer's ``(B, P_layer)`` per-sample gradients (the flat layout), formed on demand.
+
+    A linear layer's weight columns ``[s, e)`` are rows of ``G = sum_t d_t a_t^T`` and come
+    from the factors (only the output rows spanned); other layers are materialised once.
+    """
+
+    def __init__(self, cap: LayerCapture) -> None:
+        self.cap = cap
+        self.size = sum(int(p.numel()) for p in cap.module.parameters(recurse=False) if p.requires_grad)
+        self._full: Optional[Tensor] = None
+        self._factors: Optional[Tuple[Tensor, Tensor]] = None
+        self.like = cap.inputs[0][0] if cap.inputs[0][0].is_floating_point() else cap.outgrads[0][0]
+
+    def columns(self, s: int, e: int) -> Tensor:
+        cap = self.cap
+        if cap.kind != LINEAR:
+            if self._full is None:
+                self._full = cap.per_sample_grads()
+            return self._full[:, s:e]
+        if self._factors is None:
+            self._factors = cap.factors()
+        a, d = self._factors
+        in_w = a.shape[-1] - int(cap.has_bias)
+        weight = int(cap.module.weight.numel())
+        parts = []
+        if s < weight:
+            w_end = min(e, weight)
+            o0, o1 = s // in_w, -(-w_end // in_w)
+            block = torch.einsum("bto,bti->boi", d[:, :, o0:o1], a[:, :, :in_w]).reshape(a.shape[0], -1)
+            parts.append(block[:, s - o0 * in_w : w_end - o0 * in_w])
+        if e > weight:
+            parts.append(d.sum(dim=1)[:, max(s, weight) - weight : e - weight])
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if cap.offset is not None:
+            out = out + cap.offset[s:e].to(out.dtype)
+        return out
+
+
+def _to(batch: Any, device: str) -> Any:
+    moved = map_tensors(lambda t: t.to(device), batch)
+    return tuple(moved) if isinstance(moved, list) else moved
+
+
+def capture_bytes(caps: Dict[str, LayerCapture]) -> int:
+    """Memory held by a batch's captures (layer inputs and output gradients)."""
+    total = 0
+    for cap in caps.values():
+        for xs in cap.inputs:
+            total += sum(x.numel() * x.element_size() for x in xs)
+        for ds in cap.outgrads:
+            total += sum(d.numel() * d.element_size() for d in ds if d is not None)
+    return total
+
+
+def _cast(cap: LayerCapture, dtype: torch.dtype) -> None:
+    """A capture's floating tensors in ``dtype`` (token ids stay integers)."""
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    cap.inputs = [tuple(cast(x) for x in xs) for xs in cap.inputs]
+    cap.outgrads = [[cast(d) for d in ds] for ds in cap.outgrads]
+    if cap.offset is not None:
+        cap.offset = cap.offset.to(dtype)
+
+
+def choose_backend(
+    requested: str,
+    task: AttributionTask,
+    layer_name: Any,
+    device: str,
+    dtype: torch.dtype,
+    needs_layers: bool,
+    probe_batch: Optional[Callable[[], Any]] = None,
+) -> Optional[LayerGradients]:
+    """The layers backend (a :class:`LayerGradients`) or None for ``"func"``.
+
+    ``needs_layers`` (a Kronecker projection) turns ``"auto"`` into ``"layers"``.
+    ``probe_batch()`` gives a training batch on which the loss is checked before any
+    work (the layers must all be called; a direct parameter term must not depend on
+    the sample). With ``"layers"`` (or a Kronecker projection) an unsupported model
+    is a ConfigError naming the reason; ``"auto"`` then quietly uses ``"func"``.
+    """
+    check_backend(requested)
+    if requested == "func":
+        if needs_layers:
+            msg = 'projector_kwargs["proj_type"]="kronecker" needs grad_backend="layers" (or "auto")'
+            raise ConfigError(msg)
+        return None
+    model = task.get_model()
+    task.get_param(0)  # the first checkpoint loaded (BatchNorm statistics, eval mode)
+    if requested == "auto" and not needs_layers:
+        selected = task.selected_names(layer_name, 0)
+        shapes = task.param_shapes(layer_name, 0)
+        if sum(int(torch.Size(s).numel()) for s in shapes.values()) < AUTO_MIN_PARAMS:
+            return None
+        try:
+            check_layer_support(model, selected, allow_fallback=False)
+        except LayerBackendUnsupported:
+            return None
+    try:
+        layers = LayerGradients(task, layer_name, device, dtype)
+        if probe_batch is not None:
+            batch = probe_batch()
+            if batch is not None:
+                layers.probe(0, batch, target=False)
+                layers.probe(0, batch, target=True)
+    except LayerBackendUnsupported as exc:
+        if requested == "auto" and not needs_layers:
+            log.info("grad_backend=auto: per-sample gradients through torch.func (%s)", exc)
+            return None
+        why = "Kronecker projection" if needs_layers else 'grad_backend="layers"'
+        msg = f'{why} cannot capture this model layer by layer: {exc}; use grad_backend="func"'
+        if needs_layers:
+            msg += ' with a dense projector_kwargs["proj_type"]'
+        raise ConfigError(msg) from exc
+    return layers
+
+
+def first_batch(loader: Any) -> Any:
+    """The first batch of a loader (None when empty)."""
+    for batch in loader:
+        return batch
+    return None
+
+
+__all__: List[str] = [
+    "AUTO_MIN_PARAMS",
+    "DTYPES",
+    "GRAD_BACKENDS",
+    "LayerGradients",
+    "check_backend",
+    "choose_backend",
+    "first_batch",
+    "resolve_dtype",
+]
