@@ -27,10 +27,6 @@ from tests.conftest import REPO, compose_run
 
 EXAMPLES = REPO / "examples"
 SHAPES = {"images": (28, 8), "bert_text": (40, 8), "gpt2_lm": (40, 8), "regression_mlp": (60, 10)}
-EKFAC_GAP = (
-    "EK-FAC does not unwrap Hugging Face ModelOutputs yet (func/kfac.py, influence_function.py: "
-    "'EK-FAC needs the model to return one tensor'); fixed in the EK-FAC helper's branch"
-)
 FAST = {
     ("regression_mlp", "grad_dot"),
     ("images", "trak"),
@@ -45,8 +41,6 @@ def _cases():
             marks = []
             if (name, attributor) not in FAST:
                 marks.append(pytest.mark.slow)
-            if attributor == "if_ekfac" and name in ("bert_text", "gpt2_lm"):
-                marks.append(pytest.mark.xfail(reason=EKFAC_GAP, strict=False))
             yield pytest.param(name, attributor, marks=marks, id=f"{name}-{attributor}")
 
 
