@@ -41,14 +41,15 @@ def loaders(data: Dict[str, torch.Tensor], batch: int) -> Dict[str, Any]:
     }
 
 
-def warm_up(model: torch.nn.Module, data: Dict[str, torch.Tensor], device: str) -> None:
+def warm_up(model: torch.nn.Module, data: Dict[str, torch.Tensor], device: str, batch: int) -> None:
     """Outside the timed region, on every side alike: load torch.func's lazily imported modules
-    and set up the model's kernels with one forward/backward pass on one sample."""
+    and set up the model's kernels (oneDNN creates them per shape: seconds on the first call)
+    with one forward/backward pass on the first train batch and the first test batch."""
     from torch.func import grad, vmap  # noqa: PLC0415
 
     w = torch.ones(3)
     vmap(grad(lambda w, x: (w * x).sum()), in_dims=(None, 0))(w, torch.ones(2, 3))
-    bm.floor_pass(model, {k: v[:1] for k, v in data.items()}, 1, device)
+    bm.floor_pass(model, {k: v[:batch] for k, v in data.items()}, batch, device)
     model.zero_grad(set_to_none=True)
 
 
@@ -75,7 +76,7 @@ def run_job(build: Callable[[Dict[str, Any], Dict[str, Any]], Callable[[], torch
     except Unsupported as exc:
         print(json.dumps({"unsupported": str(exc)}), flush=True)
         return 3
-    warm_up(model, data, device)
+    warm_up(model, data, device, int(job["batch"]))
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
