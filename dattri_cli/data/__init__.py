@@ -206,28 +206,11 @@ def check_xy(where: str, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
 
 def _read_tensors(path: Path, label_column: str) -> Tuple[Tensor, Tensor]:
     """``x`` and ``y`` from .safetensors / .npz / .pt (keys x, y) or .csv (a label column), checked."""
-    if not path.is_file():
-        msg = f"data file not found: {path}"
-        raise DataError(msg)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        x, y = _read_csv(path, label_column)
-        return check_xy(str(path), x, y)
-    if suffix in {".safetensors", ".npz"}:
-        arrays = _read_arrays(path, suffix)
-    elif suffix in {".pt", ".pth"}:
-        try:
-            arrays = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - the user's file is unreadable
-            from dattri_cli.errors import torch_load_refusal  # noqa: PLC0415
+    return _xy(path, _raw_arrays(path, label_column))
 
-            raise DataError(torch_load_refusal(path, exc, "data file")) from exc
-        if not isinstance(arrays, dict):
-            msg = f"{path} must hold a dict with tensors 'x' and 'y'"
-            raise DataError(msg)
-    else:
-        msg = f"unsupported data file type {suffix!r} for {path}; use .safetensors, .npz, .pt or .csv"
-        raise DataError(msg)
+
+def _xy(path: Path, arrays: dict) -> Tuple[Tensor, Tensor]:
+    """The checked ``x`` / ``y`` tensors of a file's arrays (classification's reading)."""
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         msg = f"{path} lacks {missing}; it must hold 'x' (inputs) and 'y' (integer labels), found {sorted(arrays)}"
@@ -376,7 +359,7 @@ LABEL_NAMES = ("y", "labels")
 
 
 def _raw_arrays(path: Path, label_column: str) -> dict:
-    """Every array of a data file by name (a csv: ``x`` and ``y``), unchecked."""
+    """Every array of a data file by name (a csv: ``x`` and ``y``), unchecked; one line when unreadable."""
     if not path.is_file():
         msg = f"data file not found: {path}"
         raise DataError(msg)
@@ -386,7 +369,19 @@ def _raw_arrays(path: Path, label_column: str) -> dict:
         return {"x": x, "y": y}
     if suffix in {".safetensors", ".npz"}:
         return _read_arrays(path, suffix)
-    return {}
+    if suffix in {".pt", ".pth"}:
+        try:
+            arrays = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - the user's file is unreadable
+            from dattri_cli.errors import torch_load_refusal  # noqa: PLC0415
+
+            raise DataError(torch_load_refusal(path, exc, "data file")) from exc
+        if not isinstance(arrays, dict):
+            msg = f"{path} must hold a dict with tensors 'x' and 'y'"
+            raise DataError(msg)
+        return arrays
+    msg = f"unsupported data file type {suffix!r} for {path}; use .safetensors, .npz, .pt or .csv"
+    raise DataError(msg)
 
 
 def _checked_arrays(where: str, arrays: dict, task: str) -> Tuple[dict, Optional[Tensor]]:
@@ -460,7 +455,7 @@ def from_files(
     raw = _raw_arrays(path, label_column)
     if raw and (set(raw) - {"x", "y"} or task in KEEP_TARGET_TASKS):
         return _from_arrays(path, raw, test_path, label_column, n_train, n_test, split_seed, task)
-    x, y = _read_tensors(path, label_column)
+    x, y = _xy(path, raw)
     if test_path is None:
         split = split_dataset(path.name, x, y, n_train, n_test, split_seed)
         unused = x.shape[0] - split.x_train.shape[0] - split.x_test.shape[0]

@@ -19,13 +19,7 @@ from dattri_cli.errors import ConfigError
 from dattri_cli.func import kfac
 from dattri_cli.func.utils import per_sample_grad
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def ce_loss(model: nn.Module):

@@ -17,13 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dattri_cli.func import kfac
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class ResBlockNet(nn.Module):

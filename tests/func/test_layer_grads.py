@@ -11,13 +11,7 @@ from torch.nn.functional import cross_entropy
 from dattri_cli.errors import ConfigError
 from dattri_cli.func import layer_grads as lg
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def per_sample_loss(model: nn.Module, batch: tuple) -> torch.Tensor:

@@ -13,13 +13,7 @@ from dattri_cli.func import layer_grads as lg
 from dattri_cli.func.kronecker import KroneckerProjector
 from dattri_cli.func.projection import RandomProjector
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class Net(nn.Module):
