@@ -345,3 +345,26 @@ __all__: List[str] = [
     "first_batch",
     "resolve_dtype",
 ]
+
+
+class ChoosesGradBackend:
+    """For attributors with a ``grad_backend`` option: decide once where per-sample gradients come from.
+
+    Expects ``grad_backend``, ``task``, ``layer_name``, ``device``, ``dtype``, ``projector``,
+    ``_layers`` and ``_backend_chosen`` on the instance (TracIn and TRAK set them).
+    """
+
+    def _choose_backend(self, train_dataloader: Optional[Any]) -> Optional[LayerGradients]:
+        """The layers backend or None (``torch.func``), decided once, on the first training batch."""
+        if not self._backend_chosen:
+            self._layers = choose_backend(
+                self.grad_backend,
+                self.task,
+                self.layer_name,
+                self.device,
+                self.dtype,
+                needs_layers=isinstance(self.projector, KroneckerProjector),
+                probe_batch=(lambda: first_batch(train_dataloader)) if train_dataloader is not None else None,
+            )
+            self._backend_chosen = True
+        return self._layers

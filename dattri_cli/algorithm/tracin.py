@@ -23,10 +23,9 @@ from torch.utils.data import DataLoader
 
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, sum_over_checkpoints
 from dattri_cli.algorithm.grad_backend import (
+    ChoosesGradBackend,
     LayerGradients,
     check_backend,
-    choose_backend,
-    first_batch,
     resolve_dtype,
 )
 from dattri_cli.algorithm.utils import (
@@ -49,7 +48,7 @@ log = logging.getLogger("dattri_cli")
 NORM_EPS = 1e-12
 
 
-class TracInAttributor(Attributor):
+class TracInAttributor(ChoosesGradBackend, Attributor):
     """TracIn over the task's checkpoints, weighted by ``weight_list``."""
 
     splits_over_ranks = True  # nothing sums over the training set
@@ -144,21 +143,6 @@ class TracInAttributor(Attributor):
         return self._self_scores(train_dataloader)
 
     # -- computation ------------------------------------------------------------------------------
-
-    def _choose_backend(self, train_dataloader: DataLoader) -> Optional[LayerGradients]:
-        """The layers backend or None (``torch.func``), decided once, on the first training batch."""
-        if not self._backend_chosen:
-            self._layers = choose_backend(
-                self.grad_backend,
-                self.task,
-                self.layer_name,
-                self.device,
-                self.dtype,
-                needs_layers=isinstance(self.projector, KroneckerProjector),
-                probe_batch=lambda: first_batch(train_dataloader),
-            )
-            self._backend_chosen = True
-        return self._layers
 
     def _project(self, ckpt_idx: int, grads: Tensor) -> Tensor:
         """Seeded random projection (one matrix per checkpoint), or the identity."""

@@ -33,11 +33,10 @@ from torch.utils.data import DataLoader
 from dattri_cli import distributed
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
 from dattri_cli.algorithm.grad_backend import (
+    ChoosesGradBackend,
     LayerGradients,
     capture_bytes,
     check_backend,
-    choose_backend,
-    first_batch,
     resolve_dtype,
 )
 from dattri_cli.algorithm.utils import batch_size_of, check_finite, check_not_shuffled, num_samples, to_device
@@ -111,7 +110,7 @@ class FeatureBlocks:
         return (self.ranges[-1][1] - self.ranges[0][0], self.dim)
 
 
-class TRAKAttributor(Attributor):
+class TRAKAttributor(ChoosesGradBackend, Attributor):
     """TRAK over the task's checkpoints (one per independently trained model).
 
     The training rows are given to :meth:`prepare` (``cache``), which keeps their features;
@@ -217,21 +216,6 @@ class TRAKAttributor(Attributor):
         # coordinate (the random matrix has no zeros), and the projection is far smaller
         check_finite(projected, f"{side} gradients", hint="check the data and the checkpoint")
         return projected
-
-    def _choose_backend(self, train_dataloader: Optional[DataLoader]) -> Optional[LayerGradients]:
-        """The layers backend or None (``torch.func``), decided once (on the first training batch)."""
-        if not self._backend_chosen:
-            self._layers = choose_backend(
-                self.grad_backend,
-                self.task,
-                self.layer_name,
-                self.device,
-                self.dtype,
-                needs_layers=isinstance(self.projector, KroneckerProjector),
-                probe_batch=(lambda: first_batch(train_dataloader)) if train_dataloader is not None else None,
-            )
-            self._backend_chosen = True
-        return self._layers
 
     def _project_captures(self, caps: Dict[str, Any], ckpt_idx: int) -> Tensor:
         """Kronecker or identity features of one batch's captures (unscaled)."""
