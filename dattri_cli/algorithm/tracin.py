@@ -170,6 +170,8 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
                 return None
         if self.projector is not None:  # the projection is seeded by the checkpoint index
             extra = {"projection": self.projector_kwargs, "ckpt_idx": ckpt_idx, "calls": "sample"}
+            if isinstance(self.projector, KroneckerProjector):
+                extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
         if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
             extra["calls"] = "layers"
             if self.dtype != torch.float32:

@@ -298,6 +298,8 @@ class TRAKAttributor(ChoosesGradBackend, Attributor):
             "ckpt_idx": ckpt_idx,
             "norm_scaler": self.norm_scaler,
         }
+        if isinstance(self.projector, KroneckerProjector):
+            extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
         if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
             extra["grad_backend"] = "layers"
             if self.dtype != torch.float32:

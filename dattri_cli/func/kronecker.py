@@ -45,12 +45,18 @@ from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture, as_laye
 
 
 def kronecker_dims(in_dim: int, out_dim: int, proj_dim: int) -> Tuple[int, int]:
-    """``(k_in, k_out)`` for a layer with ``in_dim`` inputs (bias column included) and ``out_dim`` outputs."""
+    """``(k_in, k_out)`` for a layer with ``in_dim`` inputs (bias column included) and ``out_dim`` outputs.
+
+    Square-ish (``sqrt(proj_dim)`` a side) for wide layers; a side narrower than that is kept
+    whole and the other side gets the rest, so ``k_in * k_out`` comes as close to ``proj_dim``
+    as the layer allows (a 10 x 65 layer at 512: 51 x 10, not 22 x 10).
+    """
     if proj_dim < 1:
         msg = f"proj_dim must be a positive integer, got {proj_dim}"
         raise ConfigError(msg)
     k_in = min(in_dim, math.isqrt(proj_dim))
     k_out = min(out_dim, proj_dim // k_in)
+    k_in = min(in_dim, proj_dim // k_out)  # a narrow output side leaves room for more input dimensions
     return k_in, k_out
 
 
@@ -100,6 +106,10 @@ class KroneckerProjector:
     ``proj_dim`` is the budget per layer (see :func:`kronecker_dims`). Matrices are
     generated once per (checkpoint, layer) and kept.
     """
+
+    #: how the per-layer dimensions and matrices are chosen; part of feature-cache keys, so features
+    #: projected by an older rule are never read back (2: a narrow side leaves room for the other)
+    LAYOUT_VERSION = 2
 
     def __init__(self, proj_dim: int = 4096, seed: int = 0, deterministic: bool = True) -> None:
         kronecker_dims(1, 1, proj_dim)  # validates proj_dim

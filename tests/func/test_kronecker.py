@@ -144,7 +144,8 @@ def test_seeds_select_different_matrices():
 def test_dimension_rule():
     assert kr.kronecker_dims(513, 256, 4096) == (64, 64)
     assert kr.kronecker_dims(10, 256, 4096) == (10, 256)  # a narrow side is kept whole
-    assert kr.kronecker_dims(1000, 3, 4096) == (64, 3)
+    assert kr.kronecker_dims(1000, 3, 4096) == (1000, 3)  # a narrow output side: the input side gets the rest
+    assert kr.kronecker_dims(65, 10, 512) == (51, 10)
     assert kr.kronecker_dims(100, 100, 30) == (5, 6)
     with pytest.raises(ConfigError):
         kr.kronecker_dims(10, 10, 0)
