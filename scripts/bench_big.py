@@ -71,7 +71,10 @@ OURS: Dict[str, Dict[str, Any]] = {
         "api": "trak",
         "checkpoints": "last",
         "kwargs": {},
-        "projector_kwargs": {"proj_type": "kronecker", "proj_dim": "{proj_dim}", "proj_seed": 0},
+        # proj_dim is per layer for the Kronecker projection: 64 per layer is ~2.6k features on
+        # ResNet-18 (41 layers with parameters); --proj-dim per layer would make TRAK's kernel
+        # (41 * 512)^2 values, 2.5 GB in float32 for its eigendecomposition alone
+        "projector_kwargs": {"proj_type": "kronecker", "proj_dim": 64, "proj_seed": 0},
     },
     # automatic damping (0.1 x each layer's mean eigenvalue), Gauss-Newton Fisher: as Kronfluence
     "ekfac": {"api": "ekfac", "checkpoints": "last", "kwargs": {"damping": None, "fisher": "gauss_newton"}},
