@@ -58,4 +58,6 @@ def test_resnet18_example_with_real_torchvision(attributor, image_root, cache_di
     scores = tensors["scores"]
     assert tuple(scores.shape) == (28, 8)
     assert bool(torch.isfinite(scores).all()) and float(scores.abs().max()) > 0
-    assert meta["choices"]["model"] == "torchvision"
+    assert (
+        meta["config"]["model"]["name"] == "resnet18" and "torchvision" in meta["config"]["model"]["_target_"]
+    )
