@@ -86,6 +86,16 @@ def kfac_factor_bytes(layers: Iterable[Tuple[int, int]]) -> int:
     return sum((i * i + o * o) * FLOAT64 * 2 + i * o * FLOAT64 * 2 for i, o in layers)
 
 
+def trak_width(proj_dim: int, proj_type: Optional[str], num_layers: int) -> int:
+    """TRAK's feature width: ``proj_dim``, or ``proj_dim`` per layer with parameters for a Kronecker projection."""
+    return proj_dim * max(1, num_layers) if proj_type == "kronecker" else proj_dim
+
+
+def trak_kernel_bytes(width: int) -> int:
+    """TRAK's ``width x width`` kernel with its eigendecomposition (eigenvectors and workspace): 3 float32 copies."""
+    return 3 * width * width * 4
+
+
 def feature_cache_bytes(n_train: int, width: int, num_checkpoints: int = 1, itemsize: int = 4) -> int:
     """Disk taken by the training rows' stored representations."""
     return int(n_train) * int(width) * int(itemsize) * int(num_checkpoints)
@@ -189,13 +199,23 @@ def estimate(
         est.fixes["arnoldi_basis"] = (
             "a smaller attributor.max_iter (the Krylov basis holds max_iter + 1 vectors)"
         )
+    elif method == "TRAKAttributor":
+        width = trak_width(
+            int(options.get("proj_dim", 512)), options.get("proj_type"), int(options.get("num_layers", 1))
+        )
+        est.memory["trak_kernel"] = trak_kernel_bytes(width)
+        est.fixes["trak_kernel"] = (
+            "a smaller attributor.projector_kwargs.proj_dim (per layer with proj_type=kronecker)"
+        )
     elif method in ("IFAttributorEKFAC", "IFAttributorKFAC"):
         est.memory["kfac_factors"] = kfac_factor_bytes(options.get("kfac_layers", ()))
         est.fixes["kfac_factors"] = "fewer layers (attributor.module_name)"
     if feature_cache and inner:  # raw training gradients, one row of P per sample
         est.disk["train_features"] = feature_cache_bytes(sizes.n_train, p, sizes.num_checkpoints, item)
     if feature_cache and method == "TRAKAttributor":
-        width = int(options.get("proj_dim", 512))
+        width = trak_width(
+            int(options.get("proj_dim", 512)), options.get("proj_type"), int(options.get("num_layers", 1))
+        )
         est.disk["train_features"] = feature_cache_bytes(sizes.n_train, width, sizes.num_checkpoints, item)
     if est.disk:
         est.fixes["disk"] = "feature_cache=false (nothing stored; the train side is recomputed)"
@@ -311,9 +331,14 @@ def guard(resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: An
     options: Dict[str, Any] = {"kfac_layers": layers}
     if "max_iter" in attributor_cfg:
         options["max_iter"] = attributor_cfg["max_iter"]
-    proj_dim = (attributor_cfg.get("projector_kwargs") or {}).get("proj_dim", attributor_cfg.get("proj_dim"))
+    projector = attributor_cfg.get("projector_kwargs") or {}
+    proj_dim = projector.get("proj_dim", attributor_cfg.get("proj_dim"))
     if proj_dim is not None:
         options["proj_dim"] = proj_dim
+    options["proj_type"] = projector.get("proj_type")
+    options["num_layers"] = sum(
+        1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None
+    )
     checkpoints = resolved.get("checkpoint")
     if checkpoints:
         num_checkpoints = len(checkpoints) if isinstance(checkpoints, (list, tuple)) else 1

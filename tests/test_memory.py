@@ -29,6 +29,21 @@ def test_estimates_are_the_documented_products() -> None:
     assert chunk == (ihvp.CHUNK_BUDGET_BYTES // row) * row <= ihvp.CHUNK_BUDGET_BYTES
     assert memory.solver_chunk_bytes(2, 100, 4, 8, ihvp.CHUNK_BUDGET_BYTES) == 2 * 100 * 4 * 8
     assert memory.size(1.5 * GIB) == "1.5 GiB" and memory.size(3 * 2**20) == "3.0 MiB"
+    # TRAK's kernel: proj_dim wide, or proj_dim per layer with a Kronecker projection
+    assert memory.trak_width(512, "normal", 41) == 512 and memory.trak_width(512, "kronecker", 41) == 41 * 512
+    assert memory.trak_kernel_bytes(512) == 3 * 512 * 512 * 4
+
+
+def test_kronecker_trak_kernel_counts_every_layer() -> None:
+    """ResNet-18's 41 layers at 512 per layer: a 21k-wide kernel (2.5 GB for one float32 copy), refused on 4 GiB."""
+    sizes = memory.Sizes(RESNET18, 8, 8, 256, 32)
+    options = {"proj_dim": 512, "proj_type": "kronecker", "num_layers": 41}
+    est = memory.estimate("TRAKAttributor", sizes, options)
+    assert est.memory["trak_kernel"] == 3 * (41 * 512) ** 2 * 4
+    message = memory.refusal(est, 4 * GIB, "attributor=trak")
+    assert message is not None and "projector_kwargs.proj_dim" in message
+    dense = memory.estimate("TRAKAttributor", sizes, {**options, "proj_type": "normal"})
+    assert dense.memory["trak_kernel"] == 3 * 512**2 * 4
 
 
 def test_default_batch_sizes_shrink_for_large_models_only() -> None:
