@@ -183,6 +183,7 @@ WORKING = {
     "if_arnoldi": lambda task, funcs: inf.IFAttributorArnoldi(task, max_iter=5, proj_dim=3),  # noqa: ARG005
     # EK-FAC unwraps the ModelOutput, covers GPT-2's Conv1D layers and leaves out the tied lm_head
     "if_ekfac": lambda task, funcs: inf.IFAttributorEKFAC(task, damping=None),  # noqa: ARG005
+    "if_kfac": lambda task, funcs: inf.IFAttributorKFAC(task, damping=None),  # noqa: ARG005
     # LiSSA samples dict batches (input_ids / attention_mask)
     "if_lissa": lambda task, funcs: inf.IFAttributorLiSSA(task, recursion_depth=3, batch_size=3),  # noqa: ARG005
 }
@@ -209,6 +210,40 @@ def test_attributors_that_work_on_a_tiny_gpt2(name: str) -> None:
         scores = attributor.attribute(loader(), loader())
     assert scores.shape == (6, 6) and bool(torch.isfinite(scores).all())
     assert float(scores.abs().max()) > 0
+
+
+def test_grad_cos_is_grad_dot_over_the_gradient_norms_on_a_tiny_gpt2() -> None:
+    """Grad-Cos on dict batches equals Grad-Dot divided by both gradient norms (read off Grad-Dot's diagonal)."""
+    task, _, loader = _gpt2_setup()
+    dot, cos = (
+        TracInAttributor(task, [1.0], normalized_grad=False),
+        TracInAttributor(task, [1.0], normalized_grad=True),
+    )
+    dot.cache()
+    cos.cache()
+    d = dot.attribute(loader(), loader()).double()
+    c = cos.attribute(loader(), loader()).double()
+    norms = d.diagonal().sqrt()  # loss and target are the same function here, so the diagonal is |g_i|^2
+    torch.testing.assert_close(c, d / norms[:, None] / norms[None, :], rtol=1e-4, atol=1e-5)
+    assert float(c.abs().max()) <= 1 + 1e-5
+
+
+@pytest.mark.slow
+def test_cg_equals_the_explicit_inverse_on_a_tiny_gpt2() -> None:
+    """CG through attention (dict batches, second derivatives) converges to the explicit inverse.
+
+    A random GPT-2 with 8-wide embeddings has Hessian eigenvalues below -30, so both solve with a
+    ridge of 100 (the explicit factorisation reports it positive definite there).
+    """
+    task, _, loader = _gpt2_setup()
+    explicit = inf.IFAttributorExplicit(task, regularization=100.0)
+    explicit.cache(loader())
+    expected = explicit.attribute(loader(), loader())
+    assert explicit.diagnostics["checkpoint_0"]["positive_definite"]
+    cg = inf.IFAttributorCG(task, regularization=100.0, max_iter=100, tol=1e-9)
+    cg.cache(loader())
+    got = cg.attribute(loader(), loader())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_model_loss_of_a_causal_lm_equals_the_causal_lm_task_per_sample() -> None:
