@@ -774,3 +774,121 @@ def check_invertible(name: str, eigenvalues: Tensor, damping: float) -> None:
             "for the automatic default"
         )
         raise NumericalError(msg)
+
+
+# -- scores in the eigenbasis (per-layer captures, no flat gradient) ---------------------
+
+#: elements of one chunk of rotated per-sample gradients ``(rows, out, in[+1])`` (128 MiB in float32)
+EIGENBASIS_CHUNK_ELEMENTS = 1 << 25
+
+
+class EigenbasisLayer:
+    """One layer's influence scores in its K-FAC eigenbasis, from per-position factors ``(a, d)``.
+
+    With eigenbases ``Q_S``, ``Q_A`` and eigenvalues ``E`` (``out x in[+1]``, corrected or
+    Kronecker products), a sample's layer gradient ``G = sum_l d_l a_l^T`` is seen as
+    ``G~ = Q_S^T G Q_A``; since ``(C + damping I)^-1`` is diagonal there,
+
+    ``g_i^T (C + damping I)^-1 g_j = <G~_i, G~_j / (E + damping)>``
+
+    and nothing is rotated back. ``G~`` is formed from the rotated factors
+    (``Q_S^T d_l``, ``Q_A^T a_l``: ``L (in^2 + out^2) + L out in`` per sample) or, when the
+    positions are many, by rotating the formed gradient (``L out in + out in (out + in)``),
+    whichever costs fewer multiply-adds. ``a`` is ``(B, L, in[+1])`` with the bias column
+    last (:func:`layer_inputs`' convention), ``d`` is ``(B, L, out)``; ``offset`` is a flat
+    ``(P_layer,)`` term added to every sample's gradient (a penalty inside the loss).
+    Train-side work is in ``dtype`` (the captures'), the test side in the factors' dtype
+    and then cast, like :meth:`LayerFactors.inverse_apply`'s float64 solve.
+    """
+
+    def __init__(self, factors: LayerFactors, damping: float, corrected: bool, dtype: torch.dtype) -> None:
+        """Keep the eigenbases in ``dtype`` and ``1 / (E + damping)`` for one layer."""
+        if factors.transposed:
+            msg = f"layer {factors.name}: weights stored (in, out) have no eigenbasis scoring; use the flat path"
+            raise ValueError(msg)
+        self.factors, self.dtype = factors, dtype
+        self.inverse = 1.0 / (factors.eigenvalues(corrected) + damping)  # factors' dtype
+        self._bases: Dict[torch.dtype, Tuple[Tensor, Tensor]] = {}
+
+    def _basis(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        if dtype not in self._bases:
+            self._bases[dtype] = (self.factors.s_evecs.to(dtype), self.factors.a_evecs.to(dtype))
+        return self._bases[dtype]
+
+    def _offset(self, offset: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+        if offset is None:
+            return None
+        f = self.factors
+        qs, qa = self._basis(dtype)
+        mat = to_matrix(offset.reshape(1, -1).to(dtype), f.out_features, f.has_bias)[0]
+        return qs.T @ mat @ qa
+
+    def rotated(
+        self, a: Tensor, d: Tensor, offset: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[Tuple[int, Tensor]]:
+        """``(start, G~[start:start+k])`` chunks of the samples' gradients in the eigenbasis, ``(k, out, in[+1])``.
+
+        Chunks hold at most :data:`EIGENBASIS_CHUNK_ELEMENTS` values.
+        """
+        dtype = dtype or self.dtype
+        qs, qa = self._basis(dtype)
+        a, d = a.to(dtype), d.to(dtype)
+        b, positions, k_in = a.shape
+        k_out = d.shape[-1]
+        if (k_in, k_out) != (qa.shape[0], qs.shape[0]):
+            msg = (
+                f"layer {self.factors.name}: captured factors are {k_in} x {k_out} wide, the K-FAC factors "
+                f"{qa.shape[0]} x {qs.shape[0]}"
+            )
+            raise ValueError(msg)
+        factors_first = positions * (k_in * k_in + k_out * k_out) <= k_in * k_out * (k_in + k_out)
+        if factors_first:  # rotate every position once, for the whole batch
+            a, d = a @ qa, d @ qs
+        shift = self._offset(offset, dtype)
+        rows = max(1, EIGENBASIS_CHUNK_ELEMENTS // max(1, k_in * k_out))
+        for start in range(0, b, rows):
+            g = torch.einsum("blo,bli->boi", d[start : start + rows], a[start : start + rows])
+            if not factors_first:
+                g = qs.T @ g @ qa
+            if shift is not None:
+                g = g + shift
+            yield start, g
+
+    def test_side(self, a: Tensor, d: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        """``(B, out, in[+1])``: ``G~_j / (E + damping)`` of the test samples, in ``dtype``."""
+        work = self.inverse.dtype
+        parts = [(g * self.inverse).to(self.dtype) for _, g in self.rotated(a, d, offset, dtype=work)]
+        return torch.cat(parts)
+
+    def scores(self, a: Tensor, d: Tensor, test: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        """``(B_1, B_2)``: the training samples' layer influence on the test side of :meth:`test_side`."""
+        flat_test = test.reshape(test.shape[0], -1)
+        out = flat_test.new_zeros(a.shape[0], test.shape[0])
+        for start, g in self.rotated(a, d, offset):
+            out[start : start + g.shape[0]] = g.reshape(g.shape[0], -1) @ flat_test.T
+        return out
+
+    def self_terms(
+        self,
+        a: Tensor,
+        d: Tensor,
+        offset: Optional[Tensor],
+        target: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
+    ) -> Tuple[Optional[Tensor], Tensor]:
+        """Per sample ``(g_target^T (C + dI)^-1 g, ||(C + dI)^-1 g||^2)`` of this layer (``target``: its factors).
+
+        The first is None without ``target``. The norm needs no rotation back: the bases are orthonormal.
+        """
+        inverse = self.inverse.to(self.dtype)
+        pairs = []
+        rows_t = self.rotated(*target) if target is not None else None
+        for _start, g in self.rotated(a, d, offset):
+            solved = g * inverse
+            norm = solved.square().sum(dim=(1, 2))
+            dot = None
+            if rows_t is not None:
+                _, gt = next(rows_t)
+                dot = (solved * gt).sum(dim=(1, 2))
+            pairs.append((dot, norm))
+        dots = None if target is None else torch.cat([p[0] for p in pairs])
+        return dots, torch.cat([p[1] for p in pairs])
