@@ -681,6 +681,8 @@ class IFAttributorEKFAC(_CachedFullTrain):
         """
         from dattri_cli.func import kfac  # noqa: PLC0415
 
+        fast = self._large_model()
+
         def fit() -> Dict[str, Tensor]:
             factors, count = kfac.fit_factors(
                 self.task.original_loss_func,
@@ -694,12 +696,15 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 progress=track,
                 num_output_samples=self.num_output_samples,
                 seed=self.seed + ckpt_idx,
+                fast_correction=fast,
             )
             return kfac.factors_to_blocks(factors, count)
 
         kind = "ekfac_factors" if self.correct_eigenvalues else "kfac_factors"
         names = kfac.factor_block_names(self.module_name, self.correct_eigenvalues)
         settings: Dict[str, Any] = {"fisher": self.fisher, "modules": list(self.module_name)}
+        if fast and self.correct_eigenvalues:  # other last bits: never shared with the plain fit
+            settings["correction"] = "gemm"
         if self.num_output_samples is not None and self.fisher == "gauss_newton":
             settings.update(num_output_samples=self.num_output_samples, seed=self.seed)
         if len(loader) != len(self.full_train_dataloader):  # only a prefix of the batches (max_iter)
@@ -712,6 +717,19 @@ class IFAttributorEKFAC(_CachedFullTrain):
             kfac.bias_of(model, self.module_name),
             kfac.transposed_of(model, self.module_name),
         )
+
+    def _large_model(self) -> bool:
+        """Whether the large-model paths apply (``grad_backend="layers"``, or ``"auto"`` from a million parameters).
+
+        They give the same values in another summation order (EK-FAC's second moments
+        through GEMMs, scores in the eigenbasis), so small models under ``"auto"`` keep their bits.
+        """
+        from dattri_cli.algorithm.grad_backend import AUTO_MIN_PARAMS  # noqa: PLC0415
+
+        if self.grad_backend != "auto":
+            return self.grad_backend == "layers"
+        shapes = self.task.param_shapes(self.layer_name, 0)
+        return sum(math.prod(s) for s in shapes.values()) >= AUTO_MIN_PARAMS
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:
         if not self.factors:

@@ -674,6 +674,7 @@ def fit_factors(
     progress: Callable[[Iterable, str], Iterable] = lambda it, _desc: it,
     num_output_samples: Optional[int] = None,
     seed: int = 0,
+    fast_correction: bool = False,
 ) -> Tuple[Dict[str, LayerFactors], int]:
     """Fit ``A``, ``S``, their eigenbases and (``correct``) the EK-FAC eigenvalues over ``loader``.
 
@@ -681,7 +682,9 @@ def fit_factors(
     eigenbasis. Accumulation is in ``dtype`` (float64 by default). Returns the
     factors per layer name and the number of samples seen. ``num_output_samples``
     (Gauss-Newton only) samples that many pseudo-gradients per sample instead of
-    one per model output, from a generator seeded with ``seed``.
+    one per model output, from a generator seeded with ``seed``. ``fast_correction``: the
+    second moments through :func:`eigen_moments`' GEMM forms (the same values, summed in
+    another order, so other last bits; for large models).
     """
     check_num_output_samples(num_output_samples)
     generator = torch.Generator().manual_seed(int(seed)) if num_output_samples is not None else None
@@ -746,7 +749,7 @@ def fit_factors(
             for grads in passes:
                 for nm in names:
                     g_rot = grads[nm].to(dtype) @ factors[nm].s_evecs  # (n, L, out)
-                    batch_moments[nm] += torch.einsum("nlo,nli->noi", g_rot, a_rot[nm]).square().sum(dim=0)
+                    batch_moments[nm] += eigen_moments(g_rot, a_rot[nm], fast_correction)
             for nm in names:
                 moments[nm].add(batch_moments[nm])
         for f in factors.values():
@@ -754,6 +757,39 @@ def fit_factors(
             moment = moment if moment is not None else torch.zeros_like(f.eigenvalues(False))
             f.corrected = moment / count
     return factors, count
+
+
+#: at most this many positions per sample: the second moments come from position pairs in one GEMM
+PAIR_POSITIONS = 8
+
+
+def eigen_moments(g_rot: Tensor, a_rot: Tensor, fast: bool = False) -> Tensor:
+    """``sum_n (sum_l g_nl a_nl^T)^2`` (elementwise square): EK-FAC's second moments of one batch, ``(out, in)``.
+
+    ``g_rot`` ``(n, L, out)`` and ``a_rot`` ``(n, L, in)`` are the rotated output gradients and
+    inputs. Plain: every sample's ``out x in`` matrix is formed, squared and summed (memory
+    traffic of ``n * out * in`` values, several times). ``fast``: with few positions the
+    square expands over position pairs, ``sum_{l<=m} c_lm (g_l * g_m)(a_l * a_m)^T``
+    (``c`` = 1 on the diagonal, 2 off it), one GEMM with ``n L (L + 1) / 2`` inner rows
+    (for ``L = 1``: ``(g^2)^T a^2``); with many, the per-sample matrices are formed in chunks
+    of bounded size and squared in place. Same value, other summation order.
+    """
+    if not fast:
+        return torch.einsum("nlo,nli->noi", g_rot, a_rot).square().sum(dim=0)
+    n, positions, k_out = g_rot.shape
+    k_in = a_rot.shape[-1]
+    if positions <= PAIR_POSITIONS:
+        first, second = torch.triu_indices(positions, positions, device=g_rot.device)
+        weight = torch.where(first == second, 1.0, 2.0).to(g_rot.dtype)
+        gg = g_rot[:, first] * g_rot[:, second] * weight[:, None]  # (n, pairs, out)
+        aa = a_rot[:, first] * a_rot[:, second]  # (n, pairs, in)
+        return gg.reshape(-1, k_out).T @ aa.reshape(-1, k_in)
+    out = g_rot.new_zeros(k_out, k_in)
+    rows = max(1, EIGENBASIS_CHUNK_ELEMENTS // max(1, k_out * k_in))
+    for start in range(0, n, rows):
+        g = torch.einsum("nlo,nli->noi", g_rot[start : start + rows], a_rot[start : start + rows])
+        out += g.square_().sum(dim=0)
+    return out
 
 
 def auto_damping(eigenvalues: Tensor, ratio: float) -> float:

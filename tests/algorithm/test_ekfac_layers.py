@@ -91,8 +91,14 @@ def test_layers_scores_equal_func_scores(cls, damping, net) -> None:
     assert s_func.shape == (13, 5) and s_func.abs().max() > 0
     torch.testing.assert_close(s_layers, s_func, **TOL)
     torch.testing.assert_close(self_layers, self_func, **TOL)
-    # the same damping, checked and recorded per layer
-    assert att.diagnostics["checkpoint_1"]["layers"] == got["func"][0].diagnostics["checkpoint_1"]["layers"]
+    # the same damping, checked and recorded per layer (the layers path sums EK-FAC's moments in GEMMs)
+    layers_diag = att.diagnostics["checkpoint_1"]["layers"]
+    func_diag = got["func"][0].diagnostics["checkpoint_1"]["layers"]
+    assert list(layers_diag) == list(func_diag) == att.module_name
+    for name, entry in func_diag.items():
+        assert layers_diag[name]["damping_rule"] == entry["damping_rule"]
+        for key in ("damping", "mean_eigenvalue", "max_eigenvalue"):
+            assert layers_diag[name][key] == pytest.approx(entry[key], rel=1e-10)
     if net == "conv":  # the 1x1-map convolution's activation factor is mostly zero rows
         a_cov = att.factors[0]["conv3"].a_cov
         assert int((a_cov == 0).all(dim=0).sum()) == 3 * 8

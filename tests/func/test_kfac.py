@@ -237,3 +237,15 @@ def test_shared_layer_and_unused_layer_are_errors() -> None:
 
     with pytest.raises(ConfigError, match=r"not used by the loss"):
         fit(model2, loss, x, y, "empirical", names=["0", "1"])
+
+
+@pytest.mark.parametrize("positions", [1, 3, 8, 12])
+def test_eigen_moments_fast_forms_equal_the_plain_sum(positions, monkeypatch) -> None:
+    """Position pairs (L <= 8) and chunked in-place squares (L > 8) give sum_n (sum_l g a^T)^2."""
+    monkeypatch.setattr(kfac, "EIGENBASIS_CHUNK_ELEMENTS", 2 * 5 * 7)  # chunks of two samples
+    gen = torch.Generator().manual_seed(positions)
+    g = torch.randn(5, positions, 7, generator=gen, dtype=torch.float64)
+    a = torch.randn(5, positions, 5, generator=gen, dtype=torch.float64)
+    brute = sum((g[n].T @ a[n]) ** 2 for n in range(5))
+    torch.testing.assert_close(kfac.eigen_moments(g, a, fast=False), brute, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kfac.eigen_moments(g, a, fast=True), brute, rtol=1e-12, atol=0)
