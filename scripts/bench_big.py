@@ -84,7 +84,11 @@ OURS: Dict[str, Dict[str, Any]] = {
         "kwargs": {"damping": None, "fisher": "gauss_newton", "num_output_samples": 1},
     },
     # the exact Gauss-Newton factors: one backward pass per class (10 on these models); ours only
-    "ekfac_exact": {"api": "ekfac", "checkpoints": "last", "kwargs": {"damping": None, "fisher": "gauss_newton"}},
+    "ekfac_exact": {
+        "api": "ekfac",
+        "checkpoints": "last",
+        "kwargs": {"damping": None, "fisher": "gauss_newton"},
+    },
 }
 
 # dattri 0.3.0 always projects TracIn's gradients unless told "identity"; its EK-FAC has no

@@ -851,11 +851,16 @@ class IFAttributorEKFAC(_CachedFullTrain):
         first = next(iter(caps.values()))
         return caps, first.outgrads[0][0].dtype
 
-    def _layer_test_side(self, ckpt_idx: int, test_dataloader: DataLoader) -> Dict[str, Tensor]:
-        """Per layer ``(num_test, out, in[+1])``: the test gradients in the eigenbasis over ``E + damping``."""
-        from dattri_cli.algorithm.base import remembered  # noqa: PLC0415
+    def _layer_test_side(self, ckpt_idx: int, test_dataloader: DataLoader) -> Dict[str, Tuple[Tensor, Any]]:
+        """Per layer ``(num_test, out, kept columns)``: the test gradients in the eigenbasis over ``E + damping``.
 
-        def compute() -> Dict[str, Tensor]:
+        Columns that are zero for every test sample are dropped (with the kept indices):
+        they add nothing to any score.
+        """
+        from dattri_cli.algorithm.base import remembered  # noqa: PLC0415
+        from dattri_cli.func import kfac  # noqa: PLC0415
+
+        def compute() -> Dict[str, Tuple[Tensor, Any]]:
             parts: Dict[str, List[Tensor]] = {n: [] for n in self.module_name}
             for batch in track(test_dataloader, "test gradients (eigenbasis)"):
                 caps, dtype = self._captures(ckpt_idx, batch, target=True)
@@ -863,9 +868,12 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 for name in self.module_name:
                     a, d = caps[name].factors()
                     parts[name].append(eigen[name].test_side(a, d, caps[name].offset))
-            out = {n: torch.cat(p) for n, p in parts.items()}
-            for n, t in out.items():
-                check_finite(t, f"test-side transform of layer {n}", hint="increase `damping`")
+            out = {}
+            for n, p in parts.items():
+                full = torch.cat(p)
+                parts[n] = []
+                check_finite(full, f"test-side transform of layer {n}", hint="increase `damping`")
+                out[n] = kfac.EigenbasisLayer.live_columns(full)
             return out
 
         return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
@@ -877,7 +885,7 @@ class IFAttributorEKFAC(_CachedFullTrain):
             test = self._layer_test_side(ckpt_idx, test_dataloader)
             weights = self._row_weights(ckpt_idx, train_dataloader)
             if scores is None:
-                dtype = next(iter(test.values())).dtype
+                dtype = next(iter(test.values()))[0].dtype
                 shape = (num_samples(train_dataloader), num_samples(test_dataloader))
                 scores = torch.zeros(shape, dtype=dtype, device=self.device)
             row = 0
@@ -887,7 +895,7 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 block: Optional[Tensor] = None
                 for name in self.module_name:
                     a, d = caps[name].factors()
-                    part = eigen[name].scores(a, d, test[name], caps[name].offset)
+                    part = eigen[name].scores(a, d, test[name][0], caps[name].offset, cols=test[name][1])
                     block = part if block is None else block + part
                     del a, d
                 assert block is not None

@@ -175,8 +175,9 @@ def test_eigenbasis_layer_equals_inverse_apply() -> None:
     f.a_evals, f.a_evecs = torch.linalg.eigh(a_cov)
     f.s_evals, f.s_evecs = torch.linalg.eigh(s_cov)
     f.corrected = torch.rand(out, k_in, generator=gen, dtype=torch.float64)
-    layer = kfac.EigenbasisLayer(f, 0.1, True, torch.float64)
     for positions in (1, 40):  # 1: factors rotated first; 40: the formed gradient is rotated
+        f.a_evecs = torch.linalg.eigh(a_cov)[1]
+        layer = kfac.EigenbasisLayer(f, 0.1, True, torch.float64)
         a = torch.randn(3, positions, k_in, generator=gen, dtype=torch.float64)
         d = torch.randn(3, positions, out, generator=gen, dtype=torch.float64)
         at = torch.randn(2, positions, k_in, generator=gen, dtype=torch.float64)
@@ -185,3 +186,12 @@ def test_eigenbasis_layer_equals_inverse_apply() -> None:
         flat_t = kfac.from_matrix(torch.einsum("blo,bli->boi", dt, at), True)
         expected = flat @ f.inverse_apply(flat_t, 0.1).T
         torch.testing.assert_close(layer.scores(a, d, layer.test_side(at, dt)), expected, **TOL)
+        # test-side columns that are zero for every test sample are dropped, with the same scores
+        at[:, :, 2] = 0.0  # an input feature the test samples never see ...
+        f.a_evecs = torch.eye(k_in, dtype=torch.float64)  # ... and a basis that keeps it apart
+        layer = kfac.EigenbasisLayer(f, 0.1, True, torch.float64)
+        flat_t = kfac.from_matrix(torch.einsum("blo,bli->boi", dt, at), True)
+        expected = flat @ f.inverse_apply(flat_t, 0.1).T
+        kept, cols = kfac.EigenbasisLayer.live_columns(layer.test_side(at, dt))
+        assert cols.tolist() == [0, 1, 3, 4, 5] and kept.shape == (2, out, 5)
+        torch.testing.assert_close(layer.scores(a, d, kept, cols=cols), expected, **TOL)
