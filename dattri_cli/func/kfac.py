@@ -62,11 +62,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.func.batch import batch_size_of, to_device
+from dattri_cli.func.layer_grads import unfold_patches
 from dattri_cli.func.linalg import robust_eigh
 from dattri_cli.models.hf import unwrap_logits
 
@@ -256,14 +256,8 @@ def warn_excluded(selection: LayerSelection) -> None:
 
 def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """``(n, L, in[+1])``: the input of every location, with a 1 appended for a bias."""
-    if isinstance(module, nn.Conv2d):
-        padding = 0 if module.padding == "valid" else module.padding
-        patches = F.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-        )
-        a = patches.transpose(1, 2)  # (n, L, in * kh * kw), channel-major like weight.reshape(out, -1)
-    else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    # a convolution's patches: (n, L, in * kh * kw), channel-major like weight.reshape(out, -1)
+    a = unfold_patches(module, x) if isinstance(module, nn.Conv2d) else x.reshape(x.shape[0], -1, x.shape[-1])
     if module.bias is not None:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     return a
