@@ -861,20 +861,20 @@ class IFAttributorEKFAC(_CachedFullTrain):
         from dattri_cli.func import kfac  # noqa: PLC0415
 
         def compute() -> Dict[str, Tuple[Tensor, Any]]:
-            parts: Dict[str, List[Tensor]] = {n: [] for n in self.module_name}
+            # per batch and layer only the batch's nonzero columns are kept, so the full
+            # (batch, out, in) block exists for one layer at a time
+            parts: Dict[str, List[Tuple[Tensor, Any]]] = {n: [] for n in self.module_name}
             for batch in track(test_dataloader, "test gradients (eigenbasis)"):
                 caps, dtype = self._captures(ckpt_idx, batch, target=True)
                 eigen = self._eigenbasis(ckpt_idx, dtype)
                 for name in self.module_name:
                     a, d = caps[name].factors()
-                    parts[name].append(eigen[name].test_side(a, d, caps[name].offset))
-            out = {}
-            for n, p in parts.items():
-                full = torch.cat(p)
-                parts[n] = []
-                check_finite(full, f"test-side transform of layer {n}", hint="increase `damping`")
-                out[n] = kfac.EigenbasisLayer.live_columns(full)
-            return out
+                    full = eigen[name].test_side(a, d, caps[name].offset)
+                    check_finite(full, f"test-side transform of layer {name}", hint="increase `damping`")
+                    parts[name].append(kfac.EigenbasisLayer.live_columns(full))
+                    del full, a, d
+                del caps
+            return {n: kfac.EigenbasisLayer.merge_columns(p) for n, p in parts.items()}
 
         return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
 

@@ -917,6 +917,29 @@ class EigenbasisLayer:
         cols = live.nonzero().flatten()
         return test[:, :, cols].contiguous(), cols
 
+    @staticmethod
+    def merge_columns(parts: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Batches of :meth:`live_columns` joined on the union of their kept columns (zeros where a batch had none)."""
+        if len(parts) == 1:
+            return parts[0]
+        width = None
+        if any(cols is None for _, cols in parts):
+            width = max(t.shape[2] for t, cols in parts if cols is None)
+            union = None
+        else:
+            union = torch.unique(torch.cat([cols for _, cols in parts]))  # sorted
+        out = []
+        for t, cols in parts:
+            size = width if union is None else union.numel()
+            if cols is None and union is None:
+                out.append(t)
+                continue
+            full = t.new_zeros(t.shape[0], t.shape[1], size)
+            index = cols if union is None else torch.searchsorted(union, cols)
+            full[:, :, index] = t
+            out.append(full)
+        return torch.cat(out), union
+
     def scores(
         self,
         a: Tensor,

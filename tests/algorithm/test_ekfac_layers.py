@@ -195,3 +195,19 @@ def test_eigenbasis_layer_equals_inverse_apply() -> None:
         kept, cols = kfac.EigenbasisLayer.live_columns(layer.test_side(at, dt))
         assert cols.tolist() == [0, 1, 3, 4, 5] and kept.shape == (2, out, 5)
         torch.testing.assert_close(layer.scores(a, d, kept, cols=cols), expected, **TOL)
+
+
+def test_merge_columns_joins_batches_on_the_union() -> None:
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(2, 3, 5, generator=gen)
+    second = torch.randn(1, 3, 5, generator=gen)
+    first[:, :, [1, 4]] = 0.0
+    second[:, :, [1, 2]] = 0.0
+    parts = [kfac.EigenbasisLayer.live_columns(t) for t in (first, second)]
+    merged, cols = kfac.EigenbasisLayer.merge_columns(parts)
+    assert cols.tolist() == [0, 2, 3, 4]
+    torch.testing.assert_close(merged, torch.cat([first, second])[:, :, cols], rtol=0, atol=0)
+    dense = torch.randn(2, 3, 5, generator=gen)  # a batch with every column kept
+    merged, cols = kfac.EigenbasisLayer.merge_columns([parts[0], (dense, None)])
+    assert cols is None
+    torch.testing.assert_close(merged, torch.cat([first, dense]), rtol=0, atol=0)
