@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS_DIR = REPO / "scripts" / "peers"
 sys.path.insert(0, str(PEERS_DIR))
 
-METHODS = ("floor", "grad_dot", "tracin", "trak_dense", "trak_kronecker", "ekfac")
+METHODS = ("floor", "grad_dot", "tracin", "trak_dense", "trak_kronecker", "ekfac", "ekfac_exact")
 PROJ_DIM = 512  # TRAK's projection dimension on every side (--proj-dim)
 
 # ------------------------------------------------------------------------------------------------
@@ -76,8 +76,19 @@ OURS: Dict[str, Dict[str, Any]] = {
         # (41 * 512)^2 values, 2.5 GB in float32 for its eigendecomposition alone
         "projector_kwargs": {"proj_type": "kronecker", "proj_dim": 64, "proj_seed": 0},
     },
-    # automatic damping (0.1 x each layer's mean eigenvalue), Gauss-Newton Fisher: as Kronfluence
-    "ekfac": {"api": "ekfac", "checkpoints": "last", "kwargs": {"damping": None, "fisher": "gauss_newton"}},
+    # automatic damping (0.1 x each layer's mean eigenvalue), Gauss-Newton Fisher with one sampled
+    # pseudo-gradient per sample: the work Kronfluence does (it samples one label per sample)
+    "ekfac": {
+        "api": "ekfac",
+        "checkpoints": "last",
+        "kwargs": {"damping": None, "fisher": "gauss_newton", "num_output_samples": 1},
+    },
+    # the exact Gauss-Newton factors: one backward pass per class (10 on these models); ours only
+    "ekfac_exact": {
+        "api": "ekfac",
+        "checkpoints": "last",
+        "kwargs": {"damping": None, "fisher": "gauss_newton"},
+    },
 }
 
 # dattri 0.3.0 always projects TracIn's gradients unless told "identity"; its EK-FAC has no

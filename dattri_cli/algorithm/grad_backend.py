@@ -86,9 +86,15 @@ class LayerGradients:
         layer_name: Any,
         device: str,
         dtype: torch.dtype = torch.float32,
+        batch_of_one: bool = False,
     ) -> None:
-        """Record the layers covering the ``layer_name`` parameters (all when None) of ``task``'s model."""
+        """Record the layers covering the ``layer_name`` parameters (all when None) of ``task``'s model.
+
+        ``batch_of_one``: the task's functions see each sample as a batch of one (the
+        influence attributors' convention) instead of one sample without a batch dimension.
+        """
         self.task = task
+        self.batch_of_one = batch_of_one
         self.layer_name = layer_name
         self.device = device
         self.dtype = dtype
@@ -121,6 +127,8 @@ class LayerGradients:
         if key not in self._setup:
             getter = self.task.get_target_func if target else self.task.get_loss_func
             func = getter(True, self.layer_name, ckpt_idx)
+            if self.batch_of_one:
+                func = _with_leading_dim(func)
             named = self.task.named_parameters(ckpt_idx)
             params = {n: named[n].to(self.device) for n in self.names}
             size = batch_size_of(batch)
@@ -247,6 +255,15 @@ class _Columns:
         return out
 
 
+def _with_leading_dim(func: Callable) -> Callable:
+    """``func(params, sample)`` called with every tensor of the sample given a leading dimension of one."""
+
+    def wrapped(params: Any, sample: Any) -> Any:
+        return func(params, map_tensors(lambda t: t.unsqueeze(0), sample))
+
+    return wrapped
+
+
 def _to(batch: Any, device: str) -> Any:
     moved = map_tensors(lambda t: t.to(device), batch)
     return tuple(moved) if isinstance(moved, list) else moved
@@ -283,6 +300,7 @@ def choose_backend(
     dtype: torch.dtype,
     needs_layers: bool,
     probe_batch: Optional[Callable[[], Any]] = None,
+    batch_of_one: bool = False,
 ) -> Optional[LayerGradients]:
     """The layers backend (a :class:`LayerGradients`) or None for ``"func"``.
 
@@ -291,6 +309,7 @@ def choose_backend(
     work (the layers must all be called; a direct parameter term must not depend on
     the sample). With ``"layers"`` (or a Kronecker projection) an unsupported model
     is a ConfigError naming the reason; ``"auto"`` then quietly uses ``"func"``.
+    ``batch_of_one``: see :class:`LayerGradients`.
     """
     check_backend(requested)
     if requested == "func":
@@ -310,7 +329,7 @@ def choose_backend(
         except LayerBackendUnsupported:
             return None
     try:
-        layers = LayerGradients(task, layer_name, device, dtype)
+        layers = LayerGradients(task, layer_name, device, dtype, batch_of_one=batch_of_one)
         if probe_batch is not None:
             batch = probe_batch()
             if batch is not None:

@@ -568,6 +568,7 @@ class IFAttributorEKFAC(_CachedFullTrain):
         fisher: str = "gauss_newton",
         num_output_samples: Optional[int] = None,
         seed: int = 0,
+        grad_backend: str = "auto",
     ) -> None:
         """Choose the layers and the damping.
 
@@ -594,8 +595,20 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 samples pseudo-labels), for models with many outputs per sample (a
                 language model's positions x vocabulary).
             seed: seeds the sampling of ``num_output_samples``.
+            grad_backend: where the scores' per-sample gradients come from. ``"func"``:
+                ``torch.func`` gradients of every selected parameter (the ``(batch, P)``
+                matrix), the test rows solved through the eigenbasis and rotated back.
+                ``"layers"``: each layer's inputs and output gradients captured in one
+                batched pass (:mod:`dattri_cli.algorithm.grad_backend`), rotated per
+                position into the eigenbasis and scored there, layer by layer
+                (:class:`dattri_cli.func.kfac.EigenbasisLayer`): no ``(batch, P)`` matrix,
+                no rotation back; the same scores up to float rounding. ``"auto"``
+                (default): ``"layers"`` from a million selected parameters on, when the
+                model can be captured exactly; ``"func"`` otherwise, so small models keep
+                their exact numbers. The fitting of the factors is the same either way.
         """
         super().__init__(task, None, device)
+        from dattri_cli.algorithm.grad_backend import check_backend  # noqa: PLC0415
         from dattri_cli.func import kfac  # noqa: PLC0415
 
         if fisher not in kfac.FISHER_CHOICES:
@@ -616,6 +629,12 @@ class IFAttributorEKFAC(_CachedFullTrain):
         self.module_name = self.selection.modules
         self.layer_name = self.selection.param_names
         self.factors: Dict[int, Dict[str, Any]] = {}
+        self.grad_backend = check_backend(grad_backend)
+        self._layers: Optional[Any] = None  # a LayerGradients once the layers backend is chosen
+        self._backend_chosen = False
+        self._eigen: Dict[
+            Tuple, Dict[str, Any]
+        ] = {}  # per checkpoint (and dtype, damping): EigenbasisLayer per layer
 
     def cache(self, full_train_dataloader: DataLoader, max_iter: Optional[int] = None) -> None:
         """Fit (or read from the train-side cache) the factors of every checkpoint.
@@ -636,7 +655,7 @@ class IFAttributorEKFAC(_CachedFullTrain):
         self.fit_batches = (
             len(full_train_dataloader) if max_iter is None else min(max_iter, len(full_train_dataloader))
         )
-        self.factors = {}
+        self.factors, self._eigen = {}, {}
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             params = self.task.named_parameters(ckpt_idx)
             params = {k: v.to(self.device) for k, v in params.items()}
@@ -662,6 +681,8 @@ class IFAttributorEKFAC(_CachedFullTrain):
         """
         from dattri_cli.func import kfac  # noqa: PLC0415
 
+        fast = self._large_model()
+
         def fit() -> Dict[str, Tensor]:
             factors, count = kfac.fit_factors(
                 self.task.original_loss_func,
@@ -675,12 +696,15 @@ class IFAttributorEKFAC(_CachedFullTrain):
                 progress=track,
                 num_output_samples=self.num_output_samples,
                 seed=self.seed + ckpt_idx,
+                fast_correction=fast,
             )
             return kfac.factors_to_blocks(factors, count)
 
         kind = "ekfac_factors" if self.correct_eigenvalues else "kfac_factors"
         names = kfac.factor_block_names(self.module_name, self.correct_eigenvalues)
         settings: Dict[str, Any] = {"fisher": self.fisher, "modules": list(self.module_name)}
+        if fast and self.correct_eigenvalues:  # other last bits: never shared with the plain fit
+            settings["correction"] = "gemm"
         if self.num_output_samples is not None and self.fisher == "gauss_newton":
             settings.update(num_output_samples=self.num_output_samples, seed=self.seed)
         if len(loader) != len(self.full_train_dataloader):  # only a prefix of the batches (max_iter)
@@ -693,6 +717,19 @@ class IFAttributorEKFAC(_CachedFullTrain):
             kfac.bias_of(model, self.module_name),
             kfac.transposed_of(model, self.module_name),
         )
+
+    def _large_model(self) -> bool:
+        """Whether the large-model paths apply (``grad_backend="layers"``, or ``"auto"`` from a million parameters).
+
+        They give the same values in another summation order (EK-FAC's second moments
+        through GEMMs, scores in the eigenbasis), so small models under ``"auto"`` keep their bits.
+        """
+        from dattri_cli.algorithm.grad_backend import AUTO_MIN_PARAMS  # noqa: PLC0415
+
+        if self.grad_backend != "auto":
+            return self.grad_backend == "layers"
+        shapes = self.task.param_shapes(self.layer_name, 0)
+        return sum(math.prod(s) for s in shapes.values()) >= AUTO_MIN_PARAMS
 
     def _ensure_cached(self, train_dataloader: DataLoader) -> None:
         if not self.factors:
@@ -720,7 +757,6 @@ class IFAttributorEKFAC(_CachedFullTrain):
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """``(C + damping I)^-1 g`` per layer block for every row of ``test_rep``."""
-        from dattri_cli.func import kfac  # noqa: PLC0415
 
         factors = self._factors(ckpt_idx)
         dampings = self.layer_damping(ckpt_idx)
@@ -730,22 +766,209 @@ class IFAttributorEKFAC(_CachedFullTrain):
             n_params = 2 if factors[name].has_bias else 1
             per_layer.append(sum(sizes[pos : pos + n_params]))
             pos += n_params
-        layers_diag = self.diagnostics.setdefault(f"checkpoint_{ckpt_idx}", {}).setdefault("layers", {})
         for name, block in zip(self.module_name, test_rep.split(per_layer, dim=1)):
-            f = factors[name]
-            evals = f.eigenvalues(self.correct_eigenvalues)
-            kfac.check_invertible(name, evals, dampings[name])
-            layers_diag[name] = {
-                "damping": dampings[name],
-                "damping_rule": "fixed"
-                if self.damping is not None
-                else f"{self.damping_ratio} x mean eigenvalue",
-                "mean_eigenvalue": float(evals.mean()),
-                "max_eigenvalue": float(evals.max()),
-                "min_eigenvalue": float(evals.min()),
-            }
-            out.append(f.inverse_apply(block, dampings[name], self.correct_eigenvalues))
+            self._check_layer(ckpt_idx, name, dampings[name])
+            out.append(factors[name].inverse_apply(block, dampings[name], self.correct_eigenvalues))
         return torch.cat(out, dim=1)
+
+    def _check_layer(self, ckpt_idx: int, name: str, damping: float) -> None:
+        """Refuse a singular damped layer curvature; record its damping and eigenvalue range."""
+        from dattri_cli.func import kfac  # noqa: PLC0415
+
+        evals = self._factors(ckpt_idx)[name].eigenvalues(self.correct_eigenvalues)
+        kfac.check_invertible(name, evals, damping)
+        layers_diag = self.diagnostics.setdefault(f"checkpoint_{ckpt_idx}", {}).setdefault("layers", {})
+        layers_diag[name] = {
+            "damping": damping,
+            "damping_rule": "fixed"
+            if self.damping is not None
+            else f"{self.damping_ratio} x mean eigenvalue",
+            "mean_eigenvalue": float(evals.mean()),
+            "max_eigenvalue": float(evals.max()),
+            "min_eigenvalue": float(evals.min()),
+        }
+
+    # -- the layers backend: scores in the eigenbasis ------------------------------------------
+
+    def _layer_backend(self, train_dataloader: Optional[DataLoader]) -> Optional[Any]:
+        """The layers backend (a ``LayerGradients``) or None (``torch.func``), decided once."""
+        from dattri_cli.algorithm.grad_backend import choose_backend, first_batch  # noqa: PLC0415
+        from dattri_cli.func.layer_grads import LINEAR  # noqa: PLC0415
+
+        if not self._backend_chosen:
+            if any(f.transposed for f in self._factors(0).values()) and self.grad_backend == "layers":
+                msg = (
+                    'grad_backend="layers" for EK-FAC covers nn.Linear and nn.Conv2d layers only, not '
+                    'transformers\' Conv1D; use grad_backend="func" (or "auto")'
+                )
+                raise ConfigError(msg)
+            layers = None
+            if not any(f.transposed for f in self._factors(0).values()):
+                layers = choose_backend(
+                    self.grad_backend,
+                    self.task,
+                    self.layer_name,
+                    self.device,
+                    torch.float32,  # captures keep the model's dtype
+                    needs_layers=False,
+                    batch_of_one=True,  # the influence functions' convention, as generate_train_rep's
+                    probe_batch=(lambda: first_batch(train_dataloader))
+                    if train_dataloader is not None
+                    else None,
+                )
+            if layers is not None:
+                other = [n for n in layers.layers if layers.recorder.kinds[n] != LINEAR]
+                if other or sorted(layers.layers) != sorted(self.module_name):
+                    msg = (
+                        f'grad_backend="layers" for EK-FAC needs exactly the K-FAC layers {self.module_name}, '
+                        f'captured as linear maps; got {layers.layers}; use grad_backend="func"'
+                    )
+                    raise ConfigError(msg)
+            self._layers = layers
+            self._backend_chosen = True
+        return self._layers
+
+    def _eigenbasis(self, ckpt_idx: int, dtype: torch.dtype) -> Dict[str, Any]:
+        """Per layer an ``EigenbasisLayer`` of checkpoint ``ckpt_idx`` (damping checked and recorded)."""
+        from dattri_cli.func import kfac  # noqa: PLC0415
+
+        key = (ckpt_idx, dtype, self.damping, self.damping_ratio)  # damping may change after cache()
+        if key not in self._eigen:
+            dampings = self.layer_damping(ckpt_idx)
+            factors = self._factors(ckpt_idx)
+            out = {}
+            for name in self.module_name:
+                self._check_layer(ckpt_idx, name, dampings[name])
+                out[name] = kfac.EigenbasisLayer(
+                    factors[name], dampings[name], self.correct_eigenvalues, dtype
+                )
+            self._eigen = {k: v for k, v in self._eigen.items() if k[0] == ckpt_idx}  # one checkpoint kept
+            self._eigen[key] = out
+        return self._eigen[key]
+
+    def _captures(self, ckpt_idx: int, batch: Any, target: bool) -> Tuple[Dict[str, Any], torch.dtype]:
+        caps = self._layers.captures(ckpt_idx, batch, target)
+        first = next(iter(caps.values()))
+        return caps, first.outgrads[0][0].dtype
+
+    def _layer_test_side(self, ckpt_idx: int, test_dataloader: DataLoader) -> Dict[str, Tuple[Tensor, Any]]:
+        """Per layer ``(num_test, out, kept columns)``: the test gradients in the eigenbasis over ``E + damping``.
+
+        Columns that are zero for every test sample are dropped (with the kept indices):
+        they add nothing to any score.
+        """
+        from dattri_cli.algorithm.base import remembered  # noqa: PLC0415
+        from dattri_cli.func import kfac  # noqa: PLC0415
+
+        def compute() -> Dict[str, Tuple[Tensor, Any]]:
+            # per batch and layer only the batch's nonzero columns are kept, so the full
+            # (batch, out, in) block exists for one layer at a time
+            parts: Dict[str, List[Tuple[Tensor, Any]]] = {n: [] for n in self.module_name}
+            for batch in track(test_dataloader, "test gradients (eigenbasis)"):
+                caps, dtype = self._captures(ckpt_idx, batch, target=True)
+                eigen = self._eigenbasis(ckpt_idx, dtype)
+                for name in self.module_name:
+                    a, d = caps[name].factors()
+                    full = eigen[name].test_side(a, d, caps[name].offset)
+                    check_finite(full, f"test-side transform of layer {name}", hint="increase `damping`")
+                    parts[name].append(kfac.EigenbasisLayer.live_columns(full))
+                    del full, a, d
+                del caps
+            return {n: kfac.EigenbasisLayer.merge_columns(p) for n, p in parts.items()}
+
+        return remembered(self.test_side_memo, ckpt_idx, test_dataloader, compute)
+
+    def _layer_scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:
+        num_ckpts = len(self.task.get_checkpoints())
+        scores: Optional[Tensor] = None
+        for ckpt_idx in range(num_ckpts):
+            test = self._layer_test_side(ckpt_idx, test_dataloader)
+            weights = self._row_weights(ckpt_idx, train_dataloader)
+            if scores is None:
+                dtype = next(iter(test.values()))[0].dtype
+                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+                scores = torch.zeros(shape, dtype=dtype, device=self.device)
+            row = 0
+            for batch in track(train_dataloader, "scoring train batches (eigenbasis)"):
+                caps, dtype = self._captures(ckpt_idx, batch, target=False)
+                eigen = self._eigenbasis(ckpt_idx, dtype)
+                block: Optional[Tensor] = None
+                for name in self.module_name:
+                    a, d = caps[name].factors()
+                    part = eigen[name].scores(a, d, test[name][0], caps[name].offset, cols=test[name][1])
+                    block = part if block is None else block + part
+                    del a, d
+                assert block is not None
+                if weights is not None:
+                    block = block * weights[row : row + block.shape[0], None].to(block.dtype)
+                scores[row : row + block.shape[0]] += block.to(scores.dtype)
+                row += block.shape[0]
+        assert scores is not None
+        return scores / num_ckpts
+
+    def _layer_self_terms(
+        self, ckpt_idx: int, batch: Any, with_target: bool
+    ) -> Tuple[Optional[Tensor], Tensor]:
+        """Per sample of ``batch``: ``g_target^T H^-1 g`` (None unless ``with_target``) and ``||H^-1 g||^2``."""
+        caps, dtype = self._captures(ckpt_idx, batch, target=False)
+        targets = self._captures(ckpt_idx, batch, target=True)[0] if with_target else None
+        eigen = self._eigenbasis(ckpt_idx, dtype)
+        dots: Optional[Tensor] = None
+        norms: Optional[Tensor] = None
+        for name in self.module_name:
+            a, d = caps[name].factors()
+            target = None
+            if targets is not None:
+                at, dt = targets[name].factors()
+                target = (at, dt, targets[name].offset)
+            dot, norm = eigen[name].self_terms(a, d, caps[name].offset, target)
+            norms = norm if norms is None else norms + norm
+            if dot is not None:
+                dots = dot if dots is None else dots + dot
+        assert norms is not None
+        return dots, norms
+
+    def _row_weights(self, ckpt_idx: int, train_dataloader: DataLoader) -> Optional[Tensor]:
+        method = getattr(self, "_relatif_method", None)
+        if method is None or self._layers is None:
+            return super()._row_weights(ckpt_idx, train_dataloader)
+        parts = []
+        for batch in track(train_dataloader, "RelatIF denominators (eigenbasis)"):
+            dots, norms = self._layer_self_terms(ckpt_idx, batch, with_target=method == "l")
+            parts.append(dots.clamp_min(1e-12).sqrt() if method == "l" else norms.sqrt().clamp_min(1e-12))
+        return 1.0 / torch.cat(parts)
+
+    def _scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader, row_offset: int) -> Tensor:
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        check_not_shuffled(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        if self._layer_backend(train_dataloader) is None:
+            return super()._scores(train_dataloader, test_dataloader, row_offset)
+        scores = self._layer_scores(train_dataloader, test_dataloader)
+        check_finite(scores, "scores", hint="increase `damping`")
+        return scores
+
+    def _self_scores(self, train_dataloader: DataLoader) -> Tensor:
+        check_not_shuffled(train_dataloader, "train_dataloader")
+        self._ensure_cached(train_dataloader)
+        if self._layer_backend(train_dataloader) is None:
+            return super()._self_scores(train_dataloader)
+        num_ckpts = len(self.task.get_checkpoints())
+        out: Optional[Tensor] = None
+        for ckpt_idx in range(num_ckpts):
+            weights = self._row_weights(ckpt_idx, train_dataloader)
+            values = []
+            for batch in track(train_dataloader, "self-influence (eigenbasis)"):
+                dots, _ = self._layer_self_terms(ckpt_idx, batch, with_target=True)
+                values.append(dots)
+            value = torch.cat(values)
+            if weights is not None:
+                value = value * weights.to(value.dtype)
+            out = value if out is None else out + value
+        assert out is not None
+        out = out / num_ckpts
+        check_finite(out, "self-influence scores", hint="increase `damping`")
+        return out
 
 
 class IFAttributorKFAC(IFAttributorEKFAC):

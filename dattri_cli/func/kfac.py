@@ -62,11 +62,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from dattri_cli import distributed
 from dattri_cli.errors import ConfigError, NumericalError
 from dattri_cli.func.batch import batch_size_of, to_device
+from dattri_cli.func.layer_grads import unfold_patches
 from dattri_cli.func.linalg import robust_eigh
 from dattri_cli.models.hf import unwrap_logits
 
@@ -256,14 +256,8 @@ def warn_excluded(selection: LayerSelection) -> None:
 
 def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """``(n, L, in[+1])``: the input of every location, with a 1 appended for a bias."""
-    if isinstance(module, nn.Conv2d):
-        padding = 0 if module.padding == "valid" else module.padding
-        patches = F.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-        )
-        a = patches.transpose(1, 2)  # (n, L, in * kh * kw), channel-major like weight.reshape(out, -1)
-    else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    # a convolution's patches: (n, L, in * kh * kw), channel-major like weight.reshape(out, -1)
+    a = unfold_patches(module, x) if isinstance(module, nn.Conv2d) else x.reshape(x.shape[0], -1, x.shape[-1])
     if module.bias is not None:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     return a
@@ -674,6 +668,7 @@ def fit_factors(
     progress: Callable[[Iterable, str], Iterable] = lambda it, _desc: it,
     num_output_samples: Optional[int] = None,
     seed: int = 0,
+    fast_correction: bool = False,
 ) -> Tuple[Dict[str, LayerFactors], int]:
     """Fit ``A``, ``S``, their eigenbases and (``correct``) the EK-FAC eigenvalues over ``loader``.
 
@@ -681,7 +676,9 @@ def fit_factors(
     eigenbasis. Accumulation is in ``dtype`` (float64 by default). Returns the
     factors per layer name and the number of samples seen. ``num_output_samples``
     (Gauss-Newton only) samples that many pseudo-gradients per sample instead of
-    one per model output, from a generator seeded with ``seed``.
+    one per model output, from a generator seeded with ``seed``. ``fast_correction``: the
+    second moments through :func:`eigen_moments`' GEMM forms (the same values, summed in
+    another order, so other last bits; for large models).
     """
     check_num_output_samples(num_output_samples)
     generator = torch.Generator().manual_seed(int(seed)) if num_output_samples is not None else None
@@ -746,7 +743,7 @@ def fit_factors(
             for grads in passes:
                 for nm in names:
                     g_rot = grads[nm].to(dtype) @ factors[nm].s_evecs  # (n, L, out)
-                    batch_moments[nm] += torch.einsum("nlo,nli->noi", g_rot, a_rot[nm]).square().sum(dim=0)
+                    batch_moments[nm] += eigen_moments(g_rot, a_rot[nm], fast_correction)
             for nm in names:
                 moments[nm].add(batch_moments[nm])
         for f in factors.values():
@@ -754,6 +751,39 @@ def fit_factors(
             moment = moment if moment is not None else torch.zeros_like(f.eigenvalues(False))
             f.corrected = moment / count
     return factors, count
+
+
+#: at most this many positions per sample: the second moments come from position pairs in one GEMM
+PAIR_POSITIONS = 8
+
+
+def eigen_moments(g_rot: Tensor, a_rot: Tensor, fast: bool = False) -> Tensor:
+    """``sum_n (sum_l g_nl a_nl^T)^2`` (elementwise square): EK-FAC's second moments of one batch, ``(out, in)``.
+
+    ``g_rot`` ``(n, L, out)`` and ``a_rot`` ``(n, L, in)`` are the rotated output gradients and
+    inputs. Plain: every sample's ``out x in`` matrix is formed, squared and summed (memory
+    traffic of ``n * out * in`` values, several times). ``fast``: with few positions the
+    square expands over position pairs, ``sum_{l<=m} c_lm (g_l * g_m)(a_l * a_m)^T``
+    (``c`` = 1 on the diagonal, 2 off it), one GEMM with ``n L (L + 1) / 2`` inner rows
+    (for ``L = 1``: ``(g^2)^T a^2``); with many, the per-sample matrices are formed in chunks
+    of bounded size and squared in place. Same value, other summation order.
+    """
+    if not fast:
+        return torch.einsum("nlo,nli->noi", g_rot, a_rot).square().sum(dim=0)
+    n, positions, k_out = g_rot.shape
+    k_in = a_rot.shape[-1]
+    if positions <= PAIR_POSITIONS:
+        first, second = torch.triu_indices(positions, positions, device=g_rot.device)
+        weight = torch.where(first == second, 1.0, 2.0).to(g_rot.dtype)
+        gg = g_rot[:, first] * g_rot[:, second] * weight[:, None]  # (n, pairs, out)
+        aa = a_rot[:, first] * a_rot[:, second]  # (n, pairs, in)
+        return gg.reshape(-1, k_out).T @ aa.reshape(-1, k_in)
+    out = g_rot.new_zeros(k_out, k_in)
+    rows = max(1, EIGENBASIS_CHUNK_ELEMENTS // max(1, k_out * k_in))
+    for start in range(0, n, rows):
+        g = torch.einsum("nlo,nli->noi", g_rot[start : start + rows], a_rot[start : start + rows])
+        out += g.square_().sum(dim=0)
+    return out
 
 
 def auto_damping(eigenvalues: Tensor, ratio: float) -> float:
@@ -774,3 +804,181 @@ def check_invertible(name: str, eigenvalues: Tensor, damping: float) -> None:
             "for the automatic default"
         )
         raise NumericalError(msg)
+
+
+# -- scores in the eigenbasis (per-layer captures, no flat gradient) ---------------------
+
+#: elements of one chunk of rotated per-sample gradients ``(rows, out, in[+1])`` (128 MiB in float32)
+EIGENBASIS_CHUNK_ELEMENTS = 1 << 25
+
+
+class EigenbasisLayer:
+    """One layer's influence scores in its K-FAC eigenbasis, from per-position factors ``(a, d)``.
+
+    With eigenbases ``Q_S``, ``Q_A`` and eigenvalues ``E`` (``out x in[+1]``, corrected or
+    Kronecker products), a sample's layer gradient ``G = sum_l d_l a_l^T`` is seen as
+    ``G~ = Q_S^T G Q_A``; since ``(C + damping I)^-1`` is diagonal there,
+
+    ``g_i^T (C + damping I)^-1 g_j = <G~_i, G~_j / (E + damping)>``
+
+    and nothing is rotated back. ``G~`` is formed from the rotated factors
+    (``Q_S^T d_l``, ``Q_A^T a_l``: ``L (in^2 + out^2) + L out in`` per sample) or, when the
+    positions are many, by rotating the formed gradient (``L out in + out in (out + in)``),
+    whichever costs fewer multiply-adds. ``a`` is ``(B, L, in[+1])`` with the bias column
+    last (:func:`layer_inputs`' convention), ``d`` is ``(B, L, out)``; ``offset`` is a flat
+    ``(P_layer,)`` term added to every sample's gradient (a penalty inside the loss).
+    Train-side work is in ``dtype`` (the captures'), the test side in the factors' dtype
+    and then cast, like :meth:`LayerFactors.inverse_apply`'s float64 solve.
+
+    Columns of the test side that are exactly zero for every test sample add nothing to any
+    score, so :meth:`live_columns` drops them and the training side is rotated onto the
+    remaining columns only (``cols``). On ResNet-18 at 32x32 inputs the last convolutions
+    see 1x1 maps: 8 of 9 taps of every patch are padding, their activation-factor rows are
+    zero, the eigenvectors there are unit vectors (:func:`~dattri_cli.func.linalg.robust_eigh`
+    splits them off) and about 89% of those layers' columns go.
+    """
+
+    def __init__(self, factors: LayerFactors, damping: float, corrected: bool, dtype: torch.dtype) -> None:
+        """Keep the eigenbases in ``dtype`` and ``1 / (E + damping)`` for one layer."""
+        if factors.transposed:
+            msg = f"layer {factors.name}: weights stored (in, out) have no eigenbasis scoring; use the flat path"
+            raise ValueError(msg)
+        self.factors, self.dtype = factors, dtype
+        self.inverse = 1.0 / (factors.eigenvalues(corrected) + damping)  # factors' dtype
+        self._bases: Dict[torch.dtype, Tuple[Tensor, Tensor]] = {}
+
+    def _basis(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        if dtype not in self._bases:
+            self._bases[dtype] = (self.factors.s_evecs.to(dtype), self.factors.a_evecs.to(dtype))
+        return self._bases[dtype]
+
+    def _offset(self, offset: Optional[Tensor], qs: Tensor, qa: Tensor) -> Optional[Tensor]:
+        if offset is None:
+            return None
+        f = self.factors
+        mat = to_matrix(offset.reshape(1, -1).to(qs.dtype), f.out_features, f.has_bias)[0]
+        return qs.T @ mat @ qa
+
+    def rotated(
+        self,
+        a: Tensor,
+        d: Tensor,
+        offset: Optional[Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+        cols: Optional[Tensor] = None,
+    ) -> Iterator[Tuple[int, Tensor]]:
+        """``(start, G~[start:start+k])`` chunks of the samples' gradients in the eigenbasis, ``(k, out, in[+1])``.
+
+        ``cols`` (indices) keeps only those columns of ``G~``. Chunks hold at most
+        :data:`EIGENBASIS_CHUNK_ELEMENTS` values.
+        """
+        dtype = dtype or self.dtype
+        qs, qa = self._basis(dtype)
+        a, d = a.to(dtype), d.to(dtype)
+        b, positions, k_in = a.shape
+        k_out = d.shape[-1]
+        if (k_in, k_out) != (qa.shape[0], qs.shape[0]):
+            msg = (
+                f"layer {self.factors.name}: captured factors are {k_in} x {k_out} wide, the K-FAC factors "
+                f"{qa.shape[0]} x {qs.shape[0]}"
+            )
+            raise ValueError(msg)
+        if cols is not None:
+            qa = qa[:, cols]
+        k_cols = qa.shape[1]
+        # multiply-adds per sample: rotate every position, then the outer products; or form G, then rotate it
+        factors_first = positions * (k_in * k_cols + k_out * k_out + k_out * k_cols) <= (
+            positions * k_out * k_in + k_out * k_out * k_in + k_out * k_in * k_cols
+        )
+        if factors_first:  # rotate every position once, for the whole batch
+            a, d = a @ qa, d @ qs
+        shift = self._offset(offset, qs, qa)
+        rows = max(1, EIGENBASIS_CHUNK_ELEMENTS // max(1, k_in * k_out))
+        for start in range(0, b, rows):
+            g = torch.einsum("blo,bli->boi", d[start : start + rows], a[start : start + rows])
+            if not factors_first:
+                g = qs.T @ g @ qa
+            if shift is not None:
+                g = g + shift
+            yield start, g
+
+    def test_side(self, a: Tensor, d: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        """``(B, out, in[+1])``: ``G~_j / (E + damping)`` of the test samples, in ``dtype``."""
+        work = self.inverse.dtype
+        parts = [(g * self.inverse).to(self.dtype) for _, g in self.rotated(a, d, offset, dtype=work)]
+        return torch.cat(parts)
+
+    @staticmethod
+    def live_columns(test: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(test side without its all-zero columns, the kept column indices or None when all are kept)``."""
+        live = test.ne(0).flatten(0, 1).any(dim=0)
+        if bool(live.all()):
+            return test, None
+        cols = live.nonzero().flatten()
+        return test[:, :, cols].contiguous(), cols
+
+    @staticmethod
+    def merge_columns(parts: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Batches of :meth:`live_columns` joined on the union of their kept columns (zeros where a batch had none)."""
+        if len(parts) == 1:
+            return parts[0]
+        width = None
+        if any(cols is None for _, cols in parts):
+            width = max(t.shape[2] for t, cols in parts if cols is None)
+            union = None
+        else:
+            union = torch.unique(torch.cat([cols for _, cols in parts]))  # sorted
+        out = []
+        for t, cols in parts:
+            size = width if union is None else union.numel()
+            if cols is None and union is None:
+                out.append(t)
+                continue
+            full = t.new_zeros(t.shape[0], t.shape[1], size)
+            index = cols if union is None else torch.searchsorted(union, cols)
+            full[:, :, index] = t
+            out.append(full)
+        return torch.cat(out), union
+
+    def scores(
+        self,
+        a: Tensor,
+        d: Tensor,
+        test: Tensor,
+        offset: Optional[Tensor] = None,
+        cols: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``(B_1, B_2)``: the training samples' layer influence on the test side of :meth:`test_side`.
+
+        ``cols``: the test side's kept columns (:meth:`live_columns`).
+        """
+        flat_test = test.reshape(test.shape[0], -1)
+        out = flat_test.new_zeros(a.shape[0], test.shape[0])
+        for start, g in self.rotated(a, d, offset, cols=cols):
+            out[start : start + g.shape[0]] = g.reshape(g.shape[0], -1) @ flat_test.T
+        return out
+
+    def self_terms(
+        self,
+        a: Tensor,
+        d: Tensor,
+        offset: Optional[Tensor],
+        target: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
+    ) -> Tuple[Optional[Tensor], Tensor]:
+        """Per sample ``(g_target^T (C + dI)^-1 g, ||(C + dI)^-1 g||^2)`` of this layer (``target``: its factors).
+
+        The first is None without ``target``. The norm needs no rotation back: the bases are orthonormal.
+        """
+        inverse = self.inverse.to(self.dtype)
+        pairs = []
+        rows_t = self.rotated(*target) if target is not None else None
+        for _start, g in self.rotated(a, d, offset):
+            solved = g * inverse
+            norm = solved.square().sum(dim=(1, 2))
+            dot = None
+            if rows_t is not None:
+                _, gt = next(rows_t)
+                dot = (solved * gt).sum(dim=(1, 2))
+            pairs.append((dot, norm))
+        dots = None if target is None else torch.cat([p[0] for p in pairs])
+        return dots, torch.cat([p[1] for p in pairs])

@@ -217,15 +217,31 @@ def _first_grad(grads: Sequence[Optional[Tensor]]) -> Tensor:
     return g
 
 
+def unfold_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """``(B, L, C * kh * kw)``: each output position's input patch, channel-major like ``weight.reshape(out, -1)``.
+
+    The same values as ``F.unfold(...).transpose(1, 2)`` (a copy of the same numbers), from
+    strided views: on the CPU builds here ``F.unfold`` (im2col) takes ~0.5 s for a batch of
+    32 ResNet feature maps, the views ~0.03 s. Zero padding only (what the factored kinds allow).
+    """
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    ph, pw = (0, 0) if module.padding == "valid" else module.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    u = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # (B, C, H', W', span_h, span_w)
+    if dh > 1 or dw > 1:
+        u = u[..., ::dh, ::dw]
+    b, c, ho, wo = u.shape[:4]
+    return u.permute(0, 2, 3, 1, 4, 5).reshape(b, ho * wo, c * kh * kw)
+
+
 def _factor_one_use(module: nn.Module, kind: str, x: Tensor, d: Tensor) -> Tuple[Tensor, Tensor]:
     b = x.shape[0]
     if kind == LINEAR:
         if isinstance(module, nn.Conv2d):
-            padding = 0 if module.padding == "valid" else module.padding
-            a = F.unfold(
-                x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-            )
-            a = a.transpose(1, 2)  # (B, L, C*kh*kw)
+            a = unfold_patches(module, x)  # (B, L, C*kh*kw)
             d = d.reshape(b, d.shape[1], -1).transpose(1, 2)  # (B, L, out)
         else:
             a = x.reshape(b, -1, x.shape[-1])

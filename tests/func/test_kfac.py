@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
+from torch.nn import functional as F
 from torch.nn.functional import cross_entropy, one_hot
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -237,3 +238,34 @@ def test_shared_layer_and_unused_layer_are_errors() -> None:
 
     with pytest.raises(ConfigError, match=r"not used by the loss"):
         fit(model2, loss, x, y, "empirical", names=["0", "1"])
+
+
+@pytest.mark.parametrize("positions", [1, 3, 8, 12])
+def test_eigen_moments_fast_forms_equal_the_plain_sum(positions, monkeypatch) -> None:
+    """Position pairs (L <= 8) and chunked in-place squares (L > 8) give sum_n (sum_l g a^T)^2."""
+    monkeypatch.setattr(kfac, "EIGENBASIS_CHUNK_ELEMENTS", 2 * 5 * 7)  # chunks of two samples
+    gen = torch.Generator().manual_seed(positions)
+    g = torch.randn(5, positions, 7, generator=gen, dtype=torch.float64)
+    a = torch.randn(5, positions, 5, generator=gen, dtype=torch.float64)
+    brute = sum((g[n].T @ a[n]) ** 2 for n in range(5))
+    torch.testing.assert_close(kfac.eigen_moments(g, a, fast=False), brute, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kfac.eigen_moments(g, a, fast=True), brute, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=False),
+        nn.Conv2d(3, 4, 2, stride=2, padding="valid"),
+        nn.Conv2d(3, 4, 3, padding=2, dilation=2),
+    ],
+)
+def test_layer_inputs_of_a_convolution_equal_unfold(conv) -> None:
+    """The strided-view patches hold exactly what F.unfold gives (and a 1 for the bias)."""
+    x = torch.randn(5, 3, 7, 6, dtype=torch.float64)
+    padding = 0 if conv.padding == "valid" else conv.padding
+    ref = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    got = kfac.layer_inputs(conv, x)
+    assert torch.equal(got[..., : ref.shape[1]], ref.transpose(1, 2))
+    assert got.shape[-1] == ref.shape[1] + int(conv.bias is not None)

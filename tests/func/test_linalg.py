@@ -8,6 +8,8 @@ on other machines: float32 matrices, or any matrix without enough jitter.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -115,6 +117,35 @@ def test_zero_rows_are_split_off(monkeypatch):
     zero_cols = evecs[:, evals == 0]
     assert zero_cols.shape[1] >= 256
     assert (zero_cols[~dead] == 0).all()  # the zero eigenvectors of dead rows are unit vectors e_k
+
+
+def test_large_factor_with_zero_rows_skips_the_plain_call(monkeypatch):
+    """At SPLIT_MIN_DIM and above, zero rows are split off before any eigh: same reconstruction, no warning."""
+    n = linalg.SPLIT_MIN_DIM + 7
+    dead = torch.ones(n, dtype=torch.bool)
+    dead[torch.arange(4, n, 9)] = False
+    mat = with_zero_rows(psd(n, 150, seed=2), dead)
+    live = int((~dead).sum())
+    calls = []
+
+    def eigh(m, *args, **kwargs):
+        calls.append(tuple(m.shape))
+        return REAL_EIGH(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evals, evecs = linalg.robust_eigh(mat, "A")
+    assert calls == [(live, live)]  # the full matrix was never handed to eigh
+    check_decomposition(mat, evals, evecs, atol=1e-10)
+    ref = REAL_EIGH(mat)[0]
+    torch.testing.assert_close(evals, ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
+    # below the threshold the plain call is kept, bit for bit
+    small = with_zero_rows(psd(50, 20), torch.arange(50) % 3 == 0)
+    calls.clear()
+    got = linalg.robust_eigh(small)
+    assert calls == [(50, 50)]
+    assert torch.equal(got[1], REAL_EIGH(small)[1])
 
 
 def test_all_zero_factor(monkeypatch):
