@@ -353,7 +353,9 @@ class TRAKAttributor(ChoosesGradBackend, Attributor):
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             phi, kernel, count, q = self._train_features(ckpt_idx, loader)
             features.append(phi)
-            factors.append(factor_kernel(kernel, count, self.regularization))
+            # layers backend, one process: a singular kernel's pseudo-inverse from the n x n Gram matrix
+            rows = phi.dense if self._layers is not None and distributed.world()[1] == 1 else None
+            factors.append(factor_kernel(kernel, count, self.regularization, rows=rows))
             q_sum = q if q_sum is None else q_sum + q
         return TrainSide(features, factors, q_sum / len(features), self.train_row_offset)
 

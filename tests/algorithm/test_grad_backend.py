@@ -20,6 +20,7 @@ from dattri_cli.algorithm.tracin import TracInAttributor
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.errors import ConfigError
 from dattri_cli.feature_cache import BlockStore
+from dattri_cli.func import kernel
 from dattri_cli.func.projection import RandomProjector
 from dattri_cli.models.train import correct_probability, make_loss_funcs
 from dattri_cli.task import AttributionTask
@@ -211,13 +212,20 @@ def test_half_dtype_on_cpu_is_refused_unless_asked() -> None:
     TracInAttributor(task, [1.0], False, dtype="bfloat16", allow_cpu_half=True)
 
 
-def _trak(kind: str, backend: str, projector_kwargs: dict, batch_size: int = 4, num_ckpts: int = 1) -> Tensor:
+def _trak(
+    kind: str,
+    backend: str,
+    projector_kwargs: dict,
+    batch_size: int = 4,
+    num_ckpts: int = 1,
+    regularization: float = 1e-2,
+) -> Tensor:
     task, model, (train, test, sample_ndim) = _setup(kind, num_ckpts)
     attributor = TRAKAttributor(
         task,
         correct_probability(model, sample_ndim),
         projector_kwargs=projector_kwargs,
-        regularization=1e-2,
+        regularization=regularization,
         grad_backend=backend,
     )
     attributor.cache(_loader(train, batch_size))
@@ -229,6 +237,24 @@ def _trak(kind: str, backend: str, projector_kwargs: dict, batch_size: int = 4, 
 def test_trak_layers_equal_func(kind: str, proj: dict) -> None:
     func = _trak(kind, "func", proj, num_ckpts=2)
     layers = _trak(kind, "layers", proj, num_ckpts=2)
+    torch.testing.assert_close(layers, func, rtol=1e-3, atol=1e-4)
+
+
+def test_trak_layers_singular_kernel_through_the_gram_matrix_equals_func(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ridge, 32 dimensions for 11 rows: the layers backend takes the pseudo-inverse from the
+    11 x 11 Gram matrix, torch.func's from the 32 x 32 kernel; the scores agree."""
+    calls = []
+    original = kernel.pseudo_inverse_from_rows
+    monkeypatch.setattr(kernel, "pseudo_inverse_from_rows", lambda *a: calls.append(1) or original(*a))
+    proj = {"proj_dim": 32, "proj_seed": 2}
+    with pytest.warns(RuntimeWarning, match="singular"):
+        func = _trak("cnn", "func", proj, num_ckpts=2, regularization=0.0)
+    assert not calls
+    with pytest.warns(RuntimeWarning, match="singular"):
+        layers = _trak("cnn", "layers", proj, num_ckpts=2, regularization=0.0)
+    assert len(calls) == 2  # one per checkpoint
     torch.testing.assert_close(layers, func, rtol=1e-3, atol=1e-4)
 
 
