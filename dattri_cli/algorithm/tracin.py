@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, sum_over_checkpoints
 from dattri_cli.algorithm.grad_backend import (
     DEFAULT_BUFFER_BYTES,
+    DENSE_LAYOUT_VERSION,
     ChoosesGradBackend,
     LayerGradients,
     check_backend,
@@ -177,6 +178,8 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
                 extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
         if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
             extra["calls"] = "layers"
+            if isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity":
+                extra["dense_layout"] = DENSE_LAYOUT_VERSION
             if self.dtype != torch.float32:
                 extra["dtype"] = str(self.dtype)
         return self.feature_store("train_grads", ckpt_idx, extra)
