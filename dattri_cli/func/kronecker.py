@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dattri_cli.errors import ConfigError
-from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture, as_layer_matrix
+from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture, as_layer_matrix, unfold
 
 
 def kronecker_dims(in_dim: int, out_dim: int, proj_dim: int) -> Tuple[int, int]:
@@ -221,10 +221,8 @@ def _projected_conv_factors(
         x, d = inputs[0], _first(grads)
         rows = x.shape[0]
         if p_in is None:
-            padding = 0 if module.padding == "valid" else module.padding
-            a = F.unfold(
-                x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-            )
+            padding = (0, 0) if module.padding == "valid" else module.padding
+            a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)
             a = a.transpose(1, 2)
             if module.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)

@@ -233,3 +233,20 @@ def test_batched_convolutions_are_projected_by_a_convolution_and_equal_the_dense
         # the one-sample-at-a-time (unfolding) path agrees
         unfolded = kr.KroneckerProjector(proj_dim=9, seed=2, deterministic=True).project_layer(cap, 0)
         torch.testing.assert_close(proj.project_layer(cap, 0), unfolded, msg=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_unfold_equals_f_unfold_bit_for_bit(channels_last: bool):
+    g = torch.Generator().manual_seed(0)
+    for shape, k, d, p, s in [
+        ((3, 2, 7, 6), (3, 3), (1, 1), (1, 1), (1, 1)),
+        ((2, 3, 9, 9), (3, 2), (2, 1), (2, 0), (2, 3)),
+        ((4, 5, 4, 4), (1, 1), (1, 1), (0, 0), (2, 2)),
+        ((1, 2, 8, 8), (7, 7), (1, 1), (3, 3), (2, 2)),
+    ]:
+        x = torch.randn(*shape, generator=g)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        expected = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s)
+        got = lg.unfold(x, k, d, p, s)
+        assert got.shape == expected.shape and torch.equal(got, expected)
