@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri_cli.algorithm import grad_backend
+from dattri_cli.algorithm.base import TestSideMemo
 from dattri_cli.algorithm.tracin import TracInAttributor
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.errors import ConfigError
@@ -481,3 +482,20 @@ def _tracin_two(backend: str, normalized: bool) -> Tensor:
     attributor = TracInAttributor(task, [0.5, 2.0], normalized, projector_kwargs=proj, grad_backend=backend)
     attributor.projector.chunk_rows = 7
     return attributor.attribute(_loader(train, 4), _loader(test, 3))
+
+
+def test_tracin_dense_layers_grouped_remembers_the_test_side() -> None:
+    """With a test-side memo (the runner's row blocks), a second block reuses the test features."""
+    task, _, (train, test, _) = _setup("cnn", num_ckpts=2)
+    proj = {"proj_dim": 8, "proj_seed": 3}
+    attributor = TracInAttributor(task, [0.5, 2.0], False, projector_kwargs=proj, grad_backend="layers")
+    attributor.test_side_memo = TestSideMemo()
+    test_loader = _loader(test, 3)
+    first = attributor.attribute(_loader(train, 4), test_loader)
+    assert len(attributor.test_side_memo) == 2  # one per checkpoint
+    calls = []
+    captures = attributor._layers.captures
+    attributor._layers.captures = lambda k, b, target: calls.append(target) or captures(k, b, target)
+    second = attributor.attribute(_loader(train, 4), test_loader)
+    assert torch.equal(first, second)
+    assert calls and not any(calls)  # training batches only
