@@ -10,6 +10,10 @@ Design choices:
   into fixed row chunks of the parameter dimension, each generated from its own
   generator seeded by ``(proj_seed, ckpt_idx, chunk_idx)``. The chunking depends
   only on ``proj_dim``, so the numbers do not depend on memory settings.
+* Chunks are drawn ahead by a pool of ``torch.get_num_threads()`` threads
+  (:meth:`RandomProjector.chunk_sequence`; a CPU ``torch.randn`` is single-threaded and each
+  chunk has its own generator, so the bits do not depend on the thread count), at most that
+  many chunks ahead of the one in use.
 * The projection of one sample depends only on the seed, the checkpoint index
   and its gradient: samples are projected in row blocks of exactly
   ``proj_max_batch_size`` rows, because BLAS may round a 1-row product differently
