@@ -222,6 +222,11 @@ class TestSideMemo:
         self._entries[key] = (test_dataloader, value)
         return value
 
+    def peek(self, ckpt_idx: int, test_dataloader: Any) -> Optional[Any]:
+        """The value kept for ``(ckpt_idx, test_dataloader)``, or None (nothing is computed)."""
+        entry = self._entries.get((ckpt_idx, id(test_dataloader)))
+        return entry[1] if entry is not None and entry[0] is test_dataloader else None
+
     def __len__(self) -> int:
         """Number of kept entries."""
         return len(self._entries)

@@ -14,7 +14,7 @@ applied per layer, so the ``(batch, P)`` matrix is never formed.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, sum_over_checkpoints
 from dattri_cli.algorithm.grad_backend import (
+    DEFAULT_BUFFER_BYTES,
+    DENSE_LAYOUT_VERSION,
     ChoosesGradBackend,
     LayerGradients,
     check_backend,
@@ -35,7 +37,7 @@ from dattri_cli.algorithm.utils import (
     to_device,
 )
 from dattri_cli.errors import ConfigError
-from dattri_cli.feature_cache import DEFAULT_MAX_STORE_GB, BlockStore, store_fits
+from dattri_cli.feature_cache import DEFAULT_MAX_STORE_GB, BlockStore, block_name, store_fits
 from dattri_cli.func.batch import SAMPLE_IN_DIMS, batch_size_of
 from dattri_cli.func.kronecker import KroneckerProjector
 from dattri_cli.func.layer_grads import LayerCapture, inner_products, sq_norms
@@ -108,6 +110,8 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
         self.feature_cache_max_gb = float(feature_cache_max_gb)
         self._layers: Optional[LayerGradients] = None
         self._backend_chosen = False
+        #: captures held before a dense per-layer projection of the group (the layers backend)
+        self.layer_buffer_bytes = DEFAULT_BUFFER_BYTES
         self._store_rows = 0
         self._store_skip_logged = False
         self._init_hooks()
@@ -174,6 +178,8 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
                 extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
         if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
             extra["calls"] = "layers"
+            if isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity":
+                extra["dense_layout"] = DENSE_LAYOUT_VERSION
             if self.dtype != torch.float32:
                 extra["dtype"] = str(self.dtype)
         return self.feature_store("train_grads", ckpt_idx, extra)
@@ -236,6 +242,10 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
             scores = self._layer_scores(layers, num_ckpts, train_dataloader, test_dataloader)
             check_finite(scores, "scores", hint="check the data and the checkpoints")
             return scores
+        if layers is not None and self._dense():
+            scores = self._grouped_scores(layers, num_ckpts, train_dataloader, test_dataloader, row_offset)
+            check_finite(scores, "scores", hint="check the data and the checkpoints")
+            return scores
         scores = sum_over_checkpoints(
             num_ckpts,
             train_dataloader,
@@ -263,6 +273,12 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
         layers = self._choose_backend(train_dataloader)
         parts = []
         for ckpt_idx in range(num_ckpts):
+            if layers is not None and self._dense():  # batches grouped: the matrix drawn once per group
+                entries = ((None, b, False) for b in track(train_dataloader, "self-influence"))
+                stream = layers.feature_stream(self.projector, ckpt_idx, entries, self.layer_buffer_bytes)
+                norms = [self._normalize(rep).square().sum(dim=1) for _, rep in stream]
+                parts.append(float(self.weight_list[ckpt_idx]) * torch.cat(norms))
+                continue
             if layers is not None and self.projector is None:
                 norms = []
                 for b in track(train_dataloader, "self-influence"):
@@ -278,6 +294,87 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
         out = torch.stack(parts).sum(dim=0)
         check_finite(out, "self-influence scores", hint="check the data and the checkpoints")
         return out
+
+    # -- the layers backend with a dense projection -----------------------------------------------
+
+    def _dense(self) -> bool:
+        """Whether features are a dense random projection (drawn chunk by chunk, worth grouping batches)."""
+        return isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity"
+
+    def _grouped_scores(
+        self,
+        layers: LayerGradients,
+        num_ckpts: int,
+        train_dataloader: DataLoader,
+        test_dataloader: DataLoader,
+        row_offset: int,
+    ) -> Tensor:
+        """:func:`sum_over_checkpoints` for a dense projection on the layers, one matrix draw per group.
+
+        Per checkpoint, the test batches (unless remembered) and then the training batches
+        form one :meth:`LayerGradients.feature_stream`: their captures are projected together
+        in groups of ``layer_buffer_bytes``, so each chunk of the checkpoint's matrix is drawn
+        once per group instead of once per batch and side (a whole small run: once). A batch's
+        features are the same bits as projected alone; stored training blocks are read, not
+        recomputed, and the scores are added in the same order as the batch-by-batch path.
+        """
+        scores: Optional[Tensor] = None
+        for ckpt_idx in range(num_ckpts):
+            store = self._store(ckpt_idx)
+            memo = self.test_side_memo
+            test_rep = memo.peek(ckpt_idx, test_dataloader) if memo is not None else None
+            weight = float(self.weight_list[ckpt_idx])
+
+            def entries(
+                need_test: bool, store: Optional[BlockStore] = store
+            ) -> Iterator[Tuple[Tuple[str, int, Optional[Tensor]], Optional[Any], bool]]:
+                if need_test:
+                    for batch in track(test_dataloader, "test gradients"):
+                        yield ("test", 0, None), batch, True
+                row = 0
+                for batch in track(train_dataloader, "scoring train batches"):
+                    n = batch_size_of(batch)
+                    name = block_name(row_offset + row, row_offset + row + n)
+                    stored = store.lookup(name) if store is not None else None
+                    yield ("train", row, stored), (batch if stored is None else None), False
+                    row += n
+
+            test_parts: List[Tensor] = []
+            stream = layers.feature_stream(
+                self.projector, ckpt_idx, entries(test_rep is None), self.layer_buffer_bytes
+            )
+            for (side, row, stored), rep in stream:
+                if side == "test":
+                    test_parts.append(self._normalize(rep))
+                    continue
+                if test_rep is None:  # every test batch came first in the stream
+                    test_rep = self._finished_test_side(ckpt_idx, test_dataloader, test_parts)
+                if scores is None:
+                    shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+                    scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
+                if stored is not None:
+                    rep = stored.to(str(test_rep.device))
+                else:
+                    if store is not None:
+                        n = rep.shape[0]
+                        store.put(block_name(row_offset + row, row_offset + row + n), rep)
+                block = self._normalize(rep) @ test_rep.T
+                if weight != 1.0:
+                    block = block * weight
+                scores[row : row + block.shape[0]] += block.to(scores.dtype)
+            if scores is None:  # a training loader without batches
+                if test_rep is None:
+                    test_rep = self._finished_test_side(ckpt_idx, test_dataloader, test_parts)
+                shape = (num_samples(train_dataloader), num_samples(test_dataloader))
+                scores = torch.zeros(shape, dtype=test_rep.dtype, device=self.device)
+        assert scores is not None
+        return scores
+
+    def _finished_test_side(self, ckpt_idx: int, test_dataloader: DataLoader, parts: List[Tensor]) -> Tensor:
+        """The (normalised) test matrix from its batches, checked and remembered like :meth:`_test_matrix`."""
+        test_rep = torch.cat(parts)
+        check_finite(test_rep, "test gradients", hint="check the test data and the checkpoint")
+        return remembered(self.test_side_memo, ckpt_idx, test_dataloader, lambda: test_rep)
 
     # -- the layers backend without a projection ---------------------------------------------------
 

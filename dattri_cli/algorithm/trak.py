@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader
 from dattri_cli import distributed
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
 from dattri_cli.algorithm.grad_backend import (
+    DEFAULT_BUFFER_BYTES,
+    DENSE_LAYOUT_VERSION,
     ChoosesGradBackend,
     LayerGradients,
-    capture_bytes,
     check_backend,
     resolve_dtype,
 )
@@ -63,7 +64,7 @@ from dattri_cli.task import AttributionTask
 ILL_CONDITIONED_PIVOT = 1e-4
 #: Bytes of layer captures (inputs and output gradients) buffered before a dense per-layer
 #: projection: each chunk of the random matrix is drawn once per such group of batches.
-LAYER_BUFFER_BYTES = 1024 * 2**20
+LAYER_BUFFER_BYTES = DEFAULT_BUFFER_BYTES
 
 
 @dataclass
@@ -217,54 +218,23 @@ class TRAKAttributor(ChoosesGradBackend, Attributor):
         check_finite(projected, f"{side} gradients", hint="check the data and the checkpoint")
         return projected
 
-    def _project_captures(self, caps: Dict[str, Any], ckpt_idx: int) -> Tensor:
-        """Kronecker or identity features of one batch's captures (unscaled)."""
-        assert self._layers is not None
-        if isinstance(self.projector, KroneckerProjector):
-            return self.projector.project(caps, ckpt_idx).float()
-        return self._layers.flat(caps)
-
     def _layer_stream(
         self, ckpt_idx: int, entries: Iterable[Tuple[Any, Optional[Any]]], target: bool
     ) -> Iterator[Tuple[Any, Optional[Tensor]]]:
         """``(key, features / sqrt(P))`` for ``(key, batch)`` entries in order (``None`` batches pass as None).
 
-        A dense projection holds several batches' captures (up to ``layer_buffer_bytes``)
-        and projects them together, so each chunk of the random matrix is drawn once per
-        group of batches rather than once per batch.
+        A dense projection holds several batches' captures (up to ``layer_buffer_bytes``) and
+        projects them together (:meth:`LayerGradients.feature_stream`, shared with TracIn), so
+        each chunk of the random matrix is drawn once per group of batches, not once per batch.
         """
-        layers = self._layers
-        assert layers is not None
-        dense = not isinstance(self.projector, KroneckerProjector) and self.projector.proj_type != "identity"
-        pending: List[Tuple[Any, Any]] = []
-        held = 0
-
-        def flush() -> Iterator[Tuple[Any, Optional[Tensor]]]:
-            group = [item for _, item in pending if isinstance(item, dict)]
-            projected = (
-                iter(layers.project_dense_group(group, self.projector, ckpt_idx)) if group else iter(())
-            )
-            for key, item in pending:
-                if isinstance(item, dict):
-                    yield key, next(projected) / self.norm_scaler
-                else:
-                    yield key, item
-            pending.clear()
-
-        for key, batch in entries:
-            if batch is None:
-                pending.append((key, None))
-            else:
-                caps = layers.captures(ckpt_idx, batch, target)
-                if dense:
-                    pending.append((key, caps))
-                    held += capture_bytes(caps)
-                else:
-                    pending.append((key, self._project_captures(caps, ckpt_idx) / self.norm_scaler))
-            if not dense or held >= self.layer_buffer_bytes:
-                yield from flush()
-                held = 0
-        yield from flush()
+        assert self._layers is not None
+        return self._layers.feature_stream(
+            self.projector,
+            ckpt_idx,
+            ((key, batch, target) for key, batch in entries),
+            buffer_bytes=self.layer_buffer_bytes,
+            scale=self.norm_scaler,
+        )
 
     def feature_dim(self) -> int:
         """Width of the projected features, known before any gradient is computed."""
@@ -302,6 +272,8 @@ class TRAKAttributor(ChoosesGradBackend, Attributor):
             extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
         if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
             extra["grad_backend"] = "layers"
+            if isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity":
+                extra["dense_layout"] = DENSE_LAYOUT_VERSION
             if self.dtype != torch.float32:
                 extra["dtype"] = str(self.dtype)
         return self.feature_store("trak_features", ckpt_idx, extra)
@@ -384,7 +356,9 @@ class TRAKAttributor(ChoosesGradBackend, Attributor):
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             phi, kernel, count, q = self._train_features(ckpt_idx, loader)
             features.append(phi)
-            factors.append(factor_kernel(kernel, count, self.regularization))
+            # layers backend, one process: a singular kernel's pseudo-inverse from the n x n Gram matrix
+            rows = phi.dense if self._layers is not None and distributed.world()[1] == 1 else None
+            factors.append(factor_kernel(kernel, count, self.regularization, rows=rows))
             q_sum = q if q_sum is None else q_sum + q
         return TrainSide(features, factors, q_sum / len(features), self.train_row_offset)
 

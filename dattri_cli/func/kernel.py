@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -53,12 +53,24 @@ class KernelSolver:
         return self.basis @ (self.inverse_values[:, None] * (self.basis.T @ rhs))
 
 
-def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -> KernelSolver:
+def factor_kernel(
+    kernel: Tensor,
+    num_train: int,
+    regularization: float = 0.0,
+    rows: Optional[Callable[[], Tensor]] = None,
+) -> KernelSolver:
     """Factor the float64 kernel ``Phi^T Phi + regularization I`` (summed over ``num_train`` rows).
 
     A tiny relative ridge keeps Cholesky stable. When the kernel is singular all the
     same (only possible without ``regularization``), the pseudo-inverse is used and a
     warning names the arguments that make the kernel invertible.
+
+    ``rows()``, when given, returns ``Phi`` itself (``num_train x dim``): a singular kernel
+    with fewer rows than dimensions then gets its pseudo-inverse from the small Gram matrix
+    ``Phi Phi^T`` (:func:`pseudo_inverse_from_rows`: ``num_train^3`` instead of ``dim^3``; 0.1 s
+    instead of several seconds at 256 rows of 2.6k Kronecker features). The same operator up
+    to rounding, not the same bits: callers pass it only where bits may differ from the
+    ``dim x dim`` eigendecomposition (TRAK on the layers backend).
     """
     dim = kernel.shape[0]
     kernel = kernel.clone()
@@ -93,9 +105,29 @@ def factor_kernel(kernel: Tensor, num_train: int, regularization: float = 0.0) -
         RuntimeWarning,
         stacklevel=3,
     )
+    if rows is not None and num_train < dim:
+        return pseudo_inverse_from_rows(rows(), dim)
     values, vectors = torch.linalg.eigh(kernel)
     keep = values > values.max() * dim * PSEUDO_INVERSE_RTOL
     return KernelSolver(basis=vectors[:, keep], inverse_values=1.0 / values[keep], min_pivot_relative=0.0)
+
+
+def pseudo_inverse_from_rows(phi: Tensor, dim: Optional[int] = None) -> KernelSolver:
+    """``(Phi^T Phi)^+`` for a wide ``Phi`` (``n x d``, ``n < d``) from the ``n x n`` Gram matrix.
+
+    With ``Phi Phi^T = U diag(s) U^T``, the kernel ``Phi^T Phi`` has the same non-zero
+    eigenvalues ``s`` and eigenvectors ``V = Phi^T U diag(s)^-1/2``, so its pseudo-inverse
+    is ``V diag(1/s) V^T``: a :class:`KernelSolver` with ``basis = V``. Eigenvalues at most
+    ``PSEUDO_INVERSE_RTOL * dim`` times the largest count as zero, as for the kernel's
+    own eigendecomposition (``dim`` defaults to ``d``).
+    """
+    wide = phi.to(torch.float64)
+    dim = wide.shape[1] if dim is None else dim
+    values, vectors = torch.linalg.eigh(wide @ wide.T)
+    keep = values > values.max() * dim * PSEUDO_INVERSE_RTOL
+    values = values[keep]
+    basis = (wide.T @ vectors[:, keep]) / values.sqrt()
+    return KernelSolver(basis=basis, inverse_values=1.0 / values, min_pivot_relative=0.0)
 
 
 def _power_of_two_at_most(n: int) -> int:

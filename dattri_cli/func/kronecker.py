@@ -38,10 +38,11 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from dattri_cli.errors import ConfigError
-from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture, as_layer_matrix
+from dattri_cli.func.layer_grads import EMBEDDING, LINEAR, LayerCapture, as_layer_matrix, unfold_patches
 
 
 def kronecker_dims(in_dim: int, out_dim: int, proj_dim: int) -> Tuple[int, int]:
@@ -108,8 +109,9 @@ class KroneckerProjector:
     """
 
     #: how the per-layer dimensions and matrices are chosen; part of feature-cache keys, so features
-    #: projected by an older rule are never read back (2: a narrow side leaves room for the other)
-    LAYOUT_VERSION = 2
+    #: projected by an older rule are never read back (2: a narrow side leaves room for the other;
+    #: 3: a convolution's input side projected by a convolution, rounded differently)
+    LAYOUT_VERSION = 3
 
     def __init__(self, proj_dim: int = 4096, seed: int = 0, deterministic: bool = True) -> None:
         kronecker_dims(1, 1, proj_dim)  # validates proj_dim
@@ -152,10 +154,16 @@ class KroneckerProjector:
             if self.deterministic:
                 return torch.stack([p @ g[i].clone() for i in range(g.shape[0])])
             return g @ p.T
-        a, d = cap.factors()
-        p_in, p_out = self.matrices(cap, ckpt_idx, d)
-        num = int(cap.module.weight.shape[0]) if cap.kind == EMBEDDING else None
-        out = project_factors(a, d, p_in, p_out, num_embeddings=num, deterministic=self.deterministic)
+        if not self.deterministic and _convolution_projectable(cap):
+            like = _first(cap.outgrads[0])
+            p_in, p_out = self.matrices(cap, ckpt_idx, like)
+            pa, pd = _projected_conv_factors(cap, p_in, p_out)
+            out = torch.einsum("bto,bti->boi", pd, pa).reshape(pa.shape[0], -1)
+        else:
+            a, d = cap.factors()
+            p_in, p_out = self.matrices(cap, ckpt_idx, d)
+            num = int(cap.module.weight.shape[0]) if cap.kind == EMBEDDING else None
+            out = project_factors(a, d, p_in, p_out, num_embeddings=num, deterministic=self.deterministic)
         if cap.offset is not None:  # the same gradient term for every sample (an L2 penalty)
             out = out + self._project_offset(cap, p_in, p_out).to(out.dtype)
         return out
@@ -178,6 +186,59 @@ class KroneckerProjector:
         """``(B, sum of layer dims)``: every layer projected, concatenated in capture order."""
         parts: List[Tensor] = [self.project_layer(cap, ckpt_idx) for cap in caps.values()]
         return torch.cat(parts, dim=1)
+
+
+def _first(grads: List[Optional[Tensor]]) -> Tensor:
+    d = grads[0]
+    if d is None:  # pragma: no cover - capture() fills missing gradients with zeros
+        msg = "a recorded layer output got no gradient"
+        raise RuntimeError(msg)
+    return d
+
+
+def _convolution_projectable(cap: LayerCapture) -> bool:
+    """A captured ``nn.Conv2d`` whose input side is projected (by a convolution, see below)."""
+    module = cap.module
+    if cap.kind != LINEAR or not isinstance(module, nn.Conv2d):
+        return False
+    return module.groups == 1 and module.padding_mode == "zeros" and cap.inputs[0][0].is_floating_point()
+
+
+def _projected_conv_factors(
+    cap: LayerCapture, p_in: Optional[Tensor], p_out: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """``(P_in a, P_out d)`` of a convolution, ``(B, T, k_in)`` and ``(B, T, k_out)``, without unfolding.
+
+    ``P_in`` applied to every unfolded input patch (and its bias 1) is a convolution of the
+    layer's input with ``P_in`` as ``k_in`` filters of the layer's kernel shape (and
+    ``P_in``'s bias column as their bias): the same numbers as unfolding and multiplying,
+    up to rounding, at a fraction of the cost (no ``B x T x C kh kw`` patch matrix; 5-30x
+    faster on ResNet-18's layers). Uses of a shared layer are concatenated along positions.
+    """
+    module = cap.module
+    a_parts, d_parts = [], []
+    for inputs, grads in zip(cap.inputs, cap.outgrads):
+        x, d = inputs[0], _first(grads)
+        rows = x.shape[0]
+        if p_in is None:
+            a = unfold_patches(module, x)  # (B, L, C kh kw)
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        else:
+            weight_cols = int(module.weight[0].numel())
+            filters = p_in[:, :weight_cols].reshape(p_in.shape[0], *module.weight.shape[1:])
+            bias = p_in[:, weight_cols] if module.bias is not None else None
+            a = F.conv2d(x, filters, bias, module.stride, module.padding, module.dilation)
+            a = a.reshape(rows, p_in.shape[0], -1).transpose(1, 2)
+        d = _apply(p_out, d.reshape(rows, d.shape[1], -1).transpose(1, 2))
+        if cap.group > 1:  # rows of one sample's calls become positions of that sample
+            b = rows // cap.group
+            a, d = a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
+        a_parts.append(a)
+        d_parts.append(d)
+    if len(a_parts) == 1:
+        return a_parts[0], d_parts[0]
+    return torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)
 
 
 def project_factors(

@@ -10,6 +10,10 @@ Design choices:
   into fixed row chunks of the parameter dimension, each generated from its own
   generator seeded by ``(proj_seed, ckpt_idx, chunk_idx)``. The chunking depends
   only on ``proj_dim``, so the numbers do not depend on memory settings.
+* Chunks are drawn ahead by a pool of ``torch.get_num_threads()`` threads
+  (:meth:`RandomProjector.chunk_sequence`; a CPU ``torch.randn`` is single-threaded and each
+  chunk has its own generator, so the bits do not depend on the thread count), at most that
+  many chunks ahead of the one in use.
 * The projection of one sample depends only on the seed, the checkpoint index
   and its gradient: samples are projected in row blocks of exactly
   ``proj_max_batch_size`` rows, because BLAS may round a 1-row product differently
@@ -29,7 +33,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
-from typing import Any, Deque, Dict, Iterable, Iterator, Optional, Tuple, TypeVar, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -161,6 +166,9 @@ class RandomProjector:
         self._cached_bytes = 0
         #: chunks generated (a cached chunk counts once): how often the matrix was drawn
         self.chunks_generated = 0
+        #: threads drawing chunks of ``R`` concurrently on a CPU (None: ``torch.get_num_threads()``);
+        #: each chunk has its own seeded generator, so the numbers never depend on it
+        self.draw_workers: Optional[int] = None
 
     # -- the random matrix ------------------------------------------------------------
     def _chunk(self, ckpt_idx: int, chunk_idx: int, rows: int, device: torch.device) -> Tensor:
@@ -185,17 +193,96 @@ class RandomProjector:
         start = idx * self.chunk_rows
         chunk = self._chunk(ckpt_idx, idx, min(start + self.chunk_rows, num_params) - start, device)
         self.chunks_generated += 1
-        size = chunk.numel() * chunk.element_size()
-        if self._cached_bytes + size <= self.max_matrix_bytes:
-            self._cached_chunks[idx] = chunk
-            self._cached_bytes += size
+        self._keep(idx, chunk)
         return chunk
 
     def _chunks(self, ckpt_idx: int, num_params: int, device: torch.device):  # noqa: ANN202 - generator
         """Yield ``(start, stop, chunk)`` over the parameter dimension (the first chunks kept, see ``_chunk_of``)."""
-        for idx, start in enumerate(range(0, num_params, self.chunk_rows)):
-            chunk = self._chunk_of(ckpt_idx, idx, num_params, device)
+        idxs = range(-(-num_params // self.chunk_rows))
+        for idx, chunk in zip(idxs, self.chunk_sequence(ckpt_idx, idxs, num_params, device)):
+            start = idx * self.chunk_rows
             yield start, start + chunk.shape[0], chunk
+
+    def _workers(self, device: torch.device) -> int:
+        """Threads drawing chunks: CPU generators only (a GPU draws far faster than it multiplies)."""
+        if torch.device(device).type != "cpu":
+            return 1
+        workers = self.draw_workers if self.draw_workers is not None else torch.get_num_threads()
+        return max(1, int(workers))
+
+    def chunk_sequence(
+        self, ckpt_idx: int, idxs: Iterable[int], num_params: int, device: torch.device
+    ) -> Iterator[Tensor]:
+        """Chunks ``idxs`` of checkpoint ``ckpt_idx``'s matrix in that order, drawn ahead by a thread pool.
+
+        Drawing a chunk is one single-threaded ``torch.randn`` call on its own seeded
+        generator, so ``draw_workers`` threads draw that many chunks at once with the
+        same bits as one after the other. At most ``draw_workers`` chunks are drawn
+        ahead of the one the caller holds (bounded memory); a chunk repeated in a row
+        (two layers sharing it) is drawn once; kept chunks (``max_matrix_bytes``) are not
+        drawn again.
+        """
+        idxs = list(idxs)
+        runs: List[int] = []
+        for idx in idxs:
+            if not runs or runs[-1] != idx:
+                runs.append(idx)
+        chunks = self._drawn(ckpt_idx, runs, num_params, device)
+        current: Optional[Tuple[int, Tensor]] = None
+        for idx in idxs:
+            if current is None or current[0] != idx:
+                current = (idx, next(chunks))
+            yield current[1]
+
+    def _drawn(
+        self, ckpt_idx: int, runs: List[int], num_params: int, device: torch.device
+    ) -> Iterator[Tensor]:
+        """The chunks ``runs`` in order; with several workers, up to that many drawn ahead in threads."""
+        workers = self._workers(device)
+        if workers == 1 or len(runs) == 1:
+            for idx in runs:
+                yield self._chunk_of(ckpt_idx, idx, num_params, device)
+            return
+        key = (ckpt_idx, str(device))
+        if self._cache_key != key:  # another checkpoint (or device): its chunks replace the kept ones
+            self._cache_key, self._cached_chunks, self._cached_bytes = key, {}, 0
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dattri-projection")
+        ahead: Deque[Tuple[int, Union[Tensor, "Future[Tensor]"]]] = deque()
+        following = iter(runs)
+
+        def submit() -> None:
+            idx = next(following, None)
+            if idx is None:
+                return
+            kept = self._cached_chunks.get(idx)
+            start = idx * self.chunk_rows
+            rows = min(start + self.chunk_rows, num_params) - start
+            ahead.append(
+                (idx, kept if kept is not None else pool.submit(self._chunk, ckpt_idx, idx, rows, device))
+            )
+
+        try:
+            for _ in range(workers):
+                submit()
+            while ahead:
+                idx, item = ahead.popleft()
+                if isinstance(item, Tensor):
+                    chunk = item
+                else:
+                    chunk = item.result()
+                    self.chunks_generated += 1
+                    self._keep(idx, chunk)
+                submit()
+                yield chunk
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _keep(self, idx: int, chunk: Tensor) -> None:
+        """Keep ``chunk`` of the current checkpoint while the memory budget lasts."""
+        size = chunk.numel() * chunk.element_size()
+        if self._cached_bytes + size <= self.max_matrix_bytes:
+            self._cached_chunks[idx] = chunk
+            self._cached_bytes += size
 
     def project_slices(
         self, slices: Iterable[Tuple[int, Tensor]], num_params: int, ckpt_idx: int = 0
@@ -223,8 +310,8 @@ class RandomProjector:
                 raise ValueError(msg)
             if stop == start:
                 continue
-            for idx in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
-                chunk = self._chunk_of(ckpt_idx, idx, num_params, device)
+            idxs = range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)
+            for idx, chunk in zip(idxs, self.chunk_sequence(ckpt_idx, idxs, num_params, device)):
                 lo = idx * self.chunk_rows
                 a, b = max(start, lo), min(stop, lo + chunk.shape[0])
                 out += (rows[:, a - start : b - start] @ chunk[a - lo : b - lo]).float()

@@ -16,10 +16,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dattri_cli.algorithm import grad_backend
+from dattri_cli.algorithm.base import TestSideMemo
 from dattri_cli.algorithm.tracin import TracInAttributor
 from dattri_cli.algorithm.trak import TRAKAttributor
 from dattri_cli.errors import ConfigError
 from dattri_cli.feature_cache import BlockStore
+from dattri_cli.func import kernel
+from dattri_cli.func.projection import RandomProjector
 from dattri_cli.models.train import correct_probability, make_loss_funcs
 from dattri_cli.task import AttributionTask
 
@@ -210,13 +213,20 @@ def test_half_dtype_on_cpu_is_refused_unless_asked() -> None:
     TracInAttributor(task, [1.0], False, dtype="bfloat16", allow_cpu_half=True)
 
 
-def _trak(kind: str, backend: str, projector_kwargs: dict, batch_size: int = 4, num_ckpts: int = 1) -> Tensor:
+def _trak(
+    kind: str,
+    backend: str,
+    projector_kwargs: dict,
+    batch_size: int = 4,
+    num_ckpts: int = 1,
+    regularization: float = 1e-2,
+) -> Tensor:
     task, model, (train, test, sample_ndim) = _setup(kind, num_ckpts)
     attributor = TRAKAttributor(
         task,
         correct_probability(model, sample_ndim),
         projector_kwargs=projector_kwargs,
-        regularization=1e-2,
+        regularization=regularization,
         grad_backend=backend,
     )
     attributor.cache(_loader(train, batch_size))
@@ -228,6 +238,24 @@ def _trak(kind: str, backend: str, projector_kwargs: dict, batch_size: int = 4, 
 def test_trak_layers_equal_func(kind: str, proj: dict) -> None:
     func = _trak(kind, "func", proj, num_ckpts=2)
     layers = _trak(kind, "layers", proj, num_ckpts=2)
+    torch.testing.assert_close(layers, func, rtol=1e-3, atol=1e-4)
+
+
+def test_trak_layers_singular_kernel_through_the_gram_matrix_equals_func(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ridge, 32 dimensions for 11 rows: the layers backend takes the pseudo-inverse from the
+    11 x 11 Gram matrix, torch.func's from the 32 x 32 kernel; the scores agree."""
+    calls = []
+    original = kernel.pseudo_inverse_from_rows
+    monkeypatch.setattr(kernel, "pseudo_inverse_from_rows", lambda *a: calls.append(1) or original(*a))
+    proj = {"proj_dim": 32, "proj_seed": 2}
+    with pytest.warns(RuntimeWarning, match="singular"):
+        func = _trak("cnn", "func", proj, num_ckpts=2, regularization=0.0)
+    assert not calls
+    with pytest.warns(RuntimeWarning, match="singular"):
+        layers = _trak("cnn", "layers", proj, num_ckpts=2, regularization=0.0)
+    assert len(calls) == 2  # one per checkpoint
     torch.testing.assert_close(layers, func, rtol=1e-3, atol=1e-4)
 
 
@@ -382,3 +410,92 @@ def test_bfloat16_projections_stay_close_and_accumulate_in_float32(backend: str)
     assert half.dtype == torch.float32
     assert not torch.equal(half, exact)  # the half precision took part
     assert float((half - exact).abs().max() / exact.abs().max()) < 5e-2
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 64])
+def test_dense_group_projection_same_bits_for_any_drawing_threads(chunk_rows: int) -> None:
+    """Layer-by-layer projection of a group of batches: chunks drawn by 1, 2 or 4 threads, same bits."""
+    task, model, (train, _, _) = _setup("cnn")
+    layers = grad_backend.LayerGradients(task, None, "cpu")
+    group = [layers.captures(0, (train[0][s : s + 4], train[1][s : s + 4]), target=False) for s in (0, 4, 8)]
+    out = {}
+    for workers in (1, 2, 4):
+        projector = RandomProjector(proj_dim=8, proj_seed=5, max_matrix_mb=0)
+        projector.chunk_rows, projector.draw_workers = chunk_rows, workers
+        out[workers] = layers.project_dense_group(group, projector, ckpt_idx=1)
+        # one draw per chunk for the whole group (a chunk shared by two layers included)
+        assert projector.chunks_generated == -(-layers.num_params // chunk_rows)
+    for workers in (2, 4):
+        assert all(torch.equal(a, b) for a, b in zip(out[workers], out[1]))
+    # and each batch's features equal the batch projected alone, and the flat gradients projected whole
+    alone = RandomProjector(proj_dim=8, proj_seed=5)
+    alone.chunk_rows = chunk_rows
+    for caps, grouped in zip(group, out[1]):
+        assert torch.equal(layers.project_dense(caps, alone, ckpt_idx=1), grouped)
+        torch.testing.assert_close(
+            grouped, alone.project(layers.flat(caps), ckpt_idx=1), rtol=1e-4, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_tracin_dense_layers_grouped_equals_batch_by_batch(normalized: bool, tmp_path) -> None:
+    """Test and train batches projected in one group per checkpoint: the scores of batch-by-batch
+    projection, bit for bit, with one draw of each checkpoint's matrix instead of one per batch."""
+    proj = {"proj_dim": 8, "proj_seed": 3, "max_matrix_mb": 0}
+    out, draws = {}, {}
+    for buffer_bytes in (0, 2**30):
+        task, _, (train, test, _) = _setup("cnn", num_ckpts=2)
+        attributor = TracInAttributor(
+            task, [0.5, 2.0], normalized, projector_kwargs=proj, grad_backend="layers"
+        )
+        attributor.projector.chunk_rows = 7
+        attributor.layer_buffer_bytes = buffer_bytes
+        out[buffer_bytes] = (
+            attributor.attribute(_loader(train, 4), _loader(test, 3)),
+            attributor.self_attribute(_loader(train, 4)),
+        )
+        draws[buffer_bytes] = attributor.projector.chunks_generated
+    assert torch.equal(out[0][0], out[2**30][0]) and torch.equal(out[0][1], out[2**30][1])
+    chunks = -(-attributor._layers.num_params // 7)
+    # attribute: 2 checkpoints x (2 test + 3 train batches) alone, or 2 x 1 group; self_attribute: 3 vs 1
+    assert draws[0] == chunks * (2 * 5 + 2 * 3) and draws[2**30] == chunks * (2 + 2)
+    func = _tracin_two("func", normalized)
+    torch.testing.assert_close(out[0][0], func, rtol=1e-4, atol=1e-5)
+    # a feature store: computed blocks are stored, then read back in place, same scores
+    task, _, (train, test, _) = _setup("cnn", num_ckpts=2)
+    for run in range(2):
+        attributor = TracInAttributor(
+            task, [0.5, 2.0], normalized, projector_kwargs=proj, grad_backend="layers"
+        )
+        attributor.projector.chunk_rows = 7
+        attributor.feature_store = lambda kind, k, extra: BlockStore.keyed(
+            tmp_path, kind, {"ckpt": k, **extra}
+        )
+        assert torch.equal(attributor.attribute(_loader(train, 4), _loader(test, 3)), out[0][0])
+        if run == 1:  # only the test side was projected: the training blocks were read
+            assert attributor.projector.chunks_generated == chunks * 2
+
+
+def _tracin_two(backend: str, normalized: bool) -> Tensor:
+    task, _, (train, test, _) = _setup("cnn", num_ckpts=2)
+    proj = {"proj_dim": 8, "proj_seed": 3}
+    attributor = TracInAttributor(task, [0.5, 2.0], normalized, projector_kwargs=proj, grad_backend=backend)
+    attributor.projector.chunk_rows = 7
+    return attributor.attribute(_loader(train, 4), _loader(test, 3))
+
+
+def test_tracin_dense_layers_grouped_remembers_the_test_side() -> None:
+    """With a test-side memo (the runner's row blocks), a second block reuses the test features."""
+    task, _, (train, test, _) = _setup("cnn", num_ckpts=2)
+    proj = {"proj_dim": 8, "proj_seed": 3}
+    attributor = TracInAttributor(task, [0.5, 2.0], False, projector_kwargs=proj, grad_backend="layers")
+    attributor.test_side_memo = TestSideMemo()
+    test_loader = _loader(test, 3)
+    first = attributor.attribute(_loader(train, 4), test_loader)
+    assert len(attributor.test_side_memo) == 2  # one per checkpoint
+    calls = []
+    captures = attributor._layers.captures
+    attributor._layers.captures = lambda k, b, target: calls.append(target) or captures(k, b, target)
+    second = attributor.attribute(_loader(train, 4), test_loader)
+    assert torch.equal(first, second)
+    assert calls and not any(calls)  # training batches only

@@ -36,3 +36,25 @@ def test_singular_kernel_uses_the_pseudo_inverse_and_names_the_arguments() -> No
 def test_zero_kernel_is_refused() -> None:
     with pytest.raises(NumericalError, match="vanish"):
         factor_kernel(torch.zeros(4, 4, dtype=torch.float64), 10)
+
+
+@pytest.mark.parametrize("rank", [12, 7])
+def test_pseudo_inverse_from_the_gram_matrix_equals_the_kernels(rank: int) -> None:
+    """12 rows of 50 dimensions (rank 12, or 7 with repeated rows): the n x n Gram route gives the
+    pseudo-inverse of Phi^T Phi, as torch.linalg.pinv does, and the same warning."""
+    phi = _phi(12, 50)
+    if rank < 12:
+        phi[rank:] = phi[: 12 - rank] * 2.0  # repeated directions: a rank-deficient Gram matrix
+    rhs = _phi(50, 4) + 1.0
+    expected = torch.linalg.pinv(phi.T @ phi, hermitian=True) @ rhs
+    with pytest.warns(RuntimeWarning, match="12 training samples for 50"):
+        solver = factor_kernel(phi.T @ phi, 12, rows=lambda: phi.float())
+    assert solver.factor is None and solver.basis.shape == (50, rank)
+    torch.testing.assert_close(solver.solve(rhs), expected, rtol=1e-4, atol=1e-6)
+    # the eigendecomposition of the 50 x 50 kernel: the same operator
+    with pytest.warns(RuntimeWarning):
+        direct = factor_kernel(phi.T @ phi, 12)
+    torch.testing.assert_close(solver.solve(rhs), direct.solve(rhs), rtol=1e-4, atol=1e-6)
+    # a kernel that Cholesky factors never reads the rows
+    solver = factor_kernel(phi.T @ phi, 12, regularization=0.1, rows=lambda: pytest.fail("rows read"))
+    assert solver.factor is not None

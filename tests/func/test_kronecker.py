@@ -184,3 +184,70 @@ def test_cuda_uses_the_cpu_matrices_and_agrees():
     gpu = proj.project(lg.capture(model.cuda(), loss, gpu_batch))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+class Convs(nn.Module):
+    """Convolutions of every shape the batched projection handles by a convolution, one used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, stride=2, padding=1)
+        self.dil = nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=False)
+        self.shared = nn.Conv2d(5, 5, 1)  # applied twice
+        self.narrow = nn.Conv2d(5, 1, 1, bias=False)  # 5 x 1 fits 9 dimensions: the identity on both sides
+        self.fc = nn.Linear(3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.dil(torch.tanh(self.stem(x))))
+        h = self.shared(torch.tanh(self.shared(h)))
+        return self.fc(self.narrow(h).flatten(1))
+
+
+def test_batched_convolutions_are_projected_by_a_convolution_and_equal_the_dense_kronecker():
+    """``deterministic=False`` projects a convolution's input side by a convolution (no unfolding):
+    equal to ``(P_out (x) P_in) vec(G)`` with ``G`` torch.func's per-sample gradient."""
+    torch.manual_seed(0)
+    model = Convs()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(5, 2, 6, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+    caps = lg.capture(model, lambda m, b: cross_entropy(m(b[0]), b[1], reduction="none"), batch)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(functional_call(model, p, (x[None],)), y[None])
+
+    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, *batch)
+    proj = kr.KroneckerProjector(proj_dim=9, seed=2, deterministic=False)
+    for name in ("stem", "dil", "shared", "narrow"):
+        cap = caps[name]
+        assert kr._convolution_projectable(cap)
+        w = grads[f"{name}.weight"].reshape(5, cap.module.out_channels, -1)
+        if cap.module.bias is not None:
+            w = torch.cat([w, grads[f"{name}.bias"][:, :, None]], dim=2)
+        p_in, p_out = proj.matrices(cap, 0, w)
+        size_in, size_out = kr.layer_sizes(cap)
+        assert (p_in is None) == (name == "narrow")
+        kron = torch.kron(dense(p_out, size_out), dense(p_in, size_in))
+        expected = w.reshape(5, -1) @ kron.T
+        torch.testing.assert_close(proj.project_layer(cap, 0), expected, msg=name)
+        # the one-sample-at-a-time (unfolding) path agrees
+        unfolded = kr.KroneckerProjector(proj_dim=9, seed=2, deterministic=True).project_layer(cap, 0)
+        torch.testing.assert_close(proj.project_layer(cap, 0), unfolded, msg=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_unfold_equals_f_unfold_bit_for_bit(channels_last: bool):
+    g = torch.Generator().manual_seed(0)
+    for shape, k, d, p, s in [
+        ((3, 2, 7, 6), (3, 3), (1, 1), (1, 1), (1, 1)),
+        ((2, 3, 9, 9), (3, 2), (2, 1), (2, 0), (2, 3)),
+        ((4, 5, 4, 4), (1, 1), (1, 1), (0, 0), (2, 2)),
+        ((1, 2, 8, 8), (7, 7), (1, 1), (3, 3), (2, 2)),
+    ]:
+        x = torch.randn(*shape, generator=g)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        expected = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)
+        conv = torch.nn.Conv2d(shape[1], 1, k, stride=s, padding=p, dilation=d)
+        got = lg.unfold_patches(conv, x)
+        assert got.shape == expected.shape and torch.equal(got, expected)

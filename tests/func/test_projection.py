@@ -157,3 +157,63 @@ def test_long_rows_get_smaller_blocks_and_the_same_numbers() -> None:
     whole = small.project(grads)
     parts = [out for _, out in small.project_stream([(i, grads[i : i + 1]) for i in range(23)])]
     assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+@pytest.mark.parametrize("keep_mb", [0, None])
+def test_chunks_drawn_by_threads_give_the_same_bits(chunk_rows: int, keep_mb) -> None:
+    """Each chunk has its own seeded generator: 2-5 drawing threads change no bit of ``R`` or the features."""
+    grads = _vectors(n=9, p=777, seed=4)
+    kwargs = {"proj_dim": 24, "proj_seed": 2, "proj_max_batch_size": 4}
+    if keep_mb is not None:
+        kwargs["max_matrix_mb"] = keep_mb
+    # R drawn independently, chunk by chunk from its seed, as documented
+    starts = range(0, 777, chunk_rows)
+    independent = torch.cat(
+        [
+            torch.randn(
+                min(chunk_rows, 777 - s),
+                24,
+                generator=torch.Generator().manual_seed(projection.chunk_seed(2, 1, i)),
+            )
+            for i, s in enumerate(starts)
+        ]
+    )
+    results = {}
+    for workers in (1, 2, 3, 5):
+        proj = RandomProjector(**kwargs)
+        proj.chunk_rows, proj.draw_workers = chunk_rows, workers
+        drawn = torch.cat([c for _, _, c in proj._chunks(1, 777, torch.device("cpu"))])
+        assert torch.equal(drawn, independent)
+        results[workers] = (
+            proj.project(grads, ckpt_idx=1),
+            proj.project_slices([(0, grads[:, :300]), (300, grads[:, 300:])], 777, ckpt_idx=1),
+        )
+    for workers in (2, 3, 5):
+        assert torch.equal(results[workers][0], results[1][0])
+        assert torch.equal(results[workers][1], results[1][1])
+    torch.testing.assert_close(results[1][0], grads @ independent / math.sqrt(24), rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_sequence_draws_a_bounded_number_ahead_and_repeats_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proj = RandomProjector(proj_dim=4, max_matrix_mb=0)
+    proj.chunk_rows, proj.draw_workers = 10, 3
+    started = []
+    draw = proj._chunk
+
+    def recording(ckpt_idx: int, idx: int, rows: int, device: torch.device) -> torch.Tensor:
+        started.append(idx)
+        return draw(ckpt_idx, idx, rows, device)
+
+    monkeypatch.setattr(proj, "_chunk", recording)
+    visits = [0, 1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 8, 9, 2]
+    runs = 0  # chunks handed out so far (a repeat in a row is the same chunk)
+    for pos, chunk in enumerate(proj.chunk_sequence(0, visits, 100, torch.device("cpu"))):
+        runs += pos == 0 or visits[pos] != visits[pos - 1]
+        assert len(started) <= runs + 3  # at most `draw_workers` chunks drawn ahead of the held one
+        assert torch.equal(chunk, draw(0, visits[pos], 10, torch.device("cpu")))
+    # a chunk repeated in a row is drawn once; one visited again later (2) is drawn again
+    assert sorted(started) == sorted([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 2])
+    assert proj.chunks_generated == 11
