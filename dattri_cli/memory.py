@@ -481,21 +481,30 @@ def probe_model(model: Any, split: Any) -> Probe:
 
     leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(hook_for(n)) for n, m in leaves]
+    training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
+    # eval mode and a forked RNG: the probe changes no batch-norm statistics and draws no dropout
+    # masks from the run's random stream (the model may be the one trained next)
+    rng_devices = [device] if device.type == "cuda" else []
     try:
-        batch = next(iter(protocol.row_loader(split, 0, 1, 1)))
-        device = next(model.parameters()).device
-        batch = tuple(b.to(device) for b in batch) if isinstance(batch, (tuple, list)) else batch
-        if isinstance(batch, dict):
-            batch = {k: v.to(device) for k, v in batch.items()}
-        call = tasks.split_batch(batch, protocol.sample_ndim(split))
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            model.eval()
+            batch = next(iter(protocol.row_loader(split, 0, 1, 1)))
+            if isinstance(batch, dict):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            elif isinstance(batch, (tuple, list)):
+                batch = tuple(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
+            call = tasks.split_batch(batch, protocol.sample_ndim(split))
             out = unwrap_logits(tasks.ModelCaller(model)(dict(model.named_parameters()), call))
-    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError, StopIteration) as exc:
+    except Exception as exc:  # noqa: BLE001 - a best-effort probe: a model it cannot run loses only these terms
         log.debug("memory guard: could not probe the model (%s); activation terms left out", exc)
         return Probe()
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return Probe(sum(counts.values()), 0, 1, counts)
     per_sample = out[0]
     positions = per_sample.numel() // per_sample.shape[-1] if per_sample.dim() >= 2 else 1
     return Probe(sum(counts.values()), per_sample.numel(), positions, counts)

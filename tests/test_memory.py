@@ -164,6 +164,26 @@ def test_probe_counts_leaf_outputs_and_model_outputs() -> None:
     assert (lm.activations, lm.outputs, lm.positions) == (9 * 5 + 9 * 7, 9 * 7, 9)
 
 
+def test_probe_changes_nothing_the_run_uses_next() -> None:
+    """Batch-norm statistics, the training flag and the random stream are as before the probe."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    split = _split(torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    probe = memory.probe_model(model, split)
+    assert probe.activations == 4 + 4 + 4 + 2 and model.training
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a model the probe cannot run (inputs it does not take) leaves the activation terms out
+    assert (
+        memory.probe_model(nn.Linear(5, 2), _split(torch.randn(6, 3), torch.randint(0, 2, (6,))))
+        == memory.Probe()
+    )
+
+
 def test_estimate_terms_are_the_closed_forms_for_a_tiny_model() -> None:
     """A 3-4-2 MLP (26 parameters, 10 activations per sample), batch 8, 5 test rows, every term by hand."""
     p, act, b, n_test = 3 * 4 + 4 + 4 * 2 + 2, 10, 8, 5
