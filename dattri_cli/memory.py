@@ -27,7 +27,9 @@ multiples checked against measured peaks by ``scripts/bench_memory_guard.py``
 * Arnoldi: its float64 Krylov basis, ``(max_iter + 1) x P x 8``;
 * EK-FAC / K-FAC: per layer the float64 factors, their eigenvectors and the
   corrected eigenvalues, ``(in^2 + out^2) x 8 x 2 + in x out x 8 x 2``; a batch's layer
-  captures (``batch x positions x (in + out)``, a convolution's unfolded input); and the
+  captures (``batch x positions x (in + out)``, a convolution's unfolded input), EK-FAC's
+  float64 eigenvalue correction (rotated inputs, and the widest layer's per-sample
+  gradients in the eigenbasis with their squares: ``batch x 2 x in x out x 8``); and the
   Gauss-Newton output Hessians, ``4 x batch x C^2`` for ``C`` outputs per sample (exact),
   or ``4 x batch x T x V^2`` for ``T`` positions of ``V`` values with ``num_output_samples``;
 * on disk, with ``feature_cache=true``: the training rows' stored representations
@@ -183,6 +185,18 @@ def kfac_capture_bytes(batch_size: int, layers: Iterable[Tuple[int, int, int]], 
     unfolded input is ``positions x in * kh * kw`` per sample)."""
     per_sample = sum(int(pos) * (int(i) + int(o)) for i, o, pos in layers)
     return int(batch_size) * per_sample * int(itemsize) * KFAC_CAPTURE_COPIES
+
+
+def eigen_correction_bytes(batch_size: int, layers: Iterable[Tuple[int, int, int]]) -> int:
+    """EK-FAC's eigenvalue correction of one batch (``func/kfac.py``), in float64: every layer's rotated
+    inputs ``(B, L, in[+1])``, and the per-sample gradients in the eigenbasis ``(B, out, in[+1])`` of
+    the widest layer with their squares (formed layer by layer)."""
+    layers = list(layers)
+    if not layers:
+        return 0
+    rotated = sum(int(pos) * int(i) for i, _, pos in layers)
+    widest = max(int(i) * int(o) for i, o, _ in layers)
+    return int(batch_size) * (rotated + 2 * widest) * FLOAT64
 
 
 def feature_cache_bytes(n_train: int, width: int, num_checkpoints: int = 1, itemsize: int = 4) -> int:
@@ -341,6 +355,9 @@ def estimate(
         if positions:
             layers = [(i, o, pos) for (i, o), pos in zip(options.get("kfac_layers", ()), positions)]
             est.memory["layer_captures"] = kfac_capture_bytes(sizes.train_batch_size, layers, item)
+            if method == "IFAttributorEKFAC":
+                est.memory["eigen_correction"] = eigen_correction_bytes(sizes.train_batch_size, layers)
+                est.fixes["eigen_correction"] = "a smaller loader.train_batch_size"
             est.fixes["layer_captures"] = (
                 "a smaller loader.train_batch_size, or fewer layers (attributor.module_name)"
             )

@@ -206,6 +206,12 @@ def test_estimate_terms_are_the_closed_forms_for_a_tiny_model() -> None:
         "IFAttributorEKFAC", sizes, {"kfac_layers": [(4, 4), (5, 2)], "kfac_positions": [1, 1]}
     )
     assert captured.memory["layer_captures"] == b * ((4 + 4) + (5 + 2)) * 4 * memory.KFAC_CAPTURE_COPIES
+    # float64: rotated inputs of both layers, the widest layer's (out, in+1) per-sample gradients and squares
+    assert captured.memory["eigen_correction"] == b * ((4 + 5) + 2 * max(4 * 4, 5 * 2)) * 8
+    kfac = memory.estimate(
+        "IFAttributorKFAC", sizes, {"kfac_layers": [(4, 4), (5, 2)], "kfac_positions": [1, 1]}
+    )
+    assert "eigen_correction" not in kfac.memory and "layer_captures" in kfac.memory
     # a 3x3 convolution 2 -> 3 channels on 5x5 maps (padding 1): 25 positions of 2 * 9 + 1 inputs and 3 outputs
     assert memory.kfac_capture_bytes(b, [(19, 3, 25)]) == b * 25 * 22 * 4 * memory.KFAC_CAPTURE_COPIES
     explicit = memory.estimate("IFAttributorExplicit", sizes)
