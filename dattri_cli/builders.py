@@ -27,6 +27,7 @@ from dattri_cli.data import Split, protocol
 from dattri_cli.data.noise import NOISE_KEYS, flip_labels
 from dattri_cli.errors import ConfigError, DataError, DattriError
 from dattri_cli.feature_cache import BlockStore
+from dattri_cli.func.representer import TASK_LOSSES
 from dattri_cli.hashing import json_sha256, tree_sha256
 from dattri_cli.models.train import Checkpoint, TrainSettings, trained_checkpoints
 from dattri_cli.task import AttributionTask, default_checkpoint_load_func, load_state_dict_file
@@ -42,6 +43,7 @@ RUNTIME_ATTRIBUTOR_PARAMS = (
     "weight_list",
     "correct_probability_func",
     "final_linear_layer_name",
+    "final_layer_loss",
 )
 #: model parameters filled from the data
 RUNTIME_MODEL_PARAMS = ("in_features", "num_classes")
@@ -562,6 +564,8 @@ def build_attributor(
         "weight_list": checkpoint_weights(checkpoints, runner.get("weights", "ones")),
         "correct_probability_func": functions.correct_probability_func,
         "final_linear_layer_name": getattr(model, "final_layer", None),
+        # RPS's fit needs the task's loss in closed form; other tasks reach it by name and are refused
+        "final_layer_loss": TASK_LOSSES.get(functions.name, f"task={functions.name}"),
     }
     attributor = build(attributor_cfg, "attributor", runtime)
     if not isinstance(attributor, Attributor):

@@ -3,19 +3,35 @@
 Why: at millions of parameters the cost of an attribution run is set by a few
 parameter-sized objects, and a run that cannot fit should say so at once, with the
 number and the override that fixes it, instead of swapping for minutes and being
-killed. The estimates are deliberately simple products of the sizes that dominate:
+killed. The estimates are deliberately simple products of the sizes that dominate, their
+multiples checked against measured peaks by ``scripts/bench_memory_guard.py``
+(docs/benchmarks.md, "Memory guard against measured peaks"):
 
+* a fixed :data:`RUNTIME_OVERHEAD_BYTES` every run adds after the guard;
+* one batch's activations, ``batch x A x itemsize x`` :data:`BATCH_ACTIVATION_COPIES`,
+  ``A`` the elements the model's leaf modules output for one sample (:func:`probe_model`
+  runs the model on one training sample to count them);
 * per-sample gradients: ``batch x P x itemsize`` for the vmapped gradients, times
   :data:`GRAD_WORK_FACTOR` for the per-sample intermediates ``vmap`` keeps;
 * the test side an inner-product attributor keeps across row blocks: ``n_test x P``
   gradients and their transform (:data:`TEST_SIDE_COPIES` copies);
 * the explicit Hessian: ``P^2`` in the parameter dtype per batch, plus the float64
-  sum, its symmetrised copy and the Cholesky / LU factor (``P^2 x (itemsize + 24)``);
+  sum, its symmetrised copy and the Cholesky / LU factor (``P^2 x (itemsize + 24)``),
+  and ``jacrev(jacrev)``'s graph: one vector-Jacobian product per parameter through a
+  batch, ``P x batch x A x itemsize x`` :data:`VJP_ACTIVATION_COPIES`;
 * CG / LiSSA: their row chunks, ``min(n_test, rows per chunk) x P x`` the solver's
-  working vectors (:mod:`dattri_cli.func.ihvp` chunks them under a fixed budget);
+  working vectors (:mod:`dattri_cli.func.ihvp` chunks them under a fixed budget), and
+  the chunk's vmapped HVPs through a batch, ``rows x batch x A x itemsize x 3``;
+* TRAK: the kernel, the dense projector's kept matrix (``P x proj_dim``, up to
+  ``max_matrix_mb``) and its row block (two copies of ``128 x P``, at most 256 MiB each);
 * Arnoldi: its float64 Krylov basis, ``(max_iter + 1) x P x 8``;
 * EK-FAC / K-FAC: per layer the float64 factors, their eigenvectors and the
-  corrected eigenvalues, ``(in^2 + out^2) x 8 x 2 + in x out x 8 x 2``;
+  corrected eigenvalues, ``(in^2 + out^2) x 8 x 2 + in x out x 8 x 2``; a batch's layer
+  captures (``batch x positions x (in + out)``, a convolution's unfolded input), EK-FAC's
+  float64 eigenvalue correction (rotated inputs, and the widest layer's per-sample
+  gradients in the eigenbasis with their squares: ``batch x 2 x in x out x 8``); and the
+  Gauss-Newton output Hessians, ``4 x batch x C^2`` for ``C`` outputs per sample (exact),
+  or ``4 x batch x T x V^2`` for ``T`` positions of ``V`` values with ``num_output_samples``;
 * on disk, with ``feature_cache=true``: the training rows' stored representations
   (``n_train x width x 4`` per checkpoint: ``P`` for unprojected gradients,
   ``proj_dim`` for TRAK) and the explicit Hessian (``P^2 x 8``).
@@ -53,6 +69,22 @@ GRAD_WORK_FACTOR = 3
 #: copies of the ``(n_test, P)`` test side kept by inner-product attributors (gradients, transform)
 TEST_SIDE_COPIES = 2
 FLOAT64 = 8
+#: what every run adds after the guard whatever its size (measured 87-124 MiB on the digits logistic
+#: regression, scripts/bench_memory_guard.py): modules imported later, autograd and vmap workspaces,
+#: the allocator's per-thread arenas
+RUNTIME_OVERHEAD_BYTES = 128 * 2**20
+#: copies of one batch's activations a forward and backward pass keeps (outputs, their gradients, saved inputs)
+BATCH_ACTIVATION_COPIES = 4
+#: copies of a batch's activations each vmapped vector-Jacobian product through the backward graph holds
+#: (explicit Hessian: one per parameter; CG / LiSSA: one per right-hand side of a chunk)
+VJP_ACTIVATION_COPIES = 3
+#: ``(B, C, C)`` copies the exact Gauss-Newton factors hold: the stacked output Hessian, its
+#: symmetrised copy, the eigenvectors and the roots (func/kfac.py ``_output_hessian``, ``_psd_roots``)
+OUTPUT_HESSIAN_COPIES = 4
+#: copies of EK-FAC's per-layer captures of a batch (inputs ``(B, L, in[+1])``, one pass's output
+#: gradients ``(B, L, out)``, their per-sample products and rotations) held while the factors are
+#: summed: 6 covers the digits CNN's measured peak (3 left it 15% under, scripts/bench_memory_guard.py)
+KFAC_CAPTURE_COPIES = 6
 
 
 def per_sample_grad_bytes(batch_size: int, num_params: int, itemsize: int = 4) -> int:
@@ -94,6 +126,77 @@ def trak_width(proj_dim: int, proj_type: Optional[str], num_layers: int) -> int:
 def trak_kernel_bytes(width: int) -> int:
     """TRAK's ``width x width`` kernel with its eigendecomposition (eigenvectors and workspace): 3 float32 copies."""
     return 3 * width * width * 4
+
+
+def projection_matrix_bytes(num_params: int, proj_dim: int, max_matrix_bytes: int, itemsize: int = 4) -> int:
+    """The dense projector's random matrix: kept up to ``max_matrix_bytes``, else one chunk at a time."""
+    from dattri_cli.func import projection  # noqa: PLC0415 - only TRAK runs need it
+
+    whole = int(num_params) * int(proj_dim) * int(itemsize)
+    chunk = projection.CHUNK_ELEMENTS * int(itemsize)
+    return whole if whole <= max_matrix_bytes else int(max_matrix_bytes) + chunk
+
+
+def projection_block_bytes(num_params: int, block_rows: int, itemsize: int = 4) -> int:
+    """The dense projector's row queue and the zero-padded block it multiplies: two copies of
+    ``rows x P`` with ``rows = min(proj_max_batch_size, MAX_BLOCK_BYTES / (P x itemsize))``."""
+    from dattri_cli.func import projection  # noqa: PLC0415 - only TRAK runs need it
+
+    row = max(1, int(num_params) * int(itemsize))
+    rows = max(1, min(int(block_rows), projection.MAX_BLOCK_BYTES // row))
+    return 2 * rows * row
+
+
+def batch_activation_bytes(batch_size: int, activations: int, itemsize: int = 4) -> int:
+    """One batch's forward and backward pass: :data:`BATCH_ACTIVATION_COPIES` copies of its activations."""
+    return int(batch_size) * int(activations) * int(itemsize) * BATCH_ACTIVATION_COPIES
+
+
+def vjp_graph_bytes(vectors: int, batch_size: int, activations: int, itemsize: int = 4) -> int:
+    """``vectors`` vmapped vector-Jacobian products through one batch's backward graph (Hessian rows, HVPs)."""
+    return int(vectors) * int(batch_size) * int(activations) * int(itemsize) * VJP_ACTIVATION_COPIES
+
+
+def output_hessian_bytes(
+    batch_size: int,
+    outputs: int,
+    positions: int = 1,
+    num_output_samples: Optional[int] = None,
+    itemsize: int = 4,
+) -> int:
+    """EK-FAC / K-FAC's Gauss-Newton output Hessians of one batch (``func/kfac.py``).
+
+    Exact (``num_output_samples`` None): ``B`` matrices ``C x C`` (``C`` outputs per
+    sample), stacked, symmetrised, decomposed and rooted: :data:`OUTPUT_HESSIAN_COPIES`
+    copies of ``B x C^2``. Sampled (``k`` pseudo-gradients, streamed one at a time): an
+    output that adds up per position (``positions`` ``T`` > 1, ``V = C / T`` values each:
+    a language model) holds ``B x T`` blocks ``V x V`` instead; otherwise the ``C x C``
+    matrices are formed as in the exact case.
+    """
+    b, c, t = int(batch_size), int(outputs), max(1, int(positions))
+    if num_output_samples is not None and t > 1:
+        v = c // t
+        return OUTPUT_HESSIAN_COPIES * b * t * v * v * int(itemsize)
+    return OUTPUT_HESSIAN_COPIES * b * c * c * int(itemsize)
+
+
+def kfac_capture_bytes(batch_size: int, layers: Iterable[Tuple[int, int, int]], itemsize: int = 4) -> int:
+    """EK-FAC's captures of one batch, layers given as ``(in[+1], out, positions)`` (a convolution's
+    unfolded input is ``positions x in * kh * kw`` per sample)."""
+    per_sample = sum(int(pos) * (int(i) + int(o)) for i, o, pos in layers)
+    return int(batch_size) * per_sample * int(itemsize) * KFAC_CAPTURE_COPIES
+
+
+def eigen_correction_bytes(batch_size: int, layers: Iterable[Tuple[int, int, int]]) -> int:
+    """EK-FAC's eigenvalue correction of one batch (``func/kfac.py``), in float64: every layer's rotated
+    inputs ``(B, L, in[+1])``, and the per-sample gradients in the eigenbasis ``(B, out, in[+1])`` of
+    the widest layer with their squares (formed layer by layer)."""
+    layers = list(layers)
+    if not layers:
+        return 0
+    rotated = sum(int(pos) * int(i) for i, _, pos in layers)
+    widest = max(int(i) * int(o) for i, o, _ in layers)
+    return int(batch_size) * (rotated + 2 * widest) * FLOAT64
 
 
 def feature_cache_bytes(n_train: int, width: int, num_checkpoints: int = 1, itemsize: int = 4) -> int:
@@ -144,6 +247,11 @@ class Sizes:
     n_test: int
     itemsize: int = 4
     num_checkpoints: int = 1
+    #: elements the model's leaf modules output for one sample (0: unknown, activation terms left out)
+    activations: int = 0
+    #: model outputs per sample, and how many positions they span (a language model: T of T x V)
+    outputs: int = 0
+    positions: int = 1
 
 
 def _fits(bytes_per_sample: int, budget: float) -> int:
@@ -168,6 +276,12 @@ def estimate(
     options = dict(options or {})
     p, item = sizes.num_params, sizes.itemsize
     est = Estimate()
+    est.memory["runtime"] = RUNTIME_OVERHEAD_BYTES
+    est.fixes["runtime"] = "more free memory (this is the fixed share every run takes)"
+    if sizes.activations:
+        batch = max(sizes.train_batch_size, sizes.test_batch_size)
+        est.memory["batch_activations"] = batch_activation_bytes(batch, sizes.activations, item)
+        est.fixes["batch_activations"] = "smaller loader.train_batch_size / loader.test_batch_size"
     per_sample = per_sample_grad_bytes(1, p, item)
     suggest = budget if budget is not None else 0
     est.memory["train_gradients"] = per_sample_grad_bytes(sizes.train_batch_size, p, item)
@@ -186,6 +300,9 @@ def estimate(
         est.fixes["explicit_hessian"] = (
             "attributor=if_cg (Hessian-vector products, no P x P matrix) or attributor=if_ekfac"
         )
+        if sizes.activations:  # jacrev(jacrev): one vector-Jacobian product per parameter, vmapped
+            est.memory["hessian_graph"] = vjp_graph_bytes(p, sizes.train_batch_size, sizes.activations, item)
+            est.fixes["hessian_graph"] = "a smaller loader.train_batch_size (the Hessian is summed per batch)"
         if feature_cache:
             est.disk["cached_hessian"] = p * p * FLOAT64
     elif method in ("IFAttributorCG", "IFAttributorLiSSA"):
@@ -194,6 +311,10 @@ def estimate(
             sizes.n_test, p, item, vectors, ihvp.CHUNK_BUDGET_BYTES
         )
         est.fixes["solver_chunk"] = "attributor=if_ekfac (no parameter-sized solver vectors)"
+        if sizes.activations:  # the chunk's HVPs are vmapped through each batch's backward graph
+            rows = est.memory["solver_chunk"] // max(1, p * item * vectors)
+            est.memory["hvp_graph"] = vjp_graph_bytes(rows, sizes.train_batch_size, sizes.activations, item)
+            est.fixes["hvp_graph"] = "a smaller loader.train_batch_size (each HVP runs through one batch)"
     elif method == "IFAttributorArnoldi":
         est.memory["arnoldi_basis"] = arnoldi_bytes(p, int(options.get("max_iter", 100)))
         est.fixes["arnoldi_basis"] = (
@@ -207,9 +328,50 @@ def estimate(
         est.fixes["trak_kernel"] = (
             "a smaller attributor.projector_kwargs.proj_dim (per layer with proj_type=kronecker)"
         )
+        if options.get("proj_type") != "kronecker":
+            from dattri_cli.func import projection  # noqa: PLC0415 - only TRAK runs need it
+
+            mb = options.get("max_matrix_mb")
+            limit = int(mb * 2**20) if mb is not None else projection.DEFAULT_MAX_MATRIX_BYTES
+            est.memory["projection_matrix"] = projection_matrix_bytes(
+                p, int(options.get("proj_dim", 512)), limit, item
+            )
+            est.fixes["projection_matrix"] = (
+                "attributor.projector_kwargs.max_matrix_mb (kept chunks of the matrix)"
+            )
+            est.memory["projection_block"] = projection_block_bytes(
+                p,
+                int(
+                    options.get("proj_max_batch_size")
+                    or projection.DEFAULT_PROJECTOR_KWARGS["proj_max_batch_size"]
+                ),
+                item,
+            )
+            est.fixes["projection_block"] = "a smaller attributor.projector_kwargs.proj_max_batch_size"
     elif method in ("IFAttributorEKFAC", "IFAttributorKFAC"):
         est.memory["kfac_factors"] = kfac_factor_bytes(options.get("kfac_layers", ()))
         est.fixes["kfac_factors"] = "fewer layers (attributor.module_name)"
+        positions = options.get("kfac_positions")
+        if positions:
+            layers = [(i, o, pos) for (i, o), pos in zip(options.get("kfac_layers", ()), positions)]
+            est.memory["layer_captures"] = kfac_capture_bytes(sizes.train_batch_size, layers, item)
+            if method == "IFAttributorEKFAC":
+                est.memory["eigen_correction"] = eigen_correction_bytes(sizes.train_batch_size, layers)
+                est.fixes["eigen_correction"] = "a smaller loader.train_batch_size"
+            est.fixes["layer_captures"] = (
+                "a smaller loader.train_batch_size, or fewer layers (attributor.module_name)"
+            )
+        if options.get("fisher", "gauss_newton") == "gauss_newton" and sizes.outputs:
+            samples = options.get("num_output_samples")
+            est.memory["output_hessian"] = output_hessian_bytes(
+                sizes.train_batch_size, sizes.outputs, sizes.positions, samples, item
+            )
+            est.fixes["output_hessian"] = (
+                "attributor.num_output_samples=4 (sampled pseudo-gradients), a smaller "
+                "loader.train_batch_size, or attributor.fisher=empirical"
+                if samples is None
+                else "a smaller loader.train_batch_size, or attributor.fisher=empirical"
+            )
     if feature_cache and inner:  # raw training gradients, one row of P per sample
         est.disk["train_features"] = feature_cache_bytes(sizes.n_train, p, sizes.num_checkpoints, item)
     if feature_cache and method == "TRAKAttributor":
@@ -290,7 +452,7 @@ def _selected_params(method: str, cfg: Mapping[str, Any], model: Any) -> Tuple[D
             module = model.get_submodule(name)
             out = kfac.out_features(module)
             cols = module.weight.numel() // out + (1 if module.bias is not None else 0)
-            layers.append((cols, out))
+            layers.append((cols, out, name))
         return {n: params[n] for n in selection.param_names if n in params}, tuple(layers)
     layer_name = cfg.get("layer_name")
     if isinstance(layer_name, str):
@@ -300,15 +462,83 @@ def _selected_params(method: str, cfg: Mapping[str, Any], model: Any) -> Tuple[D
     return params, ()
 
 
-def guard(resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: Any, split: Any) -> None:
+@dataclass(frozen=True)
+class Probe:
+    """What one sample's forward pass shows: leaf-module output elements, and the model output's shape."""
+
+    activations: int = 0
+    outputs: int = 0
+    positions: int = 1
+    #: elements each leaf module (by name) outputs for the sample
+    module_outputs: Mapping[str, int] = field(default_factory=dict)
+
+
+def probe_model(model: Any, split: Any) -> Probe:
+    """Run the model on the first training sample (no gradients) and count what it produces.
+
+    ``activations``: the elements every leaf module outputs (a proxy of what a batch's
+    backward graph keeps per sample); ``outputs``/``positions``: the model output's size per
+    sample and its positions (``T`` of an LM's ``(T, V)`` logits). A model the probe cannot
+    run (a custom batch layout) gives an empty :class:`Probe`: the terms that need it are left out.
+    """
+    import torch  # noqa: PLC0415
+
+    from dattri_cli import tasks  # noqa: PLC0415
+    from dattri_cli.data import protocol  # noqa: PLC0415
+    from dattri_cli.models.hf import unwrap_logits  # noqa: PLC0415
+
+    counts: Dict[str, int] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            items = output if isinstance(output, (tuple, list)) else (output,)
+            counts[name] = counts.get(name, 0) + sum(t.numel() for t in items if isinstance(t, torch.Tensor))
+
+        return hook
+
+    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in leaves]
+    training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
+    # eval mode and a forked RNG: the probe changes no batch-norm statistics and draws no dropout
+    # masks from the run's random stream (the model may be the one trained next)
+    rng_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            model.eval()
+            batch = next(iter(protocol.row_loader(split, 0, 1, 1)))
+            if isinstance(batch, dict):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            elif isinstance(batch, (tuple, list)):
+                batch = tuple(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
+            call = tasks.split_batch(batch, protocol.sample_ndim(split))
+            out = unwrap_logits(tasks.ModelCaller(model)(dict(model.named_parameters()), call))
+    except Exception as exc:  # noqa: BLE001 - a best-effort probe: a model it cannot run loses only these terms
+        log.debug("memory guard: could not probe the model (%s); activation terms left out", exc)
+        return Probe()
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return Probe(sum(counts.values()), 0, 1, counts)
+    per_sample = out[0]
+    positions = per_sample.numel() // per_sample.shape[-1] if per_sample.dim() >= 2 else 1
+    return Probe(sum(counts.values()), per_sample.numel(), positions, counts)
+
+
+def guard(
+    resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: Any, split: Any
+) -> Optional[Estimate]:
     """Before checkpoints are trained or loaded: lower default loader batch sizes that would not fit,
     then refuse a run whose estimated peak memory or feature cache does not fit.
 
     ``resolved["loader"]`` is updated in place (so the score file records the sizes
-    used). Does nothing with ``memory_guard=false``.
+    used). Does nothing with ``memory_guard=false``. Returns the estimate of a run it lets
+    through (None when off), so the run can record it next to its measured peak.
     """
     if not resolved.get("memory_guard", True):
-        return
+        return None
     cls = builders.resolve_target(attributor_cfg, "attributor")
     method = cls.__name__
     params, layers = _selected_params(method, attributor_cfg, model)
@@ -328,14 +558,20 @@ def guard(resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: An
             planned,
         )
         loader.update(planned)
-    options: Dict[str, Any] = {"kfac_layers": layers}
-    if "max_iter" in attributor_cfg:
-        options["max_iter"] = attributor_cfg["max_iter"]
+    probe = probe_model(model, split)
+    options: Dict[str, Any] = {"kfac_layers": [(i, o) for i, o, _ in layers]}
+    if layers and probe.module_outputs:  # a layer's positions: its output per sample over its width
+        options["kfac_positions"] = [max(1, probe.module_outputs.get(n, o) // o) for _, o, n in layers]
+    for key in ("max_iter", "fisher", "num_output_samples"):
+        if key in attributor_cfg:
+            options[key] = attributor_cfg[key]
     projector = attributor_cfg.get("projector_kwargs") or {}
     proj_dim = projector.get("proj_dim", attributor_cfg.get("proj_dim"))
     if proj_dim is not None:
         options["proj_dim"] = proj_dim
     options["proj_type"] = projector.get("proj_type")
+    options["max_matrix_mb"] = projector.get("max_matrix_mb")
+    options["proj_max_batch_size"] = projector.get("proj_max_batch_size")
     options["num_layers"] = sum(
         1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None
     )
@@ -355,6 +591,9 @@ def guard(resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: An
         int(split.test_indices.numel()),
         itemsize,
         num_checkpoints,
+        probe.activations,
+        probe.outputs,
+        probe.positions,
     )
     est = estimate(method, sizes, options, available, feature_cache)
     what = f"{method} on {num_params:,} parameters"
@@ -368,3 +607,26 @@ def guard(resolved: Dict[str, Any], attributor_cfg: Mapping[str, Any], model: An
         msg = disk_refusal(est, free, str(where)) if free is not None else None
         if msg:
             raise ConfigError(msg)
+    return est
+
+
+def resident_bytes(status: Path = Path("/proc/self/status")) -> Optional[int]:
+    """This process's resident memory now (``VmRSS``), None where unknown: the base the estimate adds to."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def record(timings: Dict[str, float], est: Optional[Estimate], base: Optional[int]) -> None:
+    """The estimate (total and per component) and the resident memory before it, in MiB, into ``timings``."""
+    if est is None:
+        return
+    timings["memory_estimate_mib"] = est.peak / 2**20
+    for key, value in est.memory.items():
+        timings[f"memory_estimate_{key}_mib"] = value / 2**20
+    if base is not None:
+        timings["rss_before_guard_mib"] = base / 2**20

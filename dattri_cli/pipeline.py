@@ -115,7 +115,8 @@ def run(
         settings = TrainSettings(**resolved["train"])
         attributor_cfg, run_opts = builders.split_runner(resolved["attributor"])
         # refuse what cannot fit, before training or loading checkpoints; may lower default batch sizes
-        memory.guard(resolved, attributor_cfg, model, split)
+        base = memory.resident_bytes()
+        memory.record(timings, memory.guard(resolved, attributor_cfg, model, split), base)
 
     with _timed(timings, "checkpoints_s"):
         objective = builders.training_objective(resolved, split)

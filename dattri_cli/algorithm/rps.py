@@ -2,16 +2,23 @@
 
 The final linear layer ``logits = Theta x`` (bias ignored, as in dattri) is
 fine-tuned from its trained weights on the training features ``x_i`` with soft
-targets ``y_i`` = the trained model's own predicted probabilities:
+targets ``y_i`` = the trained model's own predictions, under the task's loss
+(``final_layer_loss``; the CLI passes the task group's):
 
-    L(Theta) = mean_i CE(Theta x_i, y_i) + l2_strength * ||Theta||_F^2
+    L(Theta) = mean_i l(Theta x_i, y_i) + l2_strength * ||Theta||_F^2
 
-(binary cross-entropy with a sigmoid when the layer has one output). At a
-stationary point ``Theta* = sum_i a_i x_i^T`` with ``a_i = (y_i - softmax(Theta* x_i))
-/ (2 * l2_strength * n)``: the representer theorem. Following dattri 0.3.0's
-scale, the reported weights are ``alpha_i = a_i / n``, and
+* ``cross_entropy`` (task=classification, dattri's RPS): ``y_i`` the predicted
+  probabilities, ``l`` the cross-entropy (binary, with a sigmoid, for one output);
+* ``squared_error`` (task=regression): ``y_i`` the model's outputs, ``l`` the task's
+  squared error ``mean_d (z_d - y_d)^2``; one output per sample (a scalar score).
 
-    score(i, j) = alpha_i[label_j] * <x_i, x_j>
+Other losses (language models, a model's own loss, custom tasks) have no closed-form
+representer fit here and are refused. At a stationary point
+``Theta* = sum_i a_i x_i^T`` with ``a_i = -dl_i/dz (Theta* x_i) / (2 * l2_strength * n)``:
+the representer theorem. Following dattri 0.3.0's scale, the reported weights are
+``alpha_i = a_i / n``, and
+
+    score(i, j) = alpha_i[label_j] * <x_i, x_j>      (alpha_i[0] for one output)
 
 (cosine of the features with ``normalize_preactivate``), so that
 ``n * sum_i score(i, j) = (Theta* x_j)[label_j]``. The problem is strictly
@@ -39,6 +46,7 @@ from dattri_cli.algorithm.utils import check_finite, check_not_shuffled, num_sam
 from dattri_cli.errors import ConfigError
 from dattri_cli.func.representer import (  # noqa: F401 - re-exported: their home before func/representer.py
     FinalLayerObjective,
+    check_loss,
     finetune_final_layer,
     representer_coefficients,
     soft_targets,
@@ -75,11 +83,21 @@ class RPSAttributor(Attributor):
         l2_strength: float = 0.003,
         epoch: int = 3000,
         device: str = "cpu",
+        final_layer_loss: str = "cross_entropy",
     ) -> None:
-        """Store settings; ``epoch`` bounds the Newton steps of the fine-tuning (about 10 are needed)."""
+        """Store settings; ``epoch`` bounds the Newton steps of the fine-tuning (about 10 are needed).
+
+        ``final_layer_loss``: ``"cross_entropy"`` (dattri's RPS) or ``"squared_error"``
+        (regression, one output); the CLI sets it from ``task``.
+        """
         if l2_strength <= 0:
             msg = f"l2_strength must be positive (the representer theorem needs it), got {l2_strength}"
             raise ConfigError(msg)
+        try:
+            check_loss(final_layer_loss)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.final_layer_loss = final_layer_loss
         self.task = task
         self.final_linear_layer_name = final_linear_layer_name
         self.normalize_preactivate = normalize_preactivate
@@ -152,9 +170,15 @@ class RPSAttributor(Attributor):
         residuals = []
         for ckpt_idx in range(len(self.task.get_checkpoints())):
             io = self._layer_io(ckpt_idx, full_train_dataloader)
+            self._check_outputs(io)
             init = self._final_layer().weight.detach().to(self.device)
             theta, residual = finetune_final_layer(
-                io.features, soft_targets(io.logits), init, self.l2_strength, self.epoch
+                io.features,
+                soft_targets(io.logits, self.final_layer_loss),
+                init,
+                self.l2_strength,
+                self.epoch,
+                loss=self.final_layer_loss,
             )
             check_finite(theta, "RPS fine-tuned weights", hint="increase l2_strength")
             if residual > CONVERGENCE_TOL:
@@ -170,11 +194,25 @@ class RPSAttributor(Attributor):
         self.num_full_train = distributed.reduce_count(num_samples(full_train_dataloader), self.device)
         self.full_train_dataloader = full_train_dataloader
 
+    def _check_outputs(self, io: FinalLayerIO) -> None:
+        """Squared error scores one output: a wider layer has no single value to attribute."""
+        width = io.logits.shape[1]
+        if self.final_layer_loss == "squared_error" and width != 1:
+            msg = (
+                f"RPS with final_layer_loss='squared_error' (task=regression) needs one output per sample, "
+                f"but final_linear_layer_name {self.final_linear_layer_name!r} has {width}; "
+                "use attributor=grad_dot, trak or if_ekfac for several regression targets"
+            )
+            raise ConfigError(msg)
+
     def representer_weights(self, ckpt_idx: int, io: FinalLayerIO) -> Tensor:
         """dattri-scaled ``alpha`` (``(n, c)``) of the samples in ``io`` for one checkpoint."""
         theta = self.finetuned_theta[ckpt_idx]
         # Coefficients are per sample; only the normalisation uses the fine-tuning set size.
-        per_sample = representer_coefficients(theta, io.features, soft_targets(io.logits), self.l2_strength)
+        targets = soft_targets(io.logits, self.final_layer_loss)
+        per_sample = representer_coefficients(
+            theta, io.features, targets, self.l2_strength, self.final_layer_loss
+        )
         return per_sample * io.features.shape[0] / self.num_full_train**2
 
     def _scores(self, train_dataloader: DataLoader, test_dataloader: DataLoader) -> Tensor:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List, Tuple
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dattri_cli import builders, pipeline, schema, tasks
 from dattri_cli.algorithm.rps import FinalLayerObjective, RPSAttributor, soft_targets
 from dattri_cli.errors import ConfigError
+from dattri_cli.models.train import TrainSettings
 from dattri_cli.task import AttributionTask
 
 IN, HIDDEN = 4, 6
@@ -153,3 +157,79 @@ def test_analytic_objective_derivatives_match_autograd(classes: int) -> None:
     torch.testing.assert_close(objective.loss(theta), float(loss(theta)))
     _, hvp = torch.func.jvp(torch.func.grad(loss), (theta,), (direction,))
     torch.testing.assert_close(objective.hvp(probs, direction), hvp)
+
+
+def test_squared_error_scores_are_the_representers_of_the_ridge_fit() -> None:
+    """One regression output: the fit is ridge regression on the model's own outputs (written here)."""
+    train, test = _data(30, 1, seed=0), _data(5, 1, seed=2)
+    lam = 0.01
+    attributor = _fitted(1, [_checkpoint(1, 1)], train, l2_strength=lam, final_layer_loss="squared_error")
+    scores = attributor.attribute(_loader(train), _loader(test)).double()
+    io_train = attributor._layer_io(0, _loader(train))
+    x, outputs = io_train.features, io_train.logits  # outputs include the bias: the model's predictions
+    n = x.shape[0]
+    ridge = torch.linalg.solve(x.T @ x + n * lam * torch.eye(HIDDEN, dtype=torch.float64), x.T @ outputs).T
+    torch.testing.assert_close(attributor.finetuned_theta[0], ridge, rtol=1e-8, atol=1e-10)
+    x_test = attributor._layer_io(0, _loader(test)).features
+    alpha = -2.0 * (x @ ridge.T - outputs) / (2.0 * lam * n) / n  # dattri's scale: a_i / n
+    torch.testing.assert_close(scores, (x @ x_test.T) * alpha, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(scores.sum(0) * n, (x_test @ ridge.T)[:, 0], rtol=1e-5, atol=1e-7)
+    # cross-entropy (a sigmoid for one output) on the same layer gives other scores
+    ce = _fitted(1, [_checkpoint(1, 1)], train, l2_strength=lam).attribute(_loader(train), _loader(test))
+    assert not torch.allclose(ce.double(), scores, rtol=1e-3)
+
+
+def test_squared_error_with_several_outputs_and_other_losses_are_refused() -> None:
+    train = _data(10, 3, seed=0)
+    wide = RPSAttributor(_task(3, [_checkpoint(3, 1)]), "head", final_layer_loss="squared_error")
+    with pytest.raises(
+        ConfigError, match="needs one output per sample, but final_linear_layer_name 'head' has 3"
+    ):
+        wide.cache(_loader(train))
+    with pytest.raises(
+        ConfigError, match=r"only for final_layer_loss='cross_entropy' \(task=classification\)"
+    ):
+        RPSAttributor(_task(3, [_checkpoint(3, 1)]), "head", final_layer_loss="task=causal_lm")
+
+
+def test_cli_passes_the_tasks_loss(small_run, tmp_path) -> None:
+    """task=regression reaches RPS as squared error: scores equal the ridge representers written here."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 3, generator=gen)
+    y = x @ torch.tensor([1.5, -2.0, 0.5]) + 0.1 * torch.randn(40, generator=gen)
+    np.savez(tmp_path / "reg.npz", x=x.numpy(), y=y.numpy())
+    data = [f"dataset.path={tmp_path / 'reg.npz'}", "dataset.n_train=30", "dataset.n_test=6"]
+    cfg = small_run(
+        "dataset=file", *data, "task=regression", "model=lr", "attributor=rps", "attributor.l2_strength=0.01"
+    )
+    result = pipeline.run(cfg)
+    resolved = schema.validate_run(builders.to_dict(cfg))
+    split = builders.build_split(resolved)
+    model = builders.model_factory(resolved, split, "cpu")()
+    settings = TrainSettings(**resolved["train"])
+    (ckpt,) = builders.acquire_checkpoints(
+        resolved,
+        lambda: model,
+        split,
+        settings,
+        0,
+        make_objective=builders.training_objective(resolved, split),
+    )
+    model.load_state_dict(load_file(str(ckpt.path)))
+    x_train, x_test = (t.double() for t in (split.x_train, split.x_test))
+    with torch.no_grad():
+        outputs = model(split.x_train).double()  # (n, 1): the targets of the fit
+    n, lam = x_train.shape[0], 0.01
+    ridge = torch.linalg.solve(
+        x_train.T @ x_train + n * lam * torch.eye(3, dtype=torch.float64), x_train.T @ outputs
+    ).T
+    alpha = -2.0 * (x_train @ ridge.T - outputs) / (2.0 * lam * n) / n
+    torch.testing.assert_close(result.scores.double(), (x_train @ x_test.T) * alpha, rtol=1e-4, atol=1e-8)
+    assert result.metadata["loss"]["task"] == "regression"
+    # a task without a closed-form final-layer loss is refused by name, in one line
+    task = AttributionTask(loss_func=lambda p, _b: p, model=model, checkpoints=[model.state_dict()])
+    other = tasks.TaskFunctions("causal_lm", None, None, None, 0.0)
+    attributor_cfg, run_opts = builders.split_runner(resolved["attributor"])
+    with pytest.raises(ConfigError, match=r"got 'task=causal_lm'; use attributor=grad_dot") as info:
+        builders.build_attributor(attributor_cfg, run_opts, task, [ckpt], split, "cpu", other)
+    assert "\n" not in str(info.value)
