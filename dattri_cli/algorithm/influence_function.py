@@ -625,7 +625,7 @@ class IFAttributorEKFAC(_CachedFullTrain):
         self.num_output_samples, self.seed = num_output_samples, int(seed)
         self.selection = kfac.select_layers(task.get_model(), module_name)
         if module_name is None:
-            kfac.warn_excluded(self.selection)
+            kfac.warn_excluded(self.selection, "EK-FAC" if self.correct_eigenvalues else "K-FAC")
         self.module_name = self.selection.modules
         self.layer_name = self.selection.param_names
         self.factors: Dict[int, Dict[str, Any]] = {}

@@ -240,12 +240,15 @@ def select_layers(model: nn.Module, module_name: Optional[Sequence[str]] = None)
     return LayerSelection(names, params, excluded)
 
 
-def warn_excluded(selection: LayerSelection) -> None:
-    """One warning listing every trainable parameter left out, with the reason."""
+def warn_excluded(selection: LayerSelection, method: str = "EK-FAC") -> None:
+    """One warning listing every trainable parameter left out, grouped by the reason."""
     if selection.excluded:
-        listing = ", ".join(f"{k} ({v})" for k, v in selection.excluded.items())
+        by_reason: Dict[str, List[str]] = {}
+        for param, reason in selection.excluded.items():
+            by_reason.setdefault(reason, []).append(param)
+        listing = "; ".join(f"{', '.join(params)} ({reason})" for reason, params in by_reason.items())
         warnings.warn(
-            f"EK-FAC leaves these trainable parameters out of the attribution (their gradients are "
+            f"{method} leaves these trainable parameters out of the attribution (their gradients are "
             f"ignored on both sides): {listing}. Pass module_name to choose the layers explicitly.",
             stacklevel=3,
         )

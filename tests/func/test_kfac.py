@@ -206,8 +206,10 @@ def test_selection_warns_about_unsupported_layers_and_refuses_named_ones() -> No
     assert sel.modules == ["0", "3"]
     assert sel.param_names == ["0.weight", "0.bias", "3.weight"]
     assert set(sel.excluded) == {"1.weight", "1.bias", "2.weight", "2.bias"}
-    with pytest.warns(UserWarning, match=r"1\.weight.*LayerNorm.*2\.weight.*module_name"):
+    with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias \(LayerNorm.*2\.weight.*module_name"):
         kfac.warn_excluded(sel)
+    with pytest.warns(UserWarning, match=r"^K-FAC leaves"):
+        kfac.warn_excluded(sel, "K-FAC")
     with pytest.raises(ConfigError, match=r"'1'.*LayerNorm"):
         kfac.select_layers(model, ["0", "1"])
     with pytest.raises(ConfigError, match=r"\['nope'\].*supported layers are \['0', '3'\]"):
