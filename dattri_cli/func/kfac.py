@@ -57,6 +57,7 @@ to the gradients but not to these matrices (use ``damping`` for it).
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -339,9 +340,16 @@ class _Recorder:
             self.weights[name] = module.weight
             self.out_meta[name] = torch.empty_like(output, device="meta")
             if output.requires_grad:
+                # a weak reference: the hook lives in the autograd graph, and a strong one would close
+                # graph -> hook -> recorder -> model_output -> graph, a cycle Python's collector cannot
+                # see through autograd's C++ nodes (every batch's activations leaked: BERT EK-FAC
+                # grew by ~0.4 GiB per batch)
+                recorder = weakref.ref(self)
 
                 def keep(grad: Tensor) -> None:
-                    self.grads[name] = grad.detach()
+                    owner = recorder()
+                    if owner is not None:
+                        owner.grads[name] = grad.detach()
 
                 output.register_hook(keep)
 

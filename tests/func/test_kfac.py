@@ -6,7 +6,9 @@ loops and full Jacobians; none of them goes through the hooks under test.
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -271,3 +273,30 @@ def test_layer_inputs_of_a_convolution_equal_unfold(conv) -> None:
     got = kfac.layer_inputs(conv, x)
     assert torch.equal(got[..., : ref.shape[1]], ref.transpose(1, 2))
     assert got.shape[-1] == ref.shape[1] + int(conv.bias is not None)
+
+
+def test_a_batch_s_graph_is_freed_once_its_statistics_are_consumed() -> None:
+    """The recorder's gradient hooks must not keep a batch's autograd graph (and activations) alive.
+
+    A hook holding the recorder strongly closes graph -> hook -> recorder -> model output -> graph, a
+    cycle the garbage collector cannot see through autograd's C++ nodes: every batch leaked (BERT's
+    EK-FAC grew by ~0.4 GiB per batch).
+    """
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    outputs = []
+    handle = model.register_forward_hook(lambda _m, _i, out: outputs.append(weakref.ref(out)))
+
+    def loss_func(p, batch):
+        x, y = batch
+        return cross_entropy(functional_call(model, p, (x,)), y)
+
+    batch = (torch.randn(6, 3), torch.randint(0, 4, (6,)))
+    for fisher in kfac.FISHER_CHOICES:
+        inputs, passes = kfac.layer_statistics(loss_func, params, batch, model, ["0", "2"], fisher)
+        assert len(list(passes)) >= 1
+        del inputs, passes
+        gc.collect()
+        assert outputs and all(ref() is None for ref in outputs), fisher
+        outputs.clear()
+    handle.remove()
