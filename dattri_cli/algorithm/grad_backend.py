@@ -485,3 +485,21 @@ class ChoosesGradBackend:
             )
             self._backend_chosen = True
         return self._layers
+
+    def _layout_key(self, backend_key: Tuple[str, str]) -> Dict[str, Any]:
+        """The feature-cache key entries that tell apart features rounded by different layouts.
+
+        The Kronecker layout version; on the layers backend ``backend_key`` (the caller's own
+        entry, e.g. ``("calls", "layers")``), the dense layout version and a non-float32 dtype:
+        per-layer sums round differently from torch.func's, so they are never shared.
+        """
+        extra: Dict[str, Any] = {}
+        if isinstance(self.projector, KroneckerProjector):
+            extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
+        if self._layers is not None:
+            extra[backend_key[0]] = backend_key[1]
+            if isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity":
+                extra["dense_layout"] = DENSE_LAYOUT_VERSION
+            if self.dtype != torch.float32:
+                extra["dtype"] = str(self.dtype)
+        return extra

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered, sum_over_checkpoints
 from dattri_cli.algorithm.grad_backend import (
     DEFAULT_BUFFER_BYTES,
-    DENSE_LAYOUT_VERSION,
     ChoosesGradBackend,
     LayerGradients,
     check_backend,
@@ -174,14 +173,7 @@ class TracInAttributor(ChoosesGradBackend, Attributor):
                 return None
         if self.projector is not None:  # the projection is seeded by the checkpoint index
             extra = {"projection": self.projector_kwargs, "ckpt_idx": ckpt_idx, "calls": "sample"}
-            if isinstance(self.projector, KroneckerProjector):
-                extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
-        if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
-            extra["calls"] = "layers"
-            if isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity":
-                extra["dense_layout"] = DENSE_LAYOUT_VERSION
-            if self.dtype != torch.float32:
-                extra["dtype"] = str(self.dtype)
+        extra.update(self._layout_key(("calls", "layers")))
         return self.feature_store("train_grads", ckpt_idx, extra)
 
     def _log_skip(self) -> bool:

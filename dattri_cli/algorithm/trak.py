@@ -34,7 +34,6 @@ from dattri_cli import distributed
 from dattri_cli.algorithm.base import Attributor, TrainRows, remembered
 from dattri_cli.algorithm.grad_backend import (
     DEFAULT_BUFFER_BYTES,
-    DENSE_LAYOUT_VERSION,
     ChoosesGradBackend,
     LayerGradients,
     check_backend,
@@ -268,14 +267,7 @@ class TRAKAttributor(ChoosesGradBackend, Attributor):
             "ckpt_idx": ckpt_idx,
             "norm_scaler": self.norm_scaler,
         }
-        if isinstance(self.projector, KroneckerProjector):
-            extra["kronecker_layout"] = KroneckerProjector.LAYOUT_VERSION
-        if self._layers is not None:  # per-layer sums round differently: never shared with torch.func's
-            extra["grad_backend"] = "layers"
-            if isinstance(self.projector, RandomProjector) and self.projector.proj_type != "identity":
-                extra["dense_layout"] = DENSE_LAYOUT_VERSION
-            if self.dtype != torch.float32:
-                extra["dtype"] = str(self.dtype)
+        extra.update(self._layout_key(("grad_backend", "layers")))
         return self.feature_store("trak_features", ckpt_idx, extra)
 
     def _train_items(
